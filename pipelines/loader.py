@@ -1,0 +1,73 @@
+"""The loader interface every backend implements, and the factory that picks a backend.
+
+A loader is constructed for one split, one rank, and yields `TwoViewBatch`es:
+
+    loader = build_loader("torchvision", split, spec, batch_size=256, rank=0, world=1,
+                          seed=0, device=torch.device("cpu"), num_workers=2)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in loader: ...            # len(loader) batches per epoch
+    state = loader.state_dict()             # {"epoch": e, "batch": b}: position for resume
+    loader.load_state_dict(state)           # next iteration resumes at batch b of epoch e
+
+Contract shared by all backends:
+  - view1/view2: float [B, 3, S, S], normalised with spec.mean/std, channels_last, on `device`,
+    in `dtype` (float32 by default; bfloat16 when training in bf16 on a GPU).
+  - label: int64 [B]; index: int64 [B], the sample's position in the split.
+  - the samples of epoch e on `rank` are `sharding.shard_indices(len(split), rank, world,
+    seed=seed, epoch=e, shuffle=shuffle, batch_size=batch_size, drop_last=drop_last)`, read in
+    that order; the last batch may be short when drop_last is False.
+  - the augmentation of a sample depends only on (seed, epoch, index), not on rank or workers,
+    so resuming and changing the worker count reproduce the same batches.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+import torch
+
+from pipelines.sources import Split
+from pipelines.spec import AugmentSpec, TwoViewBatch
+
+BACKENDS = ("torchvision", "dali", "ffcv")
+
+
+class TwoViewLoader(Protocol):
+    def __iter__(self) -> Iterator[TwoViewBatch]: ...
+    def __len__(self) -> int: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def build_loader(
+    backend: str,
+    split: Split,
+    spec: AugmentSpec,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world: int = 1,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    num_workers: int = 2,
+    shuffle: bool = True,
+    drop_last: bool = True,
+) -> TwoViewLoader:
+    kwargs = dict(batch_size=batch_size, rank=rank, world=world, seed=seed, device=torch.device(device),
+                  dtype=dtype, num_workers=num_workers, shuffle=shuffle, drop_last=drop_last)
+    if backend == "torchvision":
+        from pipelines.torchvision_loader import TorchvisionTwoViewLoader
+
+        return TorchvisionTwoViewLoader(split, spec, **kwargs)
+    if backend == "dali":
+        from pipelines.dali_loader import DaliTwoViewLoader
+
+        return DaliTwoViewLoader(split, spec, **kwargs)
+    if backend == "ffcv":
+        from pipelines.ffcv_loader import FfcvTwoViewLoader
+
+        return FfcvTwoViewLoader(split, spec, **kwargs)
+    raise ValueError(f"unknown loader backend '{backend}': choose one of {', '.join(BACKENDS)}")
