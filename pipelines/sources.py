@@ -31,6 +31,7 @@ class Split:
     images: np.ndarray | None = None  # uint8 [N, H, W, C], memory-mapped (array datasets)
     files: list[str] | None = None  # absolute paths (JPEG-folder datasets)
     classes: tuple[str, ...] = ()
+    root: Path | None = None  # the dataset directory (where `<name>.beton` lives)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -47,7 +48,7 @@ class DatasetDir:
         if not mpath.is_file():
             raise DatasetError(
                 f"no dataset at '{self.root}' ({MANIFEST} missing): convert one first, "
-                f"e.g. 'python -m tools.convert fashion-mnist /usr/share/datasets/fashion-mnist {self.root}'"
+                f"e.g. 'python -m tools.convert /usr/share/datasets/fashion-mnist {self.root}'"
             )
         try:
             self.manifest = json.loads(mpath.read_text())
@@ -89,11 +90,11 @@ class DatasetDir:
             images = np.load(self.root / f"{name}_images.npy", mmap_mode="r")
             if images.ndim != 4 or images.dtype != np.uint8 or len(images) != len(labels):
                 raise DatasetError(f"'{self.root}/{name}_images.npy' is malformed: re-run tools.convert")
-            return Split(name, labels, images=images, classes=self.classes)
+            return Split(name, labels, images=images, classes=self.classes, root=self.root)
         files = (self.root / f"{name}_files.txt").read_text().splitlines()
         if len(files) != len(labels):
             raise DatasetError(f"'{self.root}/{name}_files.txt' and labels disagree: re-run tools.convert")
-        return Split(name, labels, files=files, classes=self.classes)
+        return Split(name, labels, files=files, classes=self.classes, root=self.root)
 
 
 def open_dataset(root: str | Path) -> DatasetDir:

@@ -1,0 +1,60 @@
+"""ResNet encoders f(.) for SimCLR: torchvision's blocks and layout, a width multiplier,
+and the small-image stem (3x3 conv, stride 1, no max-pool) used for 32x32-class data.
+
+With width=1 and the standard stem the module has exactly torchvision's ResNet parameters
+(minus the classifier), so its state dict loads into torchvision's model and back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+ARCHS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+    "resnet152": (Bottleneck, (3, 8, 36, 3)),
+}
+
+
+class ResNetEncoder(ResNet):
+    """torchvision ResNet without its classifier; forward returns pooled features [B, feat_dim]."""
+
+    def __init__(self, arch: str = "resnet50", *, width: float = 1.0, small_stem: bool = False):
+        if arch not in ARCHS:
+            raise ValueError(f"unknown encoder '{arch}': choose one of {', '.join(ARCHS)}")
+        if width <= 0:
+            raise ValueError(f"encoder width multiplier must be > 0, got {width}")
+        block, layers = ARCHS[arch]
+        nn.Module.__init__(self)
+        planes = [max(8, int(round(p * width))) for p in (64, 128, 256, 512)]
+        # attributes torchvision's _make_layer reads
+        self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
+        self.inplanes = planes[0]
+        if small_stem:
+            self.conv1 = nn.Conv2d(3, planes[0], 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, planes[0], 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(planes[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block, planes[0], layers[0])
+        self.layer2 = self._make_layer(block, planes[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(block, planes[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(block, planes[3], layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Identity()
+        self.feat_dim = planes[3] * block.expansion
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_impl(x)  # [B, feat_dim]

@@ -1,0 +1,36 @@
+"""SimCLR model: encoder f and projection head g (Chen et al., 2020, Sec. 2.1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.encoder import ResNetEncoder
+
+
+class ProjectionHead(nn.Sequential):
+    """g(.): `layers` linear layers with BN+ReLU between them (2 in SimCLR v1, 3 in v2)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2):
+        if layers < 1:
+            raise ValueError(f"projection head needs >= 1 layer, got {layers}")
+        mods: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(layers - 1):
+            mods += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            dim = hidden_dim
+        mods.append(nn.Linear(dim, out_dim))
+        super().__init__(*mods)
+
+
+class SimCLR(nn.Module):
+    def __init__(self, arch: str = "resnet50", *, width: float = 1.0, small_stem: bool = False,
+                 head_hidden: int = 0, head_out: int = 128, head_layers: int = 2):
+        super().__init__()
+        self.encoder = ResNetEncoder(arch, width=width, small_stem=small_stem)
+        feat = self.encoder.feat_dim
+        self.head = ProjectionHead(feat, head_hidden or feat, head_out, head_layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x)  # [B, F] representation kept after training
+        return h, self.head(h)  # [B, F], [B, D]

@@ -1,0 +1,252 @@
+"""Run settings: a typed dataclass tree, loaded from YAML recipes with dotted CLI overrides.
+
+    cfg = load_config(["--config", "train/configs/fashion_mnist_demo.yaml", "--optim.lr=0.5"])
+
+Unknown keys and values of the wrong type are rejected with a one-line ConfigError that
+names the key; the resolved settings are written next to every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipelines.spec import AugmentSpec
+
+
+class ConfigError(ValueError):
+    """A bad config key, type or value; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/fashion-mnist"  # dataset directory written by tools.convert
+    backend: str = "torchvision"  # torchvision | dali | ffcv
+    train_split: str = "train"
+    eval_split: str = "test"  # held-out split for the kNN monitor and linear evaluation
+    batch_size: int = 256  # global batch (all processes); SimCLR: 256-8192
+    num_workers: int = 2  # CPU workers / threads per process
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
+    width: float = 1.0  # channel multiplier (1.0 = torchvision's widths)
+    small_stem: bool = False  # 3x3 stem without max-pool, for 32x32-class images
+    head_hidden: int = 0  # 0 = the encoder's feature width (2048 for ResNet-50)
+    head_out: int = 128  # projection dimension
+    head_layers: int = 2  # 2 (SimCLR v1) or 3 (v2)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.1  # 0.1 ImageNet, 0.5 CIFAR
+    impl: str = "auto"  # auto | reference | chunked | triton
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"  # lars | sgd
+    lr: float = 0.3  # base LR before scaling: 0.3 (linear) or 0.075 (sqrt)
+    lr_scaling: str = "linear"  # linear: lr * B/256; sqrt: lr * sqrt(B)
+    momentum: float = 0.9
+    weight_decay: float = 1e-6  # 1e-6 with LARS; ~5e-4 with SGD
+    eta: float = 0.001  # LARS trust coefficient
+    warmup_epochs: float = 10.0
+    epochs: int = 100
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    out_dir: str = "runs/simclr"
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | bf16
+    sync_bn: bool = True  # global BatchNorm across processes
+    checkpoint_every: int = 500  # steps; a checkpoint is also written at the end and on SIGTERM
+    keep_checkpoints: int = 2
+    log_every: int = 10  # steps
+    max_steps: int = 0  # stop after this many steps of the schedule (0 = run it all)
+    knn_every: int = 0  # epochs between kNN-monitor evaluations (0 = only at the end, -1 = never)
+    knn_k: int = 200
+    knn_train_samples: int = 10000  # bank size drawn from the train split
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 512  # feature extraction batch
+    max_iter: int = 200  # L-BFGS iterations of the linear classifier
+    val_fraction: float = 0.1  # of the train split, held out to pick the L2 penalty
+    l2_grid: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3)  # L2 penalties tried
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "data.backend": ("torchvision", "dali", "ffcv"),
+    "loss.impl": ("auto", "reference", "chunked", "triton"),
+    "optim.name": ("lars", "sgd"),
+    "optim.lr_scaling": ("linear", "sqrt"),
+    "train.mixed_precision": ("auto", "no", "bf16"),
+}
+
+
+def _coerce(key: str, value, tp):
+    """Check `value` against the annotation `tp`; return it converted (lists to tuples, int to float)."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(key, v, args[0]) for v in value)
+            if len(value) == len(args):
+                return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+            raise ConfigError(f"config: '{key}' expects {len(args)} values, got {len(value)}: {value!r}")
+    elif origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"config: '{key}' has an unsupported type {tp}")
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"config: '{key}' expects {name}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(dotted, _all_keys(Config), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"config: unknown key '{dotted}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config: '{dotted}' is a section; give it keys, not {value!r}")
+            kwargs[key] = _build(tp, value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(dotted, value, tp)
+            if dotted in CHOICES and kwargs[key] not in CHOICES[dotted]:
+                raise ConfigError(f"config: '{dotted}' must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a section's own validation (e.g. AugmentSpec)
+        raise ConfigError(f"config: {prefix.rstrip('.') or 'root'}: {e}") from None
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _all_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config: '{dotted}' overrides a value, not a section")
+    node[leaf] = value
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--optim.lr=0.5', '--model.arch', 'resnet18'] -> nested dict, values parsed as YAML."""
+    tree: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"config: unexpected argument '{arg}': overrides look like --section.key=value")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"config: '{key}' needs a value: --{key}=VALUE")
+            raw, i = args[i + 1], i + 1
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value)
+        i += 1
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file '{path}' not found: pass an existing recipe, e.g. train/configs/fashion_mnist_demo.yaml")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: '{path}' is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config: '{path}' must hold a mapping of sections")
+    return tree
+
+
+def build_config(tree: dict) -> Config:
+    return _build(Config, tree, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    tree = load_yaml(path) if path else {}
+    return build_config(_merge(tree, parse_overrides(overrides or [])))
+
+
+def config_to_dict(cfg) -> dict:
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved settings as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,84 @@
+"""Frozen-encoder features for evaluation (kNN monitor, linear evaluation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from pipelines.sources import Split
+from pipelines.spec import AugmentSpec
+from pipelines.torchvision_loader import eval_transform, load_image
+
+
+class _EvalViews(Dataset):
+    def __init__(self, split: Split, spec: AugmentSpec, indices: np.ndarray):
+        self.split, self.indices, self.transform = split, indices, eval_transform(spec)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.transform(load_image(self.split, int(self.indices[i])))
+
+
+def _array_views(split: Split, spec: AugmentSpec, idx: np.ndarray) -> torch.Tensor:
+    """Batched eval views for in-memory uint8 arrays (no per-sample Python work)."""
+    x = torch.from_numpy(np.ascontiguousarray(split.images[idx]))
+    x = x.permute(0, 3, 1, 2).float().div_(255)  # [B, C, H, W]
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-1] != spec.size or x.shape[-2] != spec.size:
+        x = eval_transform(AugmentSpec(size=spec.size, mean=(0, 0, 0), std=(1, 1, 1)))(x)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def eval_views(split: Split, spec: AugmentSpec, indices: np.ndarray, batch_size: int, num_workers: int = 2):
+    """Yields normalised, un-augmented float batches [B, 3, S, S] for `indices`, in order."""
+    if split.images is not None:
+        for s in range(0, len(indices), batch_size):
+            yield _array_views(split, spec, indices[s : s + batch_size])
+        return
+    yield from DataLoader(_EvalViews(split, spec, indices), batch_size=batch_size, num_workers=num_workers)
+
+
+@torch.no_grad()
+def extract_features(encoder: torch.nn.Module, split: Split, spec: AugmentSpec, *, indices=None,
+                     batch_size: int = 512, device="cpu", num_workers: int = 2, normalize: bool = False,
+                     progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features h = f(x) of the frozen encoder (eval mode) and labels, on CPU, float32."""
+    indices = np.arange(len(split)) if indices is None else np.asarray(indices)
+    was_training = encoder.training
+    encoder.eval()
+    feats = []
+    for x in eval_views(split, spec, indices, batch_size, num_workers):
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                            enabled=torch.device(device).type == "cuda"):
+            h = encoder(x)
+        feats.append(h.float().cpu())
+        if progress is not None:
+            progress(len(x))
+    encoder.train(was_training)
+    h = torch.cat(feats)
+    if normalize:
+        h = F.normalize(h, dim=1)
+    return h, torch.from_numpy(np.asarray(split.labels)[indices]).long()
+
+
+def knn_accuracy(train_h: torch.Tensor, train_y: torch.Tensor, test_h: torch.Tensor, test_y: torch.Tensor,
+                 k: int = 200, t: float = 0.07, chunk: int = 1024) -> float:
+    """Weighted cosine kNN top-1 accuracy (Wu et al., 2018, Eq. 7): votes weighted by exp(sim/t)."""
+    train_h, test_h = F.normalize(train_h, dim=1), F.normalize(test_h, dim=1)
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    k = min(k, len(train_h))
+    correct = 0
+    for s in range(0, len(test_h), chunk):
+        sim = test_h[s : s + chunk] @ train_h.T  # [c, M]
+        w, nn_idx = sim.topk(k, dim=1)  # [c, k]
+        votes = torch.zeros(len(w), classes).scatter_add_(1, train_y[nn_idx], (w / t).exp())
+        correct += (votes.argmax(1) == test_y[s : s + chunk]).sum().item()
+    return correct / len(test_h)

@@ -1,0 +1,173 @@
+"""Linear evaluation of a pretrained encoder (Chen et al., 2020, Sec. 4: linear evaluation protocol).
+
+    python -m train.linear_eval --checkpoint runs/fashion-mnist-demo [--json PATH]
+
+Features h = f(x) of the frozen encoder (before the projection head) are extracted once
+from un-augmented images; a multinomial logistic regression is fitted by L-BFGS, its L2
+penalty picked on a held-out part of the train split. The same classifier on raw pixels
+is fitted beside it, so the reader sees what pretraining bought. Top-1/top-5 go to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines.sources import DatasetError, open_dataset
+from train.checkpoint import CheckpointError, load_model_weights, resolve_checkpoint
+from train.config import ConfigError, build_config, load_yaml
+from train.features import eval_views, extract_features
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.linear_eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="run directory, its checkpoints/ folder, or a step-* checkpoint")
+    p.add_argument("--data", help="dataset directory (default: the one the encoder was trained on)")
+    p.add_argument("--train-split", default=None, help="split to fit the classifier on (default: data.train_split)")
+    p.add_argument("--eval-split", default=None, help="split to report accuracy on (default: data.eval_split)")
+    p.add_argument("--json", default=None, help="where to write the results (default: <run dir>/linear_eval.json)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the raw-pixel baseline")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, max_iter: int) -> torch.nn.Linear:
+    """Multinomial logistic regression with an L2 penalty on the weights, full-batch L-BFGS."""
+    clf = torch.nn.Linear(x.shape[1], classes)
+    torch.nn.init.zeros_(clf.weight)
+    torch.nn.init.zeros_(clf.bias)
+    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(clf(x), y) + 0.5 * l2 * clf.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return clf
+
+
+def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> dict:
+    top = logits.topk(max(ks), dim=1).indices  # [M, kmax]
+    return {f"top{k}": (top[:, :k] == y[:, None]).any(1).float().mean().item() for k in ks}
+
+
+def linear_probe(train_x, train_y, test_x, test_y, *, l2_grid, val_fraction, max_iter, seed=0) -> dict:
+    """Standardise, pick the L2 penalty on a held-out part of train, refit on all of train, test."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(train_x)))
+    n_val = max(1, int(val_fraction * len(train_x)))
+    val, fit = perm[:n_val], perm[n_val:]
+    scores = {}
+    for l2 in l2_grid:
+        clf = fit_logistic(train_x[fit], train_y[fit], classes, l2, max_iter)
+        with torch.no_grad():
+            scores[l2] = topk_accuracy(clf(train_x[val]), train_y[val])["top1"]
+    best = max(scores, key=scores.get)
+    clf = fit_logistic(train_x, train_y, classes, best, max_iter)
+    with torch.no_grad():
+        result = topk_accuracy(clf(test_x), test_y)
+    return {**result, "l2": best, "val_top1_by_l2": {str(k): v for k, v in scores.items()}}
+
+
+def raw_pixels(split, spec, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened, un-augmented pixels at the training resolution (one channel for grayscale data)."""
+    gray = split.images is not None and split.images.shape[-1] == 1
+    chunks = [x[:, :1] if gray else x for x in eval_views(split, spec, np.arange(len(split)), batch_size)]
+    return torch.cat(chunks).flatten(1), torch.from_numpy(np.asarray(split.labels)).long()
+
+
+def evaluate(args) -> dict:
+    t0 = time.perf_counter()
+    ckpt = resolve_checkpoint(args.checkpoint)
+    cfg = build_config(load_yaml(ckpt / "config.yaml"))
+    ds = open_dataset(args.data or cfg.data.path)
+    train_split = ds.split(args.train_split or cfg.data.train_split)
+    test_split = ds.split(args.eval_split or cfg.data.eval_split)
+    for s in (train_split, test_split):
+        if (s.labels < 0).any():
+            raise DatasetError(f"split '{s.name}' is unlabelled: linear evaluation needs labels (convert a labelled dataset)")
+
+    from model.simclr import SimCLR
+
+    model = SimCLR(cfg.model.arch, width=cfg.model.width, small_stem=cfg.model.small_stem,
+                   head_hidden=cfg.model.head_hidden, head_out=cfg.model.head_out, head_layers=cfg.model.head_layers)
+    state = load_model_weights(ckpt)
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint '{ckpt}' does not match its config ({str(e).splitlines()[0]})") from None
+    encoder = model.encoder.to(args.device).to(memory_format=torch.channels_last)
+
+    from tqdm import tqdm
+
+    spec, kw = cfg.augment, dict(batch_size=cfg.eval.batch_size, device=args.device, num_workers=cfg.data.num_workers)
+    with tqdm(total=len(train_split) + len(test_split), desc="features", unit="img") as bar:
+        train_h, train_y = extract_features(encoder, train_split, spec, progress=bar.update, **kw)
+        test_h, test_y = extract_features(encoder, test_split, spec, progress=bar.update, **kw)
+    probe = dict(l2_grid=cfg.eval.l2_grid, val_fraction=cfg.eval.val_fraction, max_iter=cfg.eval.max_iter,
+                 seed=cfg.train.seed)
+    result = {"checkpoint": str(ckpt), "dataset": str(ds.root), "train_split": train_split.name,
+              "eval_split": test_split.name, "train_count": len(train_split), "eval_count": len(test_split),
+              "encoder": {"feature_dim": train_h.shape[1], **linear_probe(train_h, train_y, test_h, test_y, **probe)}}
+    if not args.no_baseline:
+        rx, ry = raw_pixels(train_split, spec, cfg.eval.batch_size)
+        tx, ty = raw_pixels(test_split, spec, cfg.eval.batch_size)
+        result["raw_pixels"] = {"feature_dim": rx.shape[1], **linear_probe(rx, ry, tx, ty, **probe)}
+    result["wall_s"] = time.perf_counter() - t0
+    run_dir = ckpt.parent.parent
+    if (run_dir / "summary.json").is_file():
+        result["pretraining"] = json.loads((run_dir / "summary.json").read_text())
+    out = Path(args.json) if args.json else run_dir / "linear_eval.json"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    _print_table(result, out)
+    return result
+
+
+def _print_table(r: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"Linear evaluation on '{r['eval_split']}' ({r['eval_count']} images)")
+    for col in ("features", "dim", "top-1", "top-5", "L2"):
+        t.add_column(col, justify="right")
+    rows = [("SimCLR encoder (frozen)", r["encoder"])]
+    if "raw_pixels" in r:
+        rows.append(("raw pixels (baseline)", r["raw_pixels"]))
+    for name, m in rows:
+        t.add_row(name, str(m["feature_dim"]), f"{100 * m['top1']:.2f}%", f"{100 * m['top5']:.2f}%", f"{m['l2']:g}")
+    c = Console()
+    c.print(t)
+    p = r.get("pretraining")
+    if p:
+        c.print(f"pretraining: {p['steps']} steps ({p['epochs']:.1f} epochs) on {p['world']} x {p['device']}, "
+                f"{p['images_per_s']:.0f} images/s, {p['wall_s']:.0f} s; linear evaluation {r['wall_s']:.0f} s")
+    c.print(f"results: {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        evaluate(args)
+    except (ConfigError, DatasetError, CheckpointError) as e:
+        print(f"linear_eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
