@@ -1,0 +1,583 @@
+"""Convert a raw image dataset into a dataset directory that every loader backend reads.
+
+    python -m tools.convert /usr/share/datasets/fashion-mnist data/fashion-mnist
+    python -m tools.convert ~/cifar-10-batches-py data/cifar10
+    python -m tools.convert /data/imagenet data/imagenet --workers 8 --to ffcv --max-resolution 256
+
+Inputs (--format auto detects them from SRC):
+    idx     MNIST / Fashion-MNIST: {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] -> train, test
+    cifar   cifar-10-batches-py (data_batch_1..5, test_batch, batches.meta) or
+            cifar-100-python (train, test, meta; fine labels) -> train, test
+    folder  JPEG/PNG folders: SRC/train/<class>/*, SRC/val/<class>/* -> train, val;
+            SRC/<class>/* -> train; SRC/*.jpg -> train, unlabelled (label -1);
+            loose images inside train/ or val/ are unlabelled too (raw ImageNet val)
+
+The output layout is described in pipelines/sources.py. Every folder image is fully decoded
+first; unreadable ones are skipped and listed in the manifest, never abort the run. The output
+is built in a temporary directory next to OUT and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import datetime as dt
+import json
+import multiprocessing
+import os
+import re
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipelines.formats import (
+    DIGIT_CLASSES,
+    FASHION_MNIST_CLASSES,
+    IMAGE_SUFFIXES,
+    FormatError,
+    ImageCheck,
+    cifar_rows_to_hwc,
+    inspect_image,
+    read_cifar_pickle,
+    read_idx,
+    sha256_file,
+)
+from pipelines.sources import FORMAT_VERSION, MANIFEST, DatasetError, open_dataset
+
+FORMATS = ("auto", "idx", "cifar", "folder")
+TARGETS = ("numpy", "ffcv")
+IDX_NAME = re.compile(r"^(train|t10k)-(images|labels)[-.]idx([13])-ubyte(\.gz)?$")
+IDX_SPLITS = {"train": "train", "t10k": "test"}
+CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+class ConvertError(ValueError):
+    """A problem the user can fix; printed as one line `convert: error: <problem>: <fix>`."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(f"{problem}: {fix}")
+
+
+@dataclass
+class SplitData:
+    """One converted split before it is written: an image array or a list of files."""
+
+    labels: np.ndarray  # int64 [N], -1 where unlabelled
+    images: np.ndarray | None = None  # uint8 [N, H, W, C]
+    files: list[str] | None = None  # absolute paths
+    extra: dict = field(default_factory=dict)  # more manifest fields for this split
+
+
+@dataclass
+class Converted:
+    """Everything a reader produced, ready for `write_dataset`."""
+
+    source_format: str
+    name: str
+    kind: str  # "array" | "files"
+    classes: list[str]
+    splits: dict[str, SplitData]
+    inputs: dict[str, str]  # path relative to SRC -> sha256
+    skipped: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- format detection
+
+
+def _idx_files(src: Path) -> dict[tuple[str, str], Path]:
+    """{(split, "images"|"labels"): path}, preferring the uncompressed copy when both exist."""
+    found: dict[tuple[str, str], Path] = {}
+    for path in sorted(src.iterdir(), key=lambda p: p.name.endswith(".gz")):
+        m = IDX_NAME.match(path.name)
+        if m and path.is_file():
+            found.setdefault((IDX_SPLITS[m.group(1)], m.group(2)), path)
+    return found
+
+
+def _cifar_root(src: Path) -> Path | None:
+    """The directory holding the CIFAR pickles: SRC itself or its extracted-archive child."""
+    for root in (src, src / "cifar-10-batches-py", src / "cifar-100-python"):
+        if (root / "batches.meta").is_file() or all((root / n).is_file() for n in ("train", "test", "meta")):
+            return root
+    return None
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _visible_dirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def detect_format(src: Path) -> str:
+    if _idx_files(src):
+        return "idx"
+    if _cifar_root(src) is not None:
+        return "cifar"
+    if any(_is_image(p) for p in src.iterdir()) or any(
+        _is_image(p) for d in _visible_dirs(src) for p in d.rglob("*")
+    ):
+        return "folder"
+    raise ConvertError(
+        f"unrecognised dataset format in '{src}' (no IDX files, CIFAR pickles or JPEG/PNG images)",
+        "point SRC at the directory holding the files, or pass --format idx|cifar|folder",
+    )
+
+
+# ---------------------------------------------------------------- readers
+
+
+def _idx_classes(src: Path, name: str | None) -> list[str]:
+    fashion = "fashion" in (name or "").lower() or "fashion" in src.name.lower()
+    return list(FASHION_MNIST_CLASSES if fashion else DIGIT_CLASSES)
+
+
+def _check_labels(labels: np.ndarray, n_classes: int, where: str) -> np.ndarray:
+    labels = np.asarray(labels).astype(np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ConvertError(f"{where}: labels span {labels.min()}..{labels.max()}, expected "
+                           f"0..{n_classes - 1}", "check that SRC holds the dataset you meant")
+    return labels
+
+
+def _class_counts(labels: np.ndarray, n_classes: int) -> list[int]:
+    return np.bincount(labels[labels >= 0], minlength=n_classes).tolist()
+
+
+def _array_extra(images: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:
+    # Per-channel statistics in [0, 1], for normalisation. Exact integer sums, in blocks so that
+    # no float copy of the whole array is made.
+    channels = images.shape[-1]
+    total, total_sq = np.zeros(channels, np.uint64), np.zeros(channels, np.uint64)
+    for start in range(0, len(images), 4096):
+        block = images[start:start + 4096].reshape(-1, channels).astype(np.uint32)
+        total += block.sum(axis=0, dtype=np.uint64)
+        total_sq += (block * block).sum(axis=0, dtype=np.uint64)
+    n = max(images[..., 0].size, 1)
+    mean = total / n / 255.0
+    std = np.sqrt(np.maximum(total_sq / n / 255.0**2 - mean**2, 0.0))
+    return {"class_counts": _class_counts(labels, n_classes),
+            "pixel_mean": [round(float(v), 6) for v in mean],
+            "pixel_std": [round(float(v), 6) for v in std]}
+
+
+def read_idx_dataset(src: Path, name: str | None) -> Converted:
+    found = _idx_files(src)
+    classes = _idx_classes(src, name)
+    splits, inputs = {}, {}
+    for split in ("train", "test"):
+        pair = [found.get((split, part)) for part in ("images", "labels")]
+        if not any(pair):
+            continue
+        if not all(pair):
+            have = next(p for p in pair if p)
+            missing = "labels" if pair[1] is None else "images"
+            raise ConvertError(f"'{have.name}' has no matching {missing} file in '{src}'",
+                               f"add the {split} {missing} IDX file next to it")
+        images, labels = (read_idx(p) for p in pair)
+        if images.ndim == 3:
+            images = images[..., None]  # [N, H, W] -> [N, H, W, 1]
+        if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] not in (1, 3):
+            raise ConvertError(f"'{pair[0]}': IDX images have shape {list(images.shape)} and "
+                               f"dtype {images.dtype}, expected uint8 [N, H, W]", "check the file")
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise ConvertError(f"'{pair[1]}': {labels.shape[0]} labels for {len(images)} images "
+                               f"in '{pair[0].name}'", "use images and labels of the same release")
+        labels = _check_labels(labels, len(classes), f"'{pair[1]}'")
+        splits[split] = SplitData(labels, images=images, extra=_array_extra(images, labels, len(classes)))
+        for p in pair:
+            inputs[p.name] = sha256_file(p)
+    if not splits:
+        raise ConvertError(f"no IDX files in '{src}'", "expected train-images-idx3-ubyte[.gz] and friends")
+    return Converted("idx", name or src.name, "array", classes, splits, inputs)
+
+
+def _need(root: Path, names: tuple[str, ...]) -> list[Path]:
+    paths = [root / n for n in names]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise ConvertError(f"CIFAR directory '{root}' lacks {', '.join(missing)}",
+                           "re-extract the complete CIFAR python archive")
+    return paths
+
+
+def _cifar_split(paths: list[Path], label_key: str, n_classes: int) -> SplitData:
+    rows, labels = [], []
+    for path in paths:
+        batch = read_cifar_pickle(path)
+        if "data" not in batch or label_key not in batch:
+            raise ConvertError(f"'{path}': pickle has keys {sorted(batch)}, expected 'data' and "
+                               f"'{label_key}'", "re-extract the CIFAR python archive")
+        data = np.asarray(batch["data"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ConvertError(f"'{path}': data is {data.dtype} {list(data.shape)}, expected "
+                               f"uint8 [N, 3072]", "re-extract the CIFAR python archive")
+        if len(batch[label_key]) != len(data):
+            raise ConvertError(f"'{path}': {len(batch[label_key])} labels for {len(data)} images",
+                               "re-extract the CIFAR python archive")
+        rows.append(data)
+        labels.append(_check_labels(batch[label_key], n_classes, f"'{path}'"))
+    images = cifar_rows_to_hwc(np.concatenate(rows))  # [N, 32, 32, 3]
+    labels_all = np.concatenate(labels)
+    return SplitData(labels_all, images=images, extra=_array_extra(images, labels_all, n_classes))
+
+
+def _names(meta: dict, key: str, path: Path) -> list[str]:
+    if key not in meta:
+        raise ConvertError(f"'{path}': no '{key}' entry", "re-extract the CIFAR python archive")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in meta[key]]
+
+
+def read_cifar_dataset(src: Path, name: str | None) -> Converted:
+    root = _cifar_root(src)
+    if root is None:
+        raise ConvertError(f"no CIFAR pickles in '{src}' (want data_batch_1..5, test_batch, "
+                           f"batches.meta or train, test, meta)",
+                           "point SRC at cifar-10-batches-py or cifar-100-python")
+    if (root / "batches.meta").is_file():
+        default_name, label_key, meta_key = "cifar-10", "labels", "label_names"
+        meta_path, *train = _need(root, ("batches.meta",) + CIFAR10_TRAIN)
+        test = _need(root, ("test_batch",))
+    else:
+        default_name, label_key, meta_key = "cifar-100", "fine_labels", "fine_label_names"
+        meta_path, train_path, test_path = _need(root, ("meta", "train", "test"))
+        train, test = [train_path], [test_path]
+    classes = _names(read_cifar_pickle(meta_path), meta_key, meta_path)
+    splits = {"train": _cifar_split(train, label_key, len(classes)),
+              "test": _cifar_split(test, label_key, len(classes))}
+    inputs = {str(p.relative_to(src)): sha256_file(p) for p in [meta_path, *train, *test]}
+    return Converted("cifar", name or default_name, "array", classes, splits, inputs)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if _is_image(p) and p.is_file())
+
+
+def _class_images(root: Path) -> dict[str, list[Path]]:
+    """{class folder name: the images anywhere under it}, for sub-folders of root holding images."""
+    found = {d.name: sorted(p for p in d.rglob("*") if _is_image(p) and p.is_file())
+             for d in _visible_dirs(root)}
+    return {name: paths for name, paths in found.items() if paths}
+
+
+def _folder_layout(src: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+    """(classes, {split: [(path, label)]}) for the three folder layouts, in a stable order."""
+    if (src / "train").is_dir():  # ImageNet: train/<class>/*, val/<class>/* (and test/ if there)
+        classes = sorted(_class_images(src / "train"))
+        index = {c: i for i, c in enumerate(classes)}
+        splits = {}
+        for split in ("train", "val", "test"):
+            if not (src / split).is_dir():
+                continue
+            by_class = _class_images(src / split)
+            unknown = sorted(set(by_class) - set(index))
+            if unknown:
+                raise ConvertError(f"'{src / split}' has class folders that train/ lacks: "
+                                   f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}",
+                                   "give every split the same class folders as train/")
+            items = [(p, index[c]) for c in classes for p in by_class.get(c, ())]
+            # loose images (raw ImageNet val keeps its labels elsewhere) are unlabelled
+            splits[split] = items + [(p, -1) for p in _images_in(src / split)]
+        return classes, splits
+    by_class = _class_images(src)
+    if by_class:  # SRC/<class>/*; folders without images are not classes
+        classes = sorted(by_class)
+        return classes, {"train": [(p, i) for i, c in enumerate(classes) for p in by_class[c]]}
+    return [], {"train": [(p, -1) for p in _images_in(src)]}
+
+
+def _quiet_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # how Pool.terminate() stops a worker
+
+
+def _inspect_all(paths: list[Path], workers: int, desc: str) -> list[ImageCheck]:
+    bar = dict(total=len(paths), desc=desc, unit="img", disable=None, leave=False)
+    if workers <= 1 or len(paths) < 2 * workers:
+        return [inspect_image(p) for p in tqdm(paths, **bar)]
+    chunk = max(1, min(64, len(paths) // (workers * 8)))
+    pool = multiprocessing.get_context().Pool(workers, initializer=_quiet_worker)
+    try:
+        results = list(tqdm(pool.imap(inspect_image, paths, chunksize=chunk), **bar))
+        pool.close()
+        return results
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def read_folder_dataset(src: Path, name: str | None, workers: int) -> Converted:
+    classes, layout = _folder_layout(src)
+    if not any(layout.values()):
+        raise ConvertError(f"no images found in '{src}' (looked for {', '.join(sorted(IMAGE_SUFFIXES))})",
+                           "point SRC at a folder of images, class folders or train/ and val/")
+    splits, inputs, skipped = {}, {}, []
+    for split, items in layout.items():
+        checks = _inspect_all([p for p, _ in items], workers, f"decoding {split}")
+        good, modes, sizes, bad = [], Counter(), [], 0
+        for (path, label), check in zip(items, checks, strict=True):
+            rel = str(path.relative_to(src))
+            if check.sha256 is not None:
+                inputs[rel] = check.sha256
+            if check.error is not None:
+                skipped.append({"path": rel, "split": split, "reason": check.error})
+                bad += 1
+                continue
+            good.append((str(path), label))
+            modes[check.mode] += 1
+            sizes.append(check.size)
+        if items and not good:
+            raise ConvertError(f"none of the {len(items)} images in split '{split}' of '{src}' decode "
+                               f"(first: {skipped[-bad]['path']}: {skipped[-bad]['reason']})",
+                               "check that the files are intact JPEG/PNG images")
+        labels = np.array([label for _, label in good], dtype=np.int64)
+        wh = np.array(sizes or [(0, 0)])
+        extra = {"skipped": bad, "modes": dict(sorted(modes.items())),
+                 "min_size": wh.min(axis=0).tolist(), "max_size": wh.max(axis=0).tolist()}
+        if classes:
+            extra["class_counts"] = _class_counts(labels, len(classes))
+        splits[split] = SplitData(labels, files=[f for f, _ in good], extra=extra)
+    return Converted("folder", name or src.name, "files", classes, splits, inputs, skipped)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_dataset(conv: Converted, root: Path, src: Path) -> dict:
+    """Write the numpy artefacts and manifest.json of `conv` into the (empty) directory `root`."""
+    manifest_splits = {}
+    for split, data in conv.splits.items():
+        np.save(root / f"{split}_labels.npy", data.labels.astype(np.int64))
+        if data.images is not None:
+            np.save(root / f"{split}_images.npy", np.ascontiguousarray(data.images, dtype=np.uint8))
+            shape = list(data.images.shape[1:])
+        else:
+            (root / f"{split}_files.txt").write_text("".join(f + "\n" for f in data.files))
+            shape = None
+        manifest_splits[split] = {"count": len(data.labels), "image_shape": shape,
+                                  "labelled": bool(len(data.labels) and (data.labels >= 0).all()),
+                                  **data.extra}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": conv.name,
+        "kind": conv.kind,
+        "source_format": conv.source_format,
+        "source": str(src),
+        "classes": conv.classes,
+        "splits": manifest_splits,
+        "inputs": conv.inputs,
+        "skipped": conv.skipped,
+        "artefacts": sorted(p.name for p in root.iterdir()) + [MANIFEST],
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "tool": "tools.convert",
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _load_write_beton():
+    try:
+        from pipelines.ffcv_loader import write_beton
+    except ImportError as e:
+        raise ConvertError(f"--to ffcv needs pipelines.ffcv_loader.write_beton, which failed to "
+                           f"import ({e})", "install ffcv (tools/setup.sh) or use --to numpy") from None
+    return write_beton
+
+
+def write_betons(root: Path, manifest: dict, max_resolution: int | None) -> dict:
+    write_beton = _load_write_beton()
+    dataset = open_dataset(root)
+    for split in tqdm(dataset.splits, desc="writing .beton", disable=None, leave=False):
+        write_beton(dataset.split(split), root / f"{split}.beton", max_resolution=max_resolution)
+    manifest["artefacts"] = sorted(p.name for p in root.iterdir())
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the system cannot."""
+    libc_name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    at_fdcwd = -100
+    rc = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` to `out`; an existing `out` is swapped out, then deleted."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if _exchange(tmp, out):  # now `tmp` holds the old dataset
+        shutil.rmtree(tmp)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old / out.name)
+    os.rename(tmp, out)
+    shutil.rmtree(old)
+
+
+def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    if out == src or src.is_relative_to(out):
+        raise ConvertError(f"OUT '{out}' is SRC or contains it", "choose an OUT outside the source data")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise ConvertError(f"output '{out}' already exists", "pass --overwrite to replace it, or choose another OUT")
+    if not out.is_dir() or out.is_symlink():
+        raise ConvertError(f"output '{out}' exists and is not a directory", "remove it yourself or choose another OUT")
+    if any(out.iterdir()) and not (out / MANIFEST).is_file():
+        # --overwrite deletes OUT: only ever a dataset directory this tool wrote, or an empty one.
+        raise ConvertError(f"output '{out}' is not a converted dataset (no {MANIFEST})",
+                           "choose another OUT or remove it yourself")
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def convert(src: str | Path, out: str | Path, *, fmt: str = "auto", name: str | None = None,
+            overwrite: bool = False, to: str = "numpy", workers: int | None = None,
+            max_resolution: int | None = None) -> dict:
+    """Convert SRC into the dataset directory OUT, atomically; return the manifest written."""
+    src, out = Path(os.path.abspath(src)), Path(os.path.abspath(out))
+    workers = workers or min(4, os.cpu_count() or 1)
+    if fmt not in FORMATS:
+        raise ConvertError(f"unknown format '{fmt}'", f"use one of {', '.join(FORMATS)}")
+    if to not in TARGETS:
+        raise ConvertError(f"unknown target '{to}'", f"use one of {', '.join(TARGETS)}")
+    if src.is_file() and src.name.endswith((".tar.gz", ".tgz", ".tar")):
+        raise ConvertError(f"SRC '{src}' is an archive", f"extract it first (tar xf '{src}') and pass the directory")
+    if not src.is_dir():
+        raise ConvertError(f"source '{src}' does not exist or is not a directory",
+                           "pass the directory that holds the dataset files")
+    _check_out(src, out, overwrite)
+    if to == "ffcv":
+        _load_write_beton()  # fail before the slow part
+    fmt = detect_format(src) if fmt == "auto" else fmt
+    if fmt == "folder" and out.is_relative_to(src):
+        raise ConvertError(f"OUT '{out}' is inside the image folder SRC", "choose an OUT outside SRC")
+
+    if fmt == "idx":
+        conv = read_idx_dataset(src, name)
+    elif fmt == "cifar":
+        conv = read_cifar_dataset(src, name)
+    else:
+        conv = read_folder_dataset(src, name, workers)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir (not mkdtemp) so OUT gets the usual umask permissions rather than 0700.
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        manifest = write_dataset(conv, tmp, src)
+        if to == "ffcv":
+            manifest = write_betons(tmp, manifest, max_resolution)
+        _check_out(src, out, overwrite)  # OUT may have appeared while we worked
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def print_summary(manifest: dict, out: Path, file=None) -> None:
+    file = file or sys.stdout
+    rows = [("split", "count", "skipped", "shape", "classes")]
+    n_classes = str(len(manifest["classes"])) if manifest["classes"] else "unlabelled"
+    for split, info in manifest["splits"].items():
+        skipped = sum(1 for s in manifest["skipped"] if s.get("split") == split)
+        shape = "x".join(map(str, info["image_shape"])) if info["image_shape"] else "files"
+        rows.append((split, str(info["count"]), str(skipped), shape, n_classes))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))),
+              file=file)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=file)
+    for s in manifest["skipped"][:5]:
+        print(f"skipped {s['path']}: {s['reason']}", file=file)
+    if len(manifest["skipped"]) > 5:
+        print(f"... and {len(manifest['skipped']) - 5} more (see {MANIFEST})", file=file)
+    print(f"{manifest['name']} ({manifest['source_format']}) -> {out}", file=file)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tools.convert",
+        description="Convert IDX (MNIST, Fashion-MNIST), CIFAR-10/100 pickles or JPEG/PNG folders "
+                    "into a dataset directory (manifest.json + numpy artefacts, optionally .beton).",
+    )
+    p.add_argument("src", metavar="SRC", help="directory holding the raw dataset")
+    p.add_argument("out", metavar="OUT", help="dataset directory to create")
+    p.add_argument("--format", dest="fmt", choices=FORMATS, default="auto",
+                   help="input format (default: detect from SRC)")
+    p.add_argument("--name", default=None,
+                   help="dataset name for the manifest (default: from SRC; 'fashion-mnist' picks "
+                        "Fashion-MNIST class names for IDX input)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT dataset")
+    p.add_argument("--to", choices=TARGETS, default="numpy",
+                   help="numpy: manifest + .npy/.txt only; ffcv: also <split>.beton (default: numpy)")
+    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="processes decoding folder images (default: min(4, CPUs))")
+    p.add_argument("--max-resolution", type=_positive_int, default=None, metavar="PX",
+                   help="--to ffcv only: longest side stored in the .beton (recommended 256 for "
+                        "ImageNet at 224; default: keep full size)")
+    return p
+
+
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt  # so `kill` also removes the temporary directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if __name__ == "__main__":
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    if args.max_resolution is not None and args.to != "ffcv":
+        print("convert: error: --max-resolution applies only to .beton files: add --to ffcv or drop it",
+              file=sys.stderr)
+        return 2
+    try:
+        manifest = convert(args.src, args.out, fmt=args.fmt, name=args.name, overwrite=args.overwrite,
+                           to=args.to, workers=args.workers, max_resolution=args.max_resolution)
+    except (ConvertError, FormatError, DatasetError) as e:
+        print(f"convert: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f" '{e.filename}'" if e.filename else ""
+        print(f"convert: error: {e.strerror or e}{where}: check the path, free space and permissions",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"convert: interrupted: '{args.out}' was not written or changed", file=sys.stderr)
+        return 130
+    print_summary(manifest, Path(os.path.abspath(args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
