@@ -1,0 +1,207 @@
+"""DALI two-view loader: decode and augment on the GPU (or the same graph on CPU operators).
+
+The host side decides everything random (see `pipelines.dali_ops`): it walks the rank's
+`shard_indices` for the epoch, reads the batch's JPEG bytes or array images, draws each
+view's parameters from (seed, epoch, index, view) and feeds all of it through one batch-mode
+`external_source`. The graph, read top to bottom in `dali_ops.simclr_view`, decodes
+(nvJPEG "mixed" on a GPU, libjpeg-turbo on CPU) and applies crop, jitter in random order,
+grayscale, blur, flip and normalisation.
+
+Resume: a view depends only on (seed, epoch, index, view), so resuming at batch b of epoch e
+just starts the feed at b; a fresh pipeline is built for every pass over an epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipelines.dali_ops import VIEW_INPUTS, sample_view_params, simclr_view, view_inputs
+from pipelines.sharding import shard_indices
+from pipelines.sources import Split
+from pipelines.spec import AugmentSpec, TwoViewBatch
+
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from a JPEG's start-of-frame header, without decoding."""
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG (no SOI marker)")
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            pos += 1
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        seg_len = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        if marker in _SOF_MARKERS:
+            h, w = struct.unpack(">HH", data[pos + 5:pos + 9])
+            return h, w
+        pos += 2 + seg_len
+    raise ValueError("JPEG has no start-of-frame header")
+
+
+class _EpochFeed:
+    """Batch-mode external_source callback: one call per batch, in shard order, then StopIteration."""
+
+    def __init__(self, loader: DaliTwoViewLoader, epoch: int, start_batch: int):
+        self.loader = loader
+        self.epoch = epoch
+        self.indices = loader.indices(epoch)
+        self.batch = start_batch
+
+    def __call__(self):
+        ld = self.loader
+        lo = self.batch * ld.batch_size
+        idx = np.ascontiguousarray(self.indices[lo:lo + ld.batch_size])
+        if len(idx) == 0:
+            raise StopIteration
+        self.batch += 1
+        images, heights, widths = ld.read(idx)
+        views = []
+        for v in (0, 1):
+            params = sample_view_params(ld.spec, ld.seed, self.epoch, idx, v, heights, widths)
+            views.extend(view_inputs(params))
+        return (images, *views, ld.labels[idx], idx)
+
+
+def _two_view_pipeline(feed, spec: AugmentSpec, kind: str, device: str, out_dtype, **pipe_kwargs):
+    from nvidia.dali import fn, pipeline_def, types
+
+    n_view = len(VIEW_INPUTS)
+
+    @pipeline_def(enable_conditionals=True, **pipe_kwargs)
+    def pipe():
+        # 0. host feed: images (JPEG bytes or HWC uint8), two views' parameters, label, index
+        outs = fn.external_source(source=feed, num_outputs=3 + 2 * n_view, batch=True, no_copy=False)
+        data, labels, index = outs[0], outs[-2], outs[-1]
+        # 1. decode (nvJPEG on the GPU via "mixed"), or copy the arrays to the device
+        if kind == "files":
+            image = fn.decoders.image(data, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+        else:
+            image = data.gpu() if device == "gpu" else data
+        # 2. two independent views of the same decoded image
+        view1 = simclr_view(image, outs[1:1 + n_view], spec, device, out_dtype)
+        view2 = simclr_view(image, outs[1 + n_view:1 + 2 * n_view], spec, device, out_dtype)
+        return view1, view2, labels, index
+
+    return pipe()
+
+
+class DaliTwoViewLoader:
+    """Two SimCLR views per sample from DALI; see the module docstring and `pipelines.loader`."""
+
+    def __init__(self, split: Split, spec: AugmentSpec, *, batch_size: int, rank: int = 0, world: int = 1,
+                 seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 num_workers: int = 2, shuffle: bool = True, drop_last: bool = True, prefetch: int = 2):
+        self.split, self.spec = split, spec
+        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
+        self.device, self.dtype = torch.device(device), dtype
+        self.num_workers, self.shuffle, self.drop_last, self.prefetch = max(1, num_workers), shuffle, drop_last, prefetch
+        self.labels = np.asarray(split.labels, dtype=np.int64)
+        self.kind = split.kind
+        self.epoch, self._start_batch, self._batch = 0, 0, 0
+        if self.kind == "array" and split.images.ndim != 4:
+            raise ValueError(f"split '{split.name}': images must be uint8 [N, H, W, C], got shape {split.images.shape}")
+        shard_indices(len(split), rank, world, seed=seed, shuffle=shuffle, batch_size=batch_size,
+                      drop_last=drop_last)  # fail now on an impossible drop_last
+
+    # ---- order and position ---------------------------------------------------------------
+    def indices(self, epoch: int | None = None) -> np.ndarray:
+        return shard_indices(len(self.split), self.rank, self.world, seed=self.seed,
+                             epoch=self.epoch if epoch is None else epoch, shuffle=self.shuffle,
+                             batch_size=self.batch_size, drop_last=self.drop_last)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices()) / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._start_batch, self._batch = int(epoch), 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self._batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._start_batch, self._batch = int(state["epoch"]), int(state["batch"]), int(state["batch"])
+
+    # ---- host reads -----------------------------------------------------------------------
+    def read(self, idx: np.ndarray):
+        """The batch's inputs for the feed: (images, heights, widths)."""
+        if self.kind == "array":
+            imgs = np.ascontiguousarray(self.split.images[np.sort(idx)][np.argsort(np.argsort(idx))])
+            if imgs.shape[-1] == 1:
+                imgs = np.repeat(imgs, 3, axis=-1)
+            n, h, w = imgs.shape[:3]
+            return imgs, np.full(n, h), np.full(n, w)
+        blobs, heights, widths = [], [], []
+        for i in idx:
+            path = self.split.files[i]
+            with open(path, "rb") as f:
+                data = f.read()
+            try:
+                h, w = jpeg_size(data)
+            except (ValueError, struct.error) as e:
+                raise RuntimeError(f"cannot read JPEG '{path}' ({e}): re-run tools.convert to drop unreadable files") from None
+            blobs.append(np.frombuffer(data, dtype=np.uint8))
+            heights.append(h)
+            widths.append(w)
+        return blobs, np.array(heights), np.array(widths)
+
+    # ---- iteration ------------------------------------------------------------------------
+    def _build(self, feed: _EpochFeed):
+        from nvidia.dali import types
+
+        on_gpu = self.device.type == "cuda"
+        out_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
+        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if on_gpu else None
+        pipe = _two_view_pipeline(feed, self.spec, self.kind, "gpu" if on_gpu else "cpu", out_dtype,
+                                  batch_size=self.batch_size, num_threads=self.num_workers, device_id=device_id,
+                                  prefetch_queue_depth=self.prefetch, seed=self.seed & 0x7FFFFFFF,
+                                  exec_async=True, exec_pipelined=True)
+        pipe.build()
+        return pipe
+
+    def _to_torch(self, tl) -> torch.Tensor:
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            t = tl.as_tensor()
+            out = torch.empty(t.shape(), dtype=torch.float16 if self.dtype == torch.float16 else torch.float32,
+                              device=self.device)
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
+        else:
+            out = torch.from_numpy(np.array(tl.as_tensor()))
+        return out.permute(0, 3, 1, 2).to(self.dtype)  # HWC storage = channels_last [B, 3, S, S]
+
+    def __iter__(self) -> Iterator[TwoViewBatch]:
+        epoch, start = self.epoch, self._start_batch
+        n_batches = len(self)
+        self._start_batch = 0
+        if start >= n_batches:
+            self._batch = n_batches
+            return
+        pipe = self._build(_EpochFeed(self, epoch, start))
+        try:
+            for b in range(start, n_batches):
+                try:
+                    v1, v2, labels, index = pipe.run()
+                except StopIteration:
+                    raise RuntimeError(f"DALI pipeline ended after {b} of {n_batches} batches in epoch {epoch}") from None
+                batch = TwoViewBatch(self._to_torch(v1), self._to_torch(v2),
+                                     torch.from_numpy(np.array(labels.as_tensor())).to(self.device).view(-1),
+                                     torch.from_numpy(np.array(index.as_tensor())).to(self.device).view(-1))
+                self._batch = b + 1
+                yield batch
+        finally:
+            del pipe

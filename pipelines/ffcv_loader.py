@@ -1,0 +1,187 @@
+"""FFCV two-view loader: `<dataset dir>/<split>.beton` through two seeded numba pipelines.
+
+Per view, top to bottom (`view_pipeline`): decode + random resized crop, flip, colour jitter in
+random order, grayscale, Gaussian blur (all `pipelines.ffcv_ops`, keyed by (seed, epoch,
+index, view)), to a torch tensor (and the device), then normalisation in torch. The order is
+the rank's `shard_indices`, served by a traversal order that this loader controls, so no
+process group is needed; one compiled FFCV Loader serves every epoch (the epoch reaches the
+compiled code through `EpochKey`). Resume starts the traversal at the saved batch.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipelines.sharding import shard_indices
+from pipelines.sources import Split
+from pipelines.spec import AugmentSpec, TwoViewBatch
+
+
+def beton_path(split: Split) -> Path:
+    if split.root is None:
+        raise ValueError(f"split '{split.name}' has no dataset directory (Split.root): open it with "
+                         f"pipelines.sources.open_dataset(...).split(...)")
+    path = Path(split.root) / f"{split.name}.beton"
+    if not path.is_file():
+        raise FileNotFoundError(f"no FFCV file '{path}': write it with 'python -m tools.convert ... {split.root} --to ffcv'")
+    return path
+
+
+def view_pipeline(spec: AugmentSpec, key, device: torch.device) -> list:
+    """The FFCV operations of one SimCLR view, ending on `device` as uint8 NHWC."""
+    from ffcv.transforms import ToDevice, ToTensor
+
+    from pipelines.ffcv_ops import (RandomOrderColorJitter, SeededFlip, SeededGaussianBlur, SeededGrayscale,
+                                    SeededRandomResizedCrop)
+
+    ops = [
+        SeededRandomResizedCrop(spec.size, spec.crop_area, spec.crop_ratio, key),
+        SeededFlip(spec.flip_p, key),
+        RandomOrderColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue, spec.jitter_p, key),
+        SeededGrayscale(spec.grayscale_p, key),
+    ]
+    if spec.blur_p > 0:
+        ops.append(SeededGaussianBlur(spec.blur_p, spec.blur_kernel, spec.blur_sigma, key))
+    ops.append(ToTensor())
+    if device.type == "cuda":
+        ops.append(ToDevice(device, non_blocking=True))
+    return ops
+
+
+class FfcvTwoViewLoader:
+    """Two SimCLR views per sample from an FFCV file; see the module docstring and `pipelines.loader`."""
+
+    def __init__(self, split: Split, spec: AugmentSpec, *, batch_size: int, rank: int = 0, world: int = 1,
+                 seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 num_workers: int = 2, shuffle: bool = True, drop_last: bool = True, timeout_s: float = 300.0):
+        self.split, self.spec = split, spec
+        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
+        self.device, self.dtype = torch.device(device), dtype
+        self.num_workers, self.shuffle, self.drop_last = max(1, num_workers), shuffle, drop_last
+        self.timeout_s = timeout_s
+        self.epoch, self._start_batch, self._batch = 0, 0, 0
+        self.path = beton_path(split)
+        self._order = self.indices(0)
+        self._ffcv = None
+        self._mean = torch.tensor([255.0 * m for m in spec.mean], device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor([255.0 * s for s in spec.std], device=self.device).view(1, 3, 1, 1)
+
+    # ---- order and position ---------------------------------------------------------------
+    def indices(self, epoch: int | None = None) -> np.ndarray:
+        return shard_indices(len(self.split), self.rank, self.world, seed=self.seed,
+                             epoch=self.epoch if epoch is None else epoch, shuffle=self.shuffle,
+                             batch_size=self.batch_size, drop_last=self.drop_last)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices()) / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._start_batch, self._batch = int(epoch), 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self._batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._start_batch, self._batch = int(state["epoch"]), int(state["batch"]), int(state["batch"])
+
+    # ---- the FFCV Loader, built once --------------------------------------------------------
+    def _loader(self):
+        if self._ffcv is not None:
+            return self._ffcv
+        from ffcv.fields.decoders import IntDecoder
+        from ffcv.loader import Loader
+        from ffcv.pipeline import PipelineSpec
+        from ffcv.transforms import ToTensor
+        from ffcv.traversal_order.base import TraversalOrder
+
+        from pipelines.ffcv_ops import EpochKey
+
+        owner = self
+
+        class ShardOrder(TraversalOrder):
+            # FFCV accepts an order instance and calls it with the loader.
+            def __init__(self):
+                pass
+
+            def __call__(self, loader):
+                super().__init__(loader)
+                return self
+
+            def sample_order(self, epoch: int):
+                return owner._order
+
+        self._keys = (EpochKey(), EpochKey())
+        threads = torch.get_num_threads()
+        self._ffcv = Loader(
+            str(self.path), batch_size=self.batch_size, num_workers=self.num_workers, order=ShardOrder(),
+            os_cache=True, drop_last=False, batches_ahead=2,
+            pipelines={
+                "image": view_pipeline(self.spec, self._keys[0], self.device),
+                "label": [IntDecoder(), ToTensor()],
+                "index": [IntDecoder(), ToTensor()],
+                "image_0": PipelineSpec("image", decoder=None,
+                                        transforms=view_pipeline(self.spec, self._keys[1], self.device)),
+            },
+        )
+        torch.set_num_threads(threads)  # FFCV's Loader sets it to num_workers process-wide
+        return self._ffcv
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2)  # NHWC storage = channels_last [B, 3, S, S]
+        return ((x.to(torch.float32) - self._mean) / self._std).to(self.dtype).contiguous(memory_format=torch.channels_last)
+
+    def __iter__(self) -> Iterator[TwoViewBatch]:
+        epoch, start = self.epoch, self._start_batch
+        n_batches = len(self)
+        self._start_batch = 0
+        if start >= n_batches:
+            self._batch = n_batches
+            return
+        loader = self._loader()
+        self._order = self.indices(epoch)[start * self.batch_size:]
+        self._keys[0].set(self.seed, epoch, 0)
+        self._keys[1].set(self.seed, epoch, 1)
+        threads = torch.get_num_threads()
+        it = iter(loader)
+        torch.set_num_threads(threads)
+        try:
+            for b in range(start, n_batches):
+                img1, label, index, img2 = self._next(it, epoch, b)
+                # FFCV reuses its buffers: normalising copies the views; copy labels and indices.
+                batch = TwoViewBatch(self._normalise(img1), self._normalise(img2),
+                                     label.reshape(-1).to(self.device, torch.int64, copy=True),
+                                     index.reshape(-1).to(self.device, torch.int64, copy=True))
+                self._batch = b + 1
+                yield batch
+        finally:
+            it.close()
+
+    def _next(self, it, epoch: int, b: int):
+        """Next batch of FFCV's epoch thread, or an exception if the thread died or stalled
+        (an error inside an FFCV pipeline kills its thread and would leave `next()` waiting forever)."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                item = it.output_queue.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if not it.is_alive():
+                    raise RuntimeError(f"FFCV loader thread died at batch {b} of epoch {epoch} of '{self.path}' "
+                                       f"(its traceback is printed above)") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"FFCV loader produced no batch in {self.timeout_s:.0f} s "
+                                       f"(batch {b} of epoch {epoch} of '{self.path}')") from None
+        if item is None:
+            raise RuntimeError(f"FFCV epoch ended early at batch {b} of epoch {epoch} of '{self.path}'")
+        slot, result = item
+        if self.device.type == "cuda":
+            it.current_stream.wait_stream(it.cuda_streams[slot])
+        return result
+

@@ -1,0 +1,246 @@
+"""DALI two-view loader (CPU operators): contract, augmentation statistics, order, resume."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from pipelines.dali_loader import DaliTwoViewLoader, jpeg_size  # noqa: E402
+from pipelines.dali_ops import sample_view_params  # noqa: E402
+from pipelines.sharding import shard_indices  # noqa: E402
+from pipelines.spec import AugmentSpec  # noqa: E402
+from tests.pipelines.augment_stats import (area_ratio_stats, binomial_ok, coord_split, noise_split,  # noqa: E402
+                                           recover_boxes, to_uint8)
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore::Warning")]
+IDENTITY = dict(crop_area=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+
+
+def make(split, spec, **kw):
+    kw = {"batch_size": 32, "seed": 3, "num_workers": 1, "drop_last": False, **kw}
+    return DaliTwoViewLoader(split, spec, **kw)
+
+
+def test_contract_shape_layout_normalisation():
+    split = noise_split(40, 16)
+    spec = AugmentSpec(size=16, **IDENTITY)
+    batches = list(make(split, spec, shuffle=False))
+    assert [len(b.index) for b in batches] == [32, 8]
+    b = batches[0]
+    assert b.view1.shape == (32, 3, 16, 16) and b.view1.dtype == torch.float32
+    assert b.view1.is_contiguous(memory_format=torch.channels_last)
+    assert b.label.dtype == torch.int64 and b.index.dtype == torch.int64
+    expect = torch.from_numpy(split.images[:32]).permute(0, 3, 1, 2).float()
+    assert torch.allclose(to_uint8(b.view1, spec.mean, spec.std), expect, atol=1e-3)
+    assert torch.equal(b.label, torch.from_numpy(split.labels[:32]))
+
+
+def test_grayscale_input_expanded():
+    split = noise_split(8, 16, channels=1)
+    b = next(iter(make(split, AugmentSpec(size=16, **IDENTITY), shuffle=False)))
+    px = to_uint8(b.view1, AugmentSpec().mean, AugmentSpec().std)
+    assert torch.allclose(px[:, 0], px[:, 1], atol=1e-3) and torch.allclose(px[:, 0], px[:, 2], atol=1e-3)
+
+
+def test_crop_box_follows_params_and_spec():
+    h, w, n = 48, 64, 256
+    split = coord_split(n, h, w)
+    spec = AugmentSpec(size=24, flip_p=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    ld = make(split, spec, batch_size=128, shuffle=False)
+    wh = np.concatenate([recover_boxes(to_uint8(b.view1, spec.mean, spec.std), h, w) for b in ld])
+    params = sample_view_params(spec, 3, 0, np.arange(n), 0, np.full(n, h), np.full(n, w))
+    expect = params["box"][:, [3, 2]].astype(float)  # (w, h)
+    assert np.median(np.abs(wh - expect) / expect) < 0.05  # the graph crops what the host drew
+    area, ratio = area_ratio_stats(expect, h, w)
+    assert area.min() >= 0.08 - 0.02 and area.max() <= 1.0
+    fitted = (ratio >= 0.75 - 0.05) & (ratio <= 4 / 3 + 0.05)
+    assert fitted.mean() > 0.9  # the rest are torchvision's centre-crop fallback
+
+
+def test_param_distributions_match_spec():
+    n = 4000
+    spec = AugmentSpec(size=32, jitter_strength=0.5)
+    p = sample_view_params(spec, 0, 0, np.arange(n), 0, np.full(n, 256), np.full(n, 256))
+    for key, prob in (("flip", spec.flip_p), ("jitter", spec.jitter_p), ("gray", spec.grayscale_p), ("blur", spec.blur_p)):
+        assert binomial_ok(int(p[key].sum()), n, prob), key
+    f = p["factors"]
+    for j, lim in enumerate((spec.brightness, spec.contrast, spec.saturation)):
+        assert 1 - lim <= f[:, j].min() and f[:, j].max() <= 1 + lim
+        assert abs(f[:, j].mean() - 1) < 4 * lim / np.sqrt(3 * n)
+    assert np.abs(f[:, 3]).max() <= spec.hue
+    assert spec.blur_sigma[0] <= p["sigma"].min() and p["sigma"].max() <= spec.blur_sigma[1]
+    area = p["box"][:, 2] * p["box"][:, 3] / 256**2
+    # rejection of boxes that do not fit lowers the mean area: compare with torchvision's sampler
+    from torchvision.transforms import RandomResizedCrop
+
+    torch.manual_seed(0)
+    ref = np.array([np.prod(RandomResizedCrop.get_params(torch.empty(1, 256, 256), list(spec.crop_area),
+                                                         list(spec.crop_ratio))[2:]) / 256**2 for _ in range(n)])
+    assert abs(area.mean() - ref.mean()) < 4 * ref.std() * np.sqrt(2 / n)
+    # random order: every adjustment lands in every slot a quarter of the time
+    for slot in range(4):
+        counts = np.bincount(p["order"][:, slot], minlength=4)
+        assert all(binomial_ok(int(c), n, 0.25) for c in counts)
+    # views and epochs draw independently
+    q = sample_view_params(spec, 0, 0, np.arange(n), 1, np.full(n, 256), np.full(n, 256))
+    assert (p["box"] != q["box"]).any(axis=1).mean() > 0.99
+
+
+def test_pixel_frequencies_flip_gray_jitter():
+    n = 512
+    split = noise_split(n, 16)
+    idx = np.arange(n)
+    base = torch.from_numpy(split.images).permute(0, 3, 1, 2).float()
+    for name, kw in (("flip", dict(flip_p=0.5)), ("gray", dict(grayscale_p=0.2)), ("jitter", dict(jitter_p=0.8))):
+        spec = AugmentSpec(size=16, **{**IDENTITY, **kw})
+        px = torch.cat([to_uint8(b.view1, spec.mean, spec.std) for b in make(split, spec, batch_size=256, shuffle=False)])
+        if name == "flip":
+            hit = (px - base.flip(-1)).abs().amax((1, 2, 3)) < 0.01
+        elif name == "gray":
+            hit = (px[:, 0] - px[:, 1]).abs().amax((1, 2)) < 0.01
+        else:
+            hit = (px - base).abs().amax((1, 2, 3)) > 0.5
+        p = sample_view_params(spec, 3, 0, idx, 0, np.full(n, 16), np.full(n, 16))
+        assert torch.equal(hit, torch.from_numpy(p[name].astype(bool))), name
+        assert binomial_ok(int(hit.sum()), n, list(kw.values())[0]), name
+
+
+def test_brightness_recovered_from_gray_image():
+    """On a flat gray image only brightness changes pixels: recover its factor per sample."""
+    n = 256
+    split = noise_split(n, 16)
+    split.images[:] = 100
+    spec = AugmentSpec(size=16, **{**IDENTITY, "jitter_p": 1.0}, jitter_strength=0.5)
+    px = torch.cat([to_uint8(b.view1, spec.mean, spec.std) for b in make(split, spec, batch_size=256, shuffle=False)])
+    got = px.mean((1, 2, 3)).numpy() / 100
+    p = sample_view_params(spec, 3, 0, np.arange(n), 0, np.full(n, 16), np.full(n, 16))
+    assert np.abs(got - p["factors"][:, 0]).max() < 0.01
+    assert 0.6 - 0.01 <= got.min() and got.max() <= 1.4 + 0.01
+
+
+def test_random_order_changes_output():
+    """Brightness then contrast differs from contrast then brightness once values clip."""
+    n = 256
+    split = noise_split(n, 16)
+    split.images[:, :8] = 250
+    split.images[:, 8:] = 20
+    spec = AugmentSpec(size=16, **{**IDENTITY, "jitter_p": 1.0}, jitter_strength=1.0)
+    px = torch.cat([to_uint8(b.view1, spec.mean, spec.std) for b in make(split, spec, batch_size=256, shuffle=False)])
+    p = sample_view_params(spec, 3, 0, np.arange(n), 0, np.full(n, 16), np.full(n, 16))
+    b, c = p["factors"][:, 0].astype(float), p["factors"][:, 1].astype(float)
+    pos = np.argsort(p["order"], axis=1)
+    b_first = pos[:, 0] < pos[:, 1]
+
+    def run(first_b):
+        x = np.stack([np.full(n, 250.0), np.full(n, 20.0)], 1)
+        for step in ((0, 1) if first_b else (1, 0)):
+            if step == 0:
+                x = np.clip(np.rint(x * b[:, None]), 0, 255)
+            else:
+                m = x.mean(1, keepdims=True)
+                x = np.clip(np.rint(c[:, None] * x + (1 - c[:, None]) * m), 0, 255)
+        return x
+
+    top, bottom = px[:, :, 0, 0].mean(1).numpy(), px[:, :, -1, 0].mean(1).numpy()
+    got = np.stack([top, bottom], 1)
+    err_true = np.abs(got - np.where(b_first[:, None], run(True), run(False))).max(1)
+    err_swap = np.abs(got - np.where(b_first[:, None], run(False), run(True))).max(1)
+    differs = np.abs(run(True) - run(False)).max(1) > 6
+    assert differs.sum() > 20
+    assert (err_true[differs] < err_swap[differs]).mean() > 0.9
+
+
+def test_seed_reproduces_views_differ_and_epochs_change():
+    split = noise_split(64, 24)
+    spec = AugmentSpec(size=16, blur_p=0.5)
+    a, b = list(make(split, spec)), list(make(split, spec))
+    assert all(torch.equal(x.view1, y.view1) and torch.equal(x.view2, y.view2) for x, y in zip(a, b))
+    assert not torch.allclose(a[0].view1, a[0].view2)
+    ld = make(split, spec)
+    ld.set_epoch(1)
+    c = list(ld)
+    assert not torch.equal(torch.cat([x.index for x in a]), torch.cat([x.index for x in c]))
+    # a sample's views depend on (seed, epoch, index) only, not on the batch it lands in
+    ld2 = make(split, spec, batch_size=7)
+    v_a = {int(i): v for x in a for i, v in zip(x.index, x.view1)}
+    for x in ld2:
+        for i, v in zip(x.index, x.view1):
+            assert torch.allclose(v, v_a[int(i)], atol=1e-5)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_shards_disjoint_and_cover(drop_last):
+    n, world, bs = 103, 3, 8
+    split = noise_split(n, 8)
+    spec = AugmentSpec(size=8, **IDENTITY)
+    seen = []
+    for rank in range(world):
+        ld = make(split, spec, batch_size=bs, rank=rank, world=world, drop_last=drop_last)
+        ld.set_epoch(2)
+        got = torch.cat([b.index for b in ld]).numpy()
+        assert len(list(ld)) == len(ld)
+        want = shard_indices(n, rank, world, seed=3, epoch=2, batch_size=bs, drop_last=drop_last)
+        assert np.array_equal(got, want)
+        seen.append(got)
+    allseen = np.concatenate(seen)
+    assert len(set(allseen.tolist())) == len(allseen)
+    if not drop_last:
+        assert sorted(allseen.tolist()) == list(range(n))
+
+
+def test_resume_reproduces_next_batches():
+    split = noise_split(100, 16)
+    spec = AugmentSpec(size=16)
+    ld = make(split, spec, batch_size=16)
+    ld.set_epoch(1)
+    full = list(ld)
+    ld2 = make(split, spec, batch_size=16)
+    ld2.set_epoch(1)
+    it = iter(ld2)
+    next(it), next(it), next(it)
+    state = ld2.state_dict()
+    assert state == {"epoch": 1, "batch": 3}
+    ld3 = make(split, spec, batch_size=16)
+    ld3.load_state_dict(state)
+    rest = list(ld3)
+    assert len(rest) == len(full) - 3
+    for x, y in zip(rest, full[3:]):
+        assert torch.equal(x.view1, y.view1) and torch.equal(x.view2, y.view2) and torch.equal(x.index, y.index)
+
+
+def test_jpeg_files(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i, (h, w) in enumerate([(40, 60), (64, 48), (33, 35)]):
+        p = tmp_path / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p, quality=90)
+        assert jpeg_size(p.read_bytes()) == (h, w)
+        files.append(str(p))
+    from pipelines.sources import Split
+
+    split = Split("train", np.arange(3, dtype=np.int64), files=files)
+    b = next(iter(make(split, AugmentSpec(size=24), batch_size=4)))
+    assert b.view1.shape == (3, 3, 24, 24) and torch.isfinite(b.view1).all()
+
+
+def test_matches_torchvision_reference_statistics():
+    tv = pytest.importorskip("pipelines.torchvision_loader")
+    h, w, n = 48, 64, 256
+    split = coord_split(n, h, w)
+    spec = AugmentSpec(size=24, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    ref = tv.TorchvisionTwoViewLoader(split, spec, batch_size=128, seed=3, device=torch.device("cpu"),
+                                      num_workers=0, shuffle=False, drop_last=False)
+    stats = []
+    for ld in (ref, make(split, spec, batch_size=128, shuffle=False)):
+        wh = np.concatenate([recover_boxes(to_uint8(b.view1, spec.mean, spec.std), h, w) for b in ld])
+        stats.append(area_ratio_stats(wh, h, w))
+    (a_ref, r_ref), (a_dali, r_dali) = stats
+    assert abs(a_ref.mean() - a_dali.mean()) < 0.06
+    assert abs(np.log(r_ref).mean() - np.log(r_dali).mean()) < 0.06

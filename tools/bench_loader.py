@@ -1,0 +1,156 @@
+"""Two-view loader throughput: torchvision reference vs DALI vs FFCV on the same inputs.
+
+    python -m tools.bench_loader [--device cpu|cuda] [--quick] [--json PATH] [--images DIR]
+                                 [--workers N] [--batch-size B] [--repeat K]
+
+Cases: (a) real ImageNet JPEGs cropped to 224 (skipped, with the reason, when no images are
+found), (b) 32x32 uint8 arrays. Every backend gets the same worker count; the metric is
+two-view images per second after one warm-up pass (which also pays FFCV's compilation),
+reported as a ratio to the torchvision reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.loader import build_loader
+from pipelines.sources import Split
+from pipelines.spec import AugmentSpec
+
+IMPLS = ("torchvision", "dali", "ffcv")
+BASELINE = "torchvision"
+METRIC = "images_per_s"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_loader", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the views end up (default cpu)")
+    p.add_argument("--quick", action="store_true", help="small sizes, under a minute on 2 CPU cores")
+    p.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+    p.add_argument("--images", type=Path, default=None,
+                   help="folder of JPEGs for case (a) (default: $SIMCLR_IMAGENET_SAMPLE or ../shared/data/imagenet-sample)")
+    p.add_argument("--workers", type=int, default=2, help="CPU workers for every backend (default 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 (JPEG) / 256 (arrays); 32 / 128 with --quick")
+    p.add_argument("--repeat", type=int, default=None, help="passes over the JPEG list per timed run (default 2, 1 with --quick)")
+    return p
+
+
+def _default_images() -> Path:
+    env = os.environ.get("SIMCLR_IMAGENET_SAMPLE")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imagenet-sample"
+
+
+def _time_loader(loader, min_images: int) -> float:
+    """Images/s over whole epochs totalling at least `min_images` (after one warm-up epoch)."""
+    for _ in loader:
+        pass
+    seen, t0, epoch = 0, time.perf_counter(), 1
+    while seen < min_images:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            seen += len(batch.index)
+        epoch += 1
+    if batch.view1.is_cuda:
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - t0)
+
+
+def _cases(args, tmp: Path):
+    """(name, split, spec, batch_size, min_images, skip_reason)."""
+    quick = args.quick
+    images = args.images or _default_images()
+    files = sorted(str(p) for p in images.glob("*") if p.suffix.lower() in (".jpeg", ".jpg")) if images.is_dir() else []
+    if not files:
+        yield "jpeg224", None, None, 0, 0, f"no JPEGs in '{images}' (set --images or SIMCLR_IMAGENET_SAMPLE)"
+    else:
+        n = 96 if quick else len(files)
+        repeat = args.repeat or (1 if quick else 2)
+        root = tmp / "jpeg"
+        root.mkdir()
+        split = Split("train", np.zeros(n, dtype=np.int64), files=files[:n], root=root)
+        yield "jpeg224", split, AugmentSpec(size=224), args.batch_size or (32 if quick else 64), n * repeat, None
+    n = 2048 if quick else 16384
+    rng = np.random.default_rng(0)
+    root = tmp / "arrays"
+    root.mkdir()
+    split = Split("train", rng.integers(0, 10, n).astype(np.int64),
+                  images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), root=root)
+    spec = AugmentSpec(size=32, jitter_strength=0.5, blur_p=0.0)
+    yield "array32", split, spec, args.batch_size or (128 if quick else 256), n * (1 if quick else 2), None
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for mod in ("torchvision", "nvidia.dali", "ffcv", "numba"):
+        try:
+            out[mod] = __import__(mod, fromlist=["__version__"]).__version__
+        except Exception as e:  # a missing backend is reported, not fatal
+            out[mod] = f"unavailable ({type(e).__name__})"
+    return out
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_loader: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    results, skipped = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmpdir:
+        for case, split, spec, bs, min_images, skip in _cases(args, Path(tmpdir)):
+            if skip:
+                skipped[case] = skip
+                print(f"[{case}] skipped: {skip}")
+                continue
+            values = {}
+            for impl in IMPLS:
+                try:
+                    if impl == "ffcv":
+                        from pipelines.ffcv_ops import write_beton
+
+                        write_beton(split, Path(split.root) / f"{split.name}.beton")
+                    loader = build_loader(impl, split, spec, batch_size=bs, seed=0, device=device,
+                                          num_workers=args.workers, shuffle=True, drop_last=False)
+                    values[impl] = _time_loader(loader, min_images)
+                    del loader
+                except Exception as e:
+                    skipped[f"{case}/{impl}"] = f"{type(e).__name__}: {e}"
+                    print(f"[{case}] {impl} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                    continue
+                print(f"[{case}] {impl}: {values[impl]:.0f} img/s", flush=True)
+            base = values.get(BASELINE)
+            for impl, v in values.items():
+                results.append({"case": case, "impl": impl, "metric": METRIC, "value": float(v), "baseline": BASELINE,
+                                "ratio": float(v / base) if base else float("nan")})
+    report = {
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(device),
+        "versions": _versions(),
+        "settings": {"workers": args.workers, "batch_size": args.batch_size, "quick": args.quick,
+                     "repeat": args.repeat, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                     "images": str(args.images or _default_images()), "skipped": skipped,
+                     "timing": "two-view images/s over whole epochs after one warm-up epoch"},
+        "results": results,
+    }
+    print(f"\n{'case':<10} {'impl':<12} {'img/s':>10} {'vs ' + BASELINE:>16}")
+    for r in results:
+        print(f"{r['case']:<10} {r['impl']:<12} {r['value']:>10.0f} {r['ratio']:>15.2f}x")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
