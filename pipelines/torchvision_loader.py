@@ -47,7 +47,7 @@ def eval_transform(spec: AugmentSpec) -> v2.Compose:
 def load_image(split: Split, index: int) -> torch.Tensor:
     """uint8 [3, H, W] for sample `index` of the split (grayscale expanded to 3 channels)."""
     if split.images is not None:
-        img = torch.from_numpy(np.ascontiguousarray(split.images[index])).permute(2, 0, 1)  # [C, H, W]
+        img = torch.from_numpy(np.array(split.images[index])).permute(2, 0, 1)  # [C, H, W]
         return img.expand(3, -1, -1) if img.shape[0] == 1 else img
     path = split.files[index]
     try:

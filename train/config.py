@@ -68,7 +68,7 @@ class OptimConfig:
 class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/simclr"
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | bf16
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     sync_bn: bool = True  # global BatchNorm across processes
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the end and on SIGTERM
     keep_checkpoints: int = 2
@@ -103,7 +103,7 @@ CHOICES = {
     "loss.impl": ("auto", "reference", "chunked", "triton"),
     "optim.name": ("lars", "sgd"),
     "optim.lr_scaling": ("linear", "sqrt"),
-    "train.mixed_precision": ("auto", "no", "bf16"),
+    "train.mixed_precision": ("auto", "fp32", "bf16"),
 }
 
 

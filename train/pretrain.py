@@ -70,11 +70,12 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     from tqdm import tqdm
 
     from model.nt_xent import nt_xent, resolve_impl
+    from model.global_batchnorm import convert_to_global_bn
     from model.simclr import SimCLR
     from train.schedule import lr_schedule, scaled_lr
 
     cuda = torch.cuda.is_available()
-    precision = {"auto": "bf16" if cuda else "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision)
+    precision = {"auto": "bf16" if cuda else "no", "fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision)
     acc = Accelerator(cpu=not cuda, mixed_precision=precision)
     rank, world, device = acc.process_index, acc.num_processes, acc.device
     if cfg.data.batch_size % world:
@@ -99,7 +100,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     model = SimCLR(cfg.model.arch, width=cfg.model.width, small_stem=cfg.model.small_stem,
                    head_hidden=cfg.model.head_hidden, head_out=cfg.model.head_out, head_layers=cfg.model.head_layers)
     if world > 1 and cfg.train.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_to_global_bn(model, device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
@@ -127,6 +128,11 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             acc.print(f"resumed from {ckpt} at step {step}")
         elif acc.is_main_process:
             acc.print(f"no checkpoint under {ckpt_root}: starting afresh")
+
+    if step >= last_step and (out / "summary.json").is_file():
+        acc.print(f"run '{out}' already finished ({step} steps): nothing to do; start a new one with "
+                  f"another --train.out_dir or raise optim.epochs / train.max_steps")
+        return json.loads((out / "summary.json").read_text())
 
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     if acc.is_main_process:
@@ -186,7 +192,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             tick_images += len(batch.index) * world
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == last_step:
-                loss_value = loss.item()  # the only host sync, once per log interval
+                loss_value = acc.reduce(loss.detach(), reduction="mean").item()  # the only host sync, once per log interval
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"loss became {loss_value} at step {step}: lower optim.lr "
                                              f"(now {lrs[step - 1]:.3g}) or raise loss.temperature")

@@ -1,0 +1,27 @@
+# The README's two commands. Each runs the idempotent set-up first.
+#   make demo   convert Fashion-MNIST, pretrain SimCLR, linear evaluation (CPU or GPU)
+#   make test   the test suite
+PY := .venv/bin/python
+DEMO_CONFIG ?= train/configs/fashion_mnist_demo.yaml
+DEMO_DATA := data/fashion-mnist
+DEMO_RUN := runs/fashion-mnist-demo
+ACCELERATE := .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+
+.PHONY: setup demo test lint clean-demo
+
+setup:
+	@bash tools/setup.sh
+
+demo: setup
+	@[ -f $(DEMO_DATA)/manifest.json ] || $(PY) -m tools.convert "$$(cat data/.fashion-mnist-path)" $(DEMO_DATA)
+	$(ACCELERATE) -m train.pretrain --config $(DEMO_CONFIG) --train.out_dir=$(DEMO_RUN) --resume auto $(ARGS)
+	$(PY) -m train.linear_eval --checkpoint $(DEMO_RUN)
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	.venv/bin/ruff check .
+
+clean-demo:
+	rm -rf $(DEMO_RUN)

@@ -1,0 +1,55 @@
+"""Locating the real Fashion-MNIST for tests and cutting small dataset directories from it."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.formats import read_idx
+
+REPO = Path(__file__).resolve().parents[1]
+FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def fashion_mnist_dir() -> Path | None:
+    """SIMCLR_DATA, the path tools/setup.sh recorded, or Debian's dataset-fashion-mnist."""
+    candidates = [os.environ.get("SIMCLR_DATA")]
+    recorded = REPO / "data" / ".fashion-mnist-path"
+    if recorded.is_file():
+        candidates.append(recorded.read_text().strip())
+    candidates.append("/usr/share/datasets/fashion-mnist")
+    for c in candidates:
+        if c and all((Path(c) / f).is_file() for f in FILES):
+            return Path(c)
+    return None
+
+
+def require_fashion_mnist() -> Path:
+    path = fashion_mnist_dir()
+    if path is None:
+        pytest.skip("Fashion-MNIST not found: run 'bash tools/setup.sh' or set SIMCLR_DATA to the folder of its *-ubyte.gz files")
+    return path
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def make_subset(dst: Path, n_train: int, n_test: int) -> Path:
+    """Real Fashion-MNIST images cut to the first n_train/n_test and converted by tools.convert."""
+    from tools.convert import convert
+
+    src = require_fashion_mnist()
+    raw = dst / "raw-fashion-mnist"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", read_idx(src / f"{prefix}-images-idx3-ubyte.gz")[:n])
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", read_idx(src / f"{prefix}-labels-idx1-ubyte.gz")[:n])
+    out = dst / "fashion-mnist"
+    convert(raw, out, fmt="idx", name="fashion-mnist", workers=1)
+    return out
