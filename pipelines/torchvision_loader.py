@@ -7,6 +7,7 @@ statistical tests, so it stays a plain, readable rendering of the spec.
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -79,7 +80,9 @@ class _EpochBatches:
     """Batch sampler reading the owning loader's epoch and start position at each iteration."""
 
     def __init__(self, loader: TorchvisionTwoViewLoader):
-        self.loader = loader
+        # A weak reference: a cycle loader -> DataLoader -> sampler -> loader would leave the
+        # workers to the cycle collector, which joins each one with a 5 s timeout.
+        self.loader = weakref.proxy(loader)
 
     def __iter__(self):
         ld = self.loader
