@@ -1,0 +1,105 @@
+"""LR scaling rules and the warmup + cosine schedule against their closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from train.schedule import SIMCLR_BASE_LR, epochs_to_steps, lr_schedule, scaled_lr, steps_per_epoch
+
+
+def test_scaled_lr_rules():
+    assert scaled_lr(0.3, 256, "linear") == pytest.approx(0.3)
+    assert scaled_lr(0.3, 4096, "linear") == pytest.approx(4.8)
+    assert scaled_lr(0.075, 1024, "sqrt") == pytest.approx(2.4)
+    # the paper's two defaults meet at B = 4096
+    assert scaled_lr(SIMCLR_BASE_LR["sqrt"], 4096, "sqrt") == pytest.approx(
+        scaled_lr(SIMCLR_BASE_LR["linear"], 4096, "linear"))
+    assert scaled_lr(0.3, 512) == pytest.approx(0.6)  # linear is the default
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((0.3, 256, "log"), "unknown LR scaling rule 'log'"),
+        ((0.3, 0, "linear"), "batch_size"),
+        ((0.3, 256.0, "linear"), "batch_size"),
+        ((-0.3, 256, "sqrt"), "base_lr"),
+        ((float("nan"), 256, "sqrt"), "base_lr"),
+    ],
+)
+def test_scaled_lr_bad_inputs(args, match):
+    with pytest.raises(ValueError, match=match):
+        scaled_lr(*args)
+
+
+def _closed_form(peak, total, warmup, final):
+    out = []
+    for s in range(total):
+        if s < warmup:
+            out.append(peak * (s + 1) / warmup)
+        else:
+            p = (s - warmup + 1) / (total - warmup)
+            out.append(final + (peak - final) * 0.5 * (1 + math.cos(math.pi * p)))
+    return out
+
+
+@pytest.mark.parametrize("peak, total, warmup, final", [(4.8, 110, 10, 0.0), (1.0, 37, 5, 0.01)])
+def test_schedule_closed_form(peak, total, warmup, final):
+    lrs = lr_schedule(peak, total, warmup, final)
+    assert lrs.dtype == torch.float64 and lrs.shape == (total,)
+    assert lrs[0].item() == pytest.approx(peak / warmup)  # first step is not zero
+    assert lrs[warmup - 1].item() == pytest.approx(peak)  # warmup ends exactly at the peak
+    assert lrs[-1].item() == pytest.approx(final, abs=1e-15)  # decays to final_lr at the end
+    torch.testing.assert_close(lrs, torch.tensor(_closed_form(peak, total, warmup, final), dtype=torch.float64))
+    assert (lrs[1:warmup] > lrs[: warmup - 1]).all()
+    assert (lrs[warmup:] < lrs[warmup - 1 : -1]).all()
+
+
+def test_schedule_cosine_midpoint():
+    peak, final, warmup, total = 2.0, 0.2, 10, 110  # 100 decay steps
+    lrs = lr_schedule(peak, total, warmup, final)
+    assert lrs[warmup - 1 + 50].item() == pytest.approx((peak + final) / 2)
+    assert lrs[warmup - 1 + 25].item() == pytest.approx(final + (peak - final) * (0.5 + 0.5 * math.sqrt(0.5)))
+
+
+def test_schedule_edge_cases():
+    only_cosine = lr_schedule(1.0, 4, 0)
+    torch.testing.assert_close(
+        only_cosine, torch.tensor([0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(1, 5)], dtype=torch.float64))
+    only_warmup = lr_schedule(1.0, 4, 4)
+    torch.testing.assert_close(only_warmup, torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+    assert lr_schedule(3.0, 1, 0).tolist() == [0.0]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((1.0, 0, 0), "total_steps"),
+        ((1.0, 10, 11), "warmup_steps"),
+        ((1.0, 10, -1), "warmup_steps"),
+        ((1.0, 10.0, 2), "total_steps"),
+        ((-1.0, 10, 2), "peak_lr"),
+        ((1.0, 10, 2, float("inf")), "final_lr"),
+    ],
+)
+def test_schedule_bad_inputs(args, match):
+    with pytest.raises(ValueError, match=match):
+        lr_schedule(*args)
+
+
+def test_epochs_and_steps():
+    assert steps_per_epoch(50_000, 512) == 97
+    assert steps_per_epoch(50_000, 512, drop_last=False) == 98
+    assert steps_per_epoch(1024, 512, drop_last=False) == 2
+    assert epochs_to_steps(10, 97) == 970
+    assert epochs_to_steps(0.5, 97) == 49  # 48.5 rounds up
+    assert epochs_to_steps(0, 97) == 0
+    with pytest.raises(ValueError, match="exceeds"):
+        steps_per_epoch(100, 512)
+    with pytest.raises(ValueError, match="epochs"):
+        epochs_to_steps(-1, 97)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        epochs_to_steps(1, 0)

@@ -1,0 +1,276 @@
+"""Optimizer step time: our LARS against the per-parameter oracle, torch's foreach SGD and peer LARS.
+
+    python -m tools.bench_optim --device cpu --threads 2 --json bench_optim.json
+    python -m tools.bench_optim --quick
+
+Parameter sets are the full tensor lists of torchvision ResNets (ResNet-18: 62 tensors, ResNet-50:
+161), split by :func:`train.lars.lars_param_groups`, with fixed random gradients. Every
+implementation gets its own copy and the same groups; in each round every implementation takes one
+timed step, in rotating order, so load from other processes hits all of them alike. Reported per
+implementation, after warm-up steps: the median over rounds (metric "step_ms") and the fastest
+round ("step_ms_min", the less noisy one on a shared machine).
+
+Implementations:
+    lars               train.lars.LARS (strategy "auto")
+    lars_materialize   train.lars.LARS(strategy="materialize"), the temporary-building variant
+    lars_reference     train.lars.LARSReference, the per-parameter oracle
+    sgd_foreach        torch.optim.SGD(momentum=0.9, foreach=True), same weight-decay groups: the
+                       baseline of every ratio (the same passes over memory minus the trust ratio)
+    sgd_foreach_nowd   the same without weight decay: the memory-traffic floor of a momentum step
+    timm_lars          timm.optim.Lars, when timm can be imported
+    lightly_lars       lightly.utils.lars.LARS, when lightly can be imported
+
+timm and lightly are optional. Both are pure Python, so unpacked wheels on PYTHONPATH are enough,
+with no second copy of torch:
+    python -m pip download --no-deps timm lightly -d /tmp/peers
+    (cd /tmp/peers && for w in *.whl; do unzip -qo "$w" -d "${w%%-*}"; done)
+    PYTHONPATH=/tmp/peers/timm:/tmp/peers/lightly python -m tools.bench_optim
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.lars import LARS, LARSReference, lars_param_groups
+
+BASELINE = "sgd_foreach"
+PEERS = ("timm_lars", "lightly_lars")
+LR, MOMENTUM, WEIGHT_DECAY, ETA = 0.1, 0.9, 1e-6, 1e-3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tools.bench_optim",
+        description="Time one optimizer step of LARS (ours, the per-parameter reference, timm, "
+                    "lightly) and torch's foreach SGD on ResNet parameter sets; print a table, "
+                    "optionally write JSON.",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where the parameters live (default: cuda when available, else cpu)")
+    p.add_argument("--quick", action="store_true",
+                   help="few rounds (finishes in under a minute on 2 CPU cores)")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
+    p.add_argument("--models", default="resnet18,resnet50",
+                   help="comma-separated torchvision model names (default: resnet18,resnet50)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads on CPU (default: torch's current setting)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed rounds per case (default: 30, or 3 with --quick)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps per implementation first (default: 5, or 1 with --quick)")
+    return p
+
+
+# ---------------------------------------------------------------- implementations
+
+def _peer_status() -> dict[str, str]:
+    """Version string of each peer package, or why it cannot be used."""
+    out = {}
+    for impl, module, attr in (("timm_lars", "timm.optim", "Lars"),
+                               ("lightly_lars", "lightly.utils.lars", "LARS")):
+        try:
+            mod = importlib.import_module(module)
+            getattr(mod, attr)
+            top = importlib.import_module(module.split(".")[0])
+            out[impl] = str(getattr(top, "__version__", "unknown version"))
+        except ImportError:
+            out[impl] = "not installed"
+        except Exception as exc:  # a broken install must not stop the benchmark
+            out[impl] = f"unusable: {type(exc).__name__}: {exc}"
+    return out
+
+
+def _factories(peers: dict[str, str]) -> dict[str, Callable[[list[dict]], torch.optim.Optimizer]]:
+    f: dict[str, Callable[[list[dict]], torch.optim.Optimizer]] = {
+        "lars": lambda g: LARS(g, lr=LR, momentum=MOMENTUM, eta=ETA),
+        "lars_materialize": lambda g: LARS(g, lr=LR, momentum=MOMENTUM, eta=ETA, strategy="materialize"),
+        "lars_reference": lambda g: LARSReference(g, lr=LR, momentum=MOMENTUM, eta=ETA),
+        "sgd_foreach": lambda g: torch.optim.SGD(g, lr=LR, momentum=MOMENTUM, foreach=True),
+        "sgd_foreach_nowd": lambda g: torch.optim.SGD(
+            [{**x, "weight_decay": 0.0} for x in g], lr=LR, momentum=MOMENTUM, foreach=True),
+    }
+    # peers adapt exactly the groups with weight_decay != 0, like the SimCLR exclusion
+    if not peers["timm_lars"].startswith(("not installed", "unusable")):
+        from timm.optim import Lars
+        f["timm_lars"] = lambda g: Lars(_strip(g), lr=LR, momentum=MOMENTUM, trust_coeff=ETA)
+    if not peers["lightly_lars"].startswith(("not installed", "unusable")):
+        from lightly.utils.lars import LARS as LightlyLARS
+        f["lightly_lars"] = lambda g: LightlyLARS(_strip(g), lr=LR, momentum=MOMENTUM, trust_coefficient=ETA)
+    return f
+
+
+def _strip(groups: list[dict]) -> list[dict]:
+    return [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]
+
+
+# ---------------------------------------------------------------- timing
+
+def _param_set(model_name: str, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, model_name)()
+    params = [p.detach().to(device) for p in model.parameters()]
+    gen = torch.Generator().manual_seed(1)
+    grads = [(torch.randn(p.shape, generator=gen) * 1e-2).to(device) for p in params]
+    groups = lars_param_groups(model, WEIGHT_DECAY)
+    excluded_ids = {id(p) for g in groups if g["lars_exclude"] for p in g["params"]}
+    excluded = [id(p) in excluded_ids for p in model.parameters()]
+    return params, grads, excluded
+
+
+def _instance(params, grads, excluded, factory) -> torch.optim.Optimizer:
+    copies = [p.clone().requires_grad_() for p in params]
+    for c, g in zip(copies, grads, strict=True):
+        c.grad = g.clone()
+    groups = [
+        {"params": [c for c, e in zip(copies, excluded, strict=True) if not e], "weight_decay": WEIGHT_DECAY,
+         "lars_exclude": False},
+        {"params": [c for c, e in zip(copies, excluded, strict=True) if e], "weight_decay": 0.0, "lars_exclude": True},
+    ]
+    return factory(groups)
+
+
+def _time_case(params, grads, excluded, factories, device, rounds, warmup) -> dict[str, list[float]]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    opts = {name: _instance(params, grads, excluded, make) for name, make in factories.items()}
+    for opt in opts.values():
+        for _ in range(warmup):
+            opt.step()
+    sync()
+    samples: dict[str, list[float]] = {name: [] for name in opts}
+    names = list(opts)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            sync()
+            t0 = time.perf_counter()
+            opts[name].step()
+            sync()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+# ---------------------------------------------------------------- report
+
+def _versions(peers: dict[str, str]) -> dict[str, str]:
+    import numpy
+    import torchvision
+
+    v = {"python": platform.python_version(), "torch": torch.__version__,
+         "torchvision": torchvision.__version__, "numpy": numpy.__version__}
+    v.update({"timm": peers["timm_lars"], "lightly": peers["lightly_lars"]})
+    return v
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu: {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return f"cpu: {platform.processor() or platform.machine()}"
+
+
+def _results(case: str, metric: str, times: dict[str, float]) -> list[dict[str, Any]]:
+    rows = [{"case": case, "impl": impl, "metric": metric, "value": ms, "baseline": BASELINE,
+             "ratio": ms / times[BASELINE]} for impl, ms in times.items()]
+    for peer in PEERS:  # ours against each peer, as extra rows with that peer as the baseline
+        if peer in times:
+            rows.append({"case": case, "impl": "lars", "metric": metric, "value": times["lars"],
+                         "baseline": peer, "ratio": times["lars"] / times[peer]})
+    return rows
+
+
+def _table(case: str, info: str, times: dict[str, float], best: dict[str, float]) -> str:
+    peers = [p for p in PEERS if p in times]
+    head = f"{'impl':<18} {'median ms':>10} {'min ms':>8} {'x ' + BASELINE:>15}" + "".join(
+        f" {p + ' speed-up':>22}" for p in peers)
+    lines = [f"{case}  ({info})", head, "-" * len(head)]
+    for impl, ms in times.items():
+        line = f"{impl:<18} {ms:>10.2f} {best[impl]:>8.2f} {ms / times[BASELINE]:>15.2f}"
+        line += "".join(f" {times[p] / ms:>22.2f}" for p in peers)
+        lines.append(line)
+    lines.append("(ratio and speed-up columns use medians; speed-up = peer median / this row's median, "
+                 "> 1 is faster than the peer)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_optim: error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print("bench_optim: error: --threads must be >= 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
+    if rounds < 1 or warmup < 0:
+        print("bench_optim: error: --rounds must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    import torchvision
+
+    unknown = [m for m in models if not hasattr(torchvision.models, m)]
+    if unknown or not models:
+        print(f"bench_optim: error: unknown torchvision model(s) {unknown or models}", file=sys.stderr)
+        return 2
+
+    device = torch.device(args.device)
+    peers = _peer_status()
+    factories = _factories(peers)
+    cases: dict[str, dict[str, Any]] = {}
+    results: list[dict[str, Any]] = []
+    for name in models:
+        params, grads, excluded = _param_set(name, device)
+        info = (f"{len(params)} tensors, {sum(p.numel() for p in params) / 1e6:.1f}M params, "
+                f"{sum(excluded)} excluded")
+        cases[name] = {"tensors": len(params), "params": sum(p.numel() for p in params),
+                       "excluded_tensors": sum(excluded)}
+        samples = _time_case(params, grads, excluded, factories, device, rounds, warmup)
+        del params, grads
+        times = {k: statistics.median(v) for k, v in samples.items()}
+        best = {k: min(v) for k, v in samples.items()}
+        results.extend(_results(name, "step_ms", times) + _results(name, "step_ms_min", best))
+        print(_table(name, info, times, best), end="\n\n", flush=True)
+
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "versions": _versions(peers),
+        "settings": {
+            "device": args.device, "quick": args.quick, "models": models, "cases": cases,
+            "threads": torch.get_num_threads(), "rounds": rounds, "warmup": warmup,
+            "statistic": "step_ms: median over rounds of one step; step_ms_min: fastest round; "
+                         "implementations interleaved per round",
+            "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, "eta": ETA,
+            "grads": "fixed N(0, 1e-2^2), seed 1", "baseline": BASELINE,
+            "lars_strategy": "auto (gram on CPU float32/64, materialize elsewhere)",
+            "peers": {p: peers[p] for p in PEERS},
+        },
+        "results": results,
+    }
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

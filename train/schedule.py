@@ -1,0 +1,105 @@
+"""Learning-rate scaling and the warmup + cosine schedule of SimCLR, computed up front.
+
+SimCLR (Chen et al. 2020, arXiv:2002.05709, Sec. B.1 and Fig. B.1) scales the base learning rate
+with the batch size (linearly, or by the square root for long/small-batch runs), warms up linearly
+for 10 epochs and then decays with a cosine schedule without restarts. The training loop reads
+``lrs[step]`` from a tensor built once here; nothing is parsed or recomputed inside the loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "SIMCLR_BASE_LR",
+    "epochs_to_steps",
+    "lr_schedule",
+    "scaled_lr",
+    "steps_per_epoch",
+]
+
+# Paper defaults for the base learning rate of each scaling rule (LARS, Sec. B.1).
+SIMCLR_BASE_LR = {"linear": 0.3, "sqrt": 0.075}
+
+
+def scaled_lr(base_lr: float, batch_size: int, rule: str = "linear") -> float:
+    """Peak learning rate for a global batch of ``batch_size`` examples.
+
+    ``rule="linear"``: ``base_lr * batch_size / 256`` (SimCLR: base_lr = 0.3).
+    ``rule="sqrt"``:   ``base_lr * sqrt(batch_size)`` (SimCLR: base_lr = 0.075).
+    """
+    if rule not in SIMCLR_BASE_LR:
+        raise ValueError(f"unknown LR scaling rule {rule!r}: use 'linear' or 'sqrt'")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not math.isfinite(base_lr) or base_lr < 0:
+        raise ValueError(f"base_lr must be finite and >= 0, got {base_lr!r}")
+    if rule == "linear":
+        return base_lr * batch_size / 256.0
+    return base_lr * math.sqrt(batch_size)
+
+
+def lr_schedule(
+    peak_lr: float, total_steps: int, warmup_steps: int, final_lr: float = 0.0
+) -> torch.Tensor:
+    """Learning rate of every optimizer step, float64 ``[total_steps]``.
+
+    With ``S = total_steps``, ``W = warmup_steps`` and step index ``s`` (0-based):
+
+    - warmup, ``0 <= s < W``:  ``lr[s] = peak_lr * (s + 1) / W``, so the first step is
+      ``peak_lr / W`` (not zero) and the last warmup step ``s = W - 1`` is exactly ``peak_lr``;
+    - cosine, ``W <= s < S``:  ``lr[s] = final_lr + (peak_lr - final_lr) * 0.5 * (1 + cos(pi * p))``
+      with ``p = (s - W + 1) / (S - W)``, so the last step ``s = S - 1`` is exactly ``final_lr`` and
+      ``s = W - 1 + (S - W) / 2`` (when ``S - W`` is even) is exactly ``(peak_lr + final_lr) / 2``.
+
+    ``W = 0`` gives a pure cosine decay, ``W = S`` a pure warmup.
+    """
+    for name, value in (("total_steps", total_steps), ("warmup_steps", warmup_steps)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+    for name, lr in (("peak_lr", peak_lr), ("final_lr", final_lr)):
+        if not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {lr!r}")
+
+    s = torch.arange(total_steps, dtype=torch.float64)  # [S]
+    lrs = torch.empty(total_steps, dtype=torch.float64)  # [S]
+    if warmup_steps > 0:
+        lrs[:warmup_steps] = peak_lr * (s[:warmup_steps] + 1.0) / warmup_steps
+    decay = total_steps - warmup_steps
+    if decay > 0:
+        p = (s[warmup_steps:] - warmup_steps + 1.0) / decay  # (0, 1]
+        lrs[warmup_steps:] = final_lr + (peak_lr - final_lr) * 0.5 * (1.0 + torch.cos(math.pi * p))
+    return lrs
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int, drop_last: bool = True) -> int:
+    """Optimizer steps in one pass over ``num_examples``: ``floor(N / B)``, or ``ceil(N / B)`` when
+    the last partial batch is kept (``drop_last=False``)."""
+    if num_examples <= 0 or global_batch_size <= 0:
+        raise ValueError(
+            f"num_examples and global_batch_size must be > 0, got {num_examples} and {global_batch_size}"
+        )
+    if drop_last:
+        steps = num_examples // global_batch_size
+        if steps == 0:
+            raise ValueError(
+                f"global_batch_size {global_batch_size} exceeds num_examples {num_examples} with drop_last"
+            )
+        return steps
+    return -(-num_examples // global_batch_size)
+
+
+def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+    """``epochs * steps_per_epoch`` rounded to the nearest step (halves round up); fractional epochs
+    are allowed (e.g. a 0.5-epoch warmup)."""
+    if not math.isfinite(epochs) or epochs < 0:
+        raise ValueError(f"epochs must be finite and >= 0, got {epochs!r}")
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
+        raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
+    return int(math.floor(epochs * steps_per_epoch + 0.5))
