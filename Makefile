@@ -7,7 +7,7 @@ DEMO_DATA := data/fashion-mnist
 DEMO_RUN := runs/fashion-mnist-demo
 ACCELERATE := .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
-.PHONY: setup demo test lint clean-demo
+.PHONY: setup demo test lint bench-peers clean-demo
 
 setup:
 	@bash tools/setup.sh
@@ -19,6 +19,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+bench-peers: setup
+	$(PY) -m pip install -q --no-deps -r requirements-bench.txt
 
 lint: setup
 	.venv/bin/ruff check .

@@ -57,7 +57,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, max_
 
 
 def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> dict:
-    top = logits.topk(max(ks), dim=1).indices  # [M, kmax]
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # [M, kmax]; top-k of k classes = 1
     return {f"top{k}": (top[:, :k] == y[:, None]).any(1).float().mean().item() for k in ks}
 
 

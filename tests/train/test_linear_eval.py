@@ -1,0 +1,72 @@
+"""Linear evaluation: the probe against closed forms, and the command on a real checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.fashion_mnist import REPO, make_subset
+from train.linear_eval import fit_logistic, linear_probe, topk_accuracy
+
+
+def test_logistic_fit_is_a_stationary_point_of_its_objective():
+    """Full-batch L-BFGS must end where the penalised cross-entropy's gradient vanishes."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 5, generator=g, dtype=torch.float64)
+    y = (x @ torch.randn(5, 3, generator=g, dtype=torch.float64) + 0.5 * torch.randn(600, 3, generator=g, dtype=torch.float64)).argmax(1)
+    clf = fit_logistic(x.float(), y, 3, l2=1e-3, max_iter=500).double()
+    loss = F.cross_entropy(clf(x), y) + 0.5 * 1e-3 * clf.weight.pow(2).sum()
+    grads = torch.autograd.grad(loss, list(clf.parameters()))
+    assert max(gr.abs().max().item() for gr in grads) < 1e-4
+
+
+def test_probe_reaches_the_bayes_accuracy_of_two_gaussians():
+    """Two unit-variance Gaussians 2*delta apart: the best possible accuracy is Phi(delta)."""
+    g = torch.Generator().manual_seed(1)
+    n, d, delta = 4000, 10, 1.0
+    direction = F.normalize(torch.randn(d, generator=g), dim=0)
+    y = torch.randint(0, 2, (2 * n,), generator=g)
+    x = torch.randn(2 * n, d, generator=g) + (2 * y[:, None] - 1) * delta * direction
+    bayes = 0.5 * (1 + math.erf(delta / math.sqrt(2)))  # Phi(1) = 0.841
+    r = linear_probe(x[:n], y[:n], x[n:], y[n:], l2_grid=(1e-4,), val_fraction=0.1, max_iter=100)
+    sigma = math.sqrt(bayes * (1 - bayes) / n)
+    assert abs(r["top1"] - bayes) < 4 * sigma + 0.005, (r["top1"], bayes)
+
+
+def test_topk_accuracy_counts_by_hand():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5]])
+    y = torch.tensor([1, 2, 0])
+    acc = topk_accuracy(logits, y, ks=(1, 2))
+    assert acc == {"top1": pytest.approx(1 / 3), "top2": pytest.approx(2 / 3)}
+
+
+@pytest.mark.timeout(600)
+def test_linear_eval_command_on_a_pretrained_checkpoint(tmp_path):
+    data = make_subset(tmp_path / "d", n_train=512, n_test=256)
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "train.pretrain", "--config", str(REPO / "train/configs/fashion_mnist_demo.yaml"),
+                    f"--data.path={data}", f"--train.out_dir={run}", "--model.width=0.125", "--data.batch_size=64",
+                    "--data.num_workers=0", "--train.max_steps=3"], cwd=REPO, check=True, capture_output=True)
+    out = tmp_path / "le.json"
+    proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(run), "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert (r["train_count"], r["eval_count"]) == (512, 256)
+    assert r["encoder"]["feature_dim"] == 64 and r["raw_pixels"]["feature_dim"] == 28 * 28
+    for m in (r["encoder"], r["raw_pixels"]):
+        assert 0.1 < m["top1"] <= m["top5"] <= 1.0  # ten balanced-ish classes: far above chance
+    assert "raw pixels (baseline)" in proc.stdout and "SimCLR encoder" in proc.stdout
+
+
+def test_linear_eval_rejects_a_missing_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(tmp_path / "none")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("linear_eval: error: no readable checkpoint") and "Traceback" not in proc.stderr
