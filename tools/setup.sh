@@ -24,6 +24,11 @@ FMNIST_FILES="train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-
 STAMP=.venv/.setup-stamp
 want_stamp="$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 
+# pip, minus the per-package warnings about index locations this machine may not have.
+pip_install() {
+  .venv/bin/python -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+
 is_root() { [ "$(id -u)" = 0 ]; }
 apt_ready=0
 apt_install() {
@@ -46,11 +51,11 @@ fi
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want_stamp" ]; then
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   echo "[setup] installing pinned packages into .venv (first run takes several minutes)"
-  .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+  pip_install --upgrade pip setuptools wheel
   # numpy and pkgconfig first: ffcv's setup.py imports them at build time.
-  .venv/bin/python -m pip install -q numpy pkgconfig
-  .venv/bin/python -m pip install -q --no-build-isolation -r requirements.txt
-  .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+  pip_install "$(grep "^numpy==" requirements.txt)" pkgconfig
+  pip_install --no-build-isolation -r requirements.txt
+  pip_install --no-build-isolation --no-deps -e .
   echo "$want_stamp" > "$STAMP"
 fi
 
