@@ -25,12 +25,18 @@ class ProjectionHead(nn.Sequential):
 
 class SimCLR(nn.Module):
     def __init__(self, arch: str = "resnet50", *, width: float = 1.0, small_stem: bool = False,
-                 head_hidden: int = 0, head_out: int = 128, head_layers: int = 2):
+                 stem_pool: bool | None = None, head_hidden: int = 0, head_out: int = 128, head_layers: int = 2):
         super().__init__()
-        self.encoder = ResNetEncoder(arch, width=width, small_stem=small_stem)
+        self.encoder = ResNetEncoder(arch, width=width, small_stem=small_stem, stem_pool=stem_pool)
         feat = self.encoder.feat_dim
         self.head = ProjectionHead(feat, head_hidden or feat, head_out, head_layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)  # [B, F] representation kept after training
         return h, self.head(h)  # [B, F], [B, D]
+
+
+def build_simclr(mc) -> SimCLR:
+    """The model described by a `train.config.ModelConfig`."""
+    return SimCLR(mc.arch, width=mc.width, small_stem=mc.small_stem, stem_pool=mc.stem_pool if mc.small_stem else None,
+                  head_hidden=mc.head_hidden, head_out=mc.head_out, head_layers=mc.head_layers)

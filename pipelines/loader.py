@@ -23,7 +23,8 @@ Contract shared by all backends:
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 

@@ -100,7 +100,7 @@ def _worker_init(_):
 
 class TorchvisionTwoViewLoader:
     def __init__(self, split: Split, spec: AugmentSpec, *, batch_size: int, rank: int = 0, world: int = 1,
-                 seed: int = 0, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                 seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  num_workers: int = 2, shuffle: bool = True, drop_last: bool = True):
         self.split, self.spec = split, spec
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed

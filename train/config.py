@@ -38,7 +38,8 @@ class DataConfig:
 class ModelConfig:
     arch: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | resnet152
     width: float = 1.0  # channel multiplier (1.0 = torchvision's widths)
-    small_stem: bool = False  # 3x3 stem without max-pool, for 32x32-class images
+    small_stem: bool = False  # 3x3 stride-1 stem without max-pool, for 32x32-class images
+    stem_pool: bool = False  # keep the max-pool after the small stem: 4x cheaper, for CPU runs
     head_hidden: int = 0  # 0 = the encoder's feature width (2048 for ResNet-50)
     head_out: int = 128  # projection dimension
     head_layers: int = 2  # 2 (SimCLR v1) or 3 (v2)

@@ -99,10 +99,9 @@ def evaluate(args) -> dict:
         if (s.labels < 0).any():
             raise DatasetError(f"split '{s.name}' is unlabelled: linear evaluation needs labels (convert a labelled dataset)")
 
-    from model.simclr import SimCLR
+    from model.simclr import build_simclr
 
-    model = SimCLR(cfg.model.arch, width=cfg.model.width, small_stem=cfg.model.small_stem,
-                   head_hidden=cfg.model.head_hidden, head_out=cfg.model.head_out, head_layers=cfg.model.head_layers)
+    model = build_simclr(cfg.model)
     state = load_model_weights(ckpt)
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     try:

@@ -23,7 +23,13 @@ import yaml
 from pipelines.loader import build_loader
 from pipelines.sharding import dropped_per_epoch
 from pipelines.sources import DatasetError, open_dataset
-from train.checkpoint import CheckpointError, latest_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint
+from train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    read_trainer_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from train.config import Config, ConfigError, config_to_dict, load_config, save_config
 from train.features import extract_features, knn_accuracy
 
@@ -69,9 +75,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    from model.nt_xent import nt_xent, resolve_impl
     from model.global_batchnorm import convert_to_global_bn
-    from model.simclr import SimCLR
+    from model.nt_xent import nt_xent, resolve_impl
+    from model.simclr import build_simclr
     from train.schedule import lr_schedule, scaled_lr
 
     cuda = torch.cuda.is_available()
@@ -97,8 +103,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     lrs = lr_schedule(peak_lr, total_steps, round(cfg.optim.warmup_epochs * steps_per_epoch)).tolist()
     last_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
 
-    model = SimCLR(cfg.model.arch, width=cfg.model.width, small_stem=cfg.model.small_stem,
-                   head_hidden=cfg.model.head_hidden, head_out=cfg.model.head_out, head_layers=cfg.model.head_layers)
+    model = build_simclr(cfg.model)
     if world > 1 and cfg.train.sync_bn:
         model = convert_to_global_bn(model, device)
     if cfg.model.channels_last:

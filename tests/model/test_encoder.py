@@ -98,6 +98,12 @@ def test_small_stem_keeps_the_input_resolution(small_stem, side):
         assert isinstance(enc.maxpool, nn.Identity)
 
 
+def test_small_stem_with_pool_halves_the_resolution():
+    enc = ResNetEncoder("resnet18", width=0.25, small_stem=True, stem_pool=True)
+    assert _layer1_side(enc, 32) == (16, 16)
+    assert isinstance(enc.maxpool, nn.MaxPool2d) and enc.conv1.stride == (1, 1)
+
+
 @pytest.mark.parametrize("kwargs", [dict(arch="resnet19"), dict(arch="vit_b_16"), dict(arch="resnet18", width=0),
                                     dict(arch="resnet18", width=-0.5)])
 def test_bad_arguments_raise(kwargs):
