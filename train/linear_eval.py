@@ -61,7 +61,8 @@ def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> dict:
     return {f"top{k}": (top[:, :k] == y[:, None]).any(1).float().mean().item() for k in ks}
 
 
-def linear_probe(train_x, train_y, test_x, test_y, *, l2_grid, val_fraction, max_iter, seed=0) -> dict:
+def linear_probe(train_x, train_y, test_x, test_y, *, l2_grid, val_fraction, max_iter, seed=0,
+                 progress=None) -> dict:
     """Standardise, pick the L2 penalty on a held-out part of train, refit on all of train, test."""
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
@@ -74,8 +75,12 @@ def linear_probe(train_x, train_y, test_x, test_y, *, l2_grid, val_fraction, max
         clf = fit_logistic(train_x[fit], train_y[fit], classes, l2, max_iter)
         with torch.no_grad():
             scores[l2] = topk_accuracy(clf(train_x[val]), train_y[val])["top1"]
+        if progress is not None:
+            progress(1)
     best = max(scores, key=scores.get)
     clf = fit_logistic(train_x, train_y, classes, best, max_iter)
+    if progress is not None:
+        progress(1)
     with torch.no_grad():
         result = topk_accuracy(clf(test_x), test_y)
     return {**result, "l2": best, "val_top1_by_l2": {str(k): v for k, v in scores.items()}}
@@ -118,13 +123,16 @@ def evaluate(args) -> dict:
         test_h, test_y = extract_features(encoder, test_split, spec, progress=bar.update, **kw)
     probe = dict(l2_grid=cfg.eval.l2_grid, val_fraction=cfg.eval.val_fraction, max_iter=cfg.eval.max_iter,
                  seed=cfg.train.seed)
+    fits = (len(cfg.eval.l2_grid) + 1) * (1 if args.no_baseline else 2)
     result = {"checkpoint": str(ckpt), "dataset": str(ds.root), "train_split": train_split.name,
-              "eval_split": test_split.name, "train_count": len(train_split), "eval_count": len(test_split),
-              "encoder": {"feature_dim": train_h.shape[1], **linear_probe(train_h, train_y, test_h, test_y, **probe)}}
-    if not args.no_baseline:
-        rx, ry = raw_pixels(train_split, spec, cfg.eval.batch_size)
-        tx, ty = raw_pixels(test_split, spec, cfg.eval.batch_size)
-        result["raw_pixels"] = {"feature_dim": rx.shape[1], **linear_probe(rx, ry, tx, ty, **probe)}
+              "eval_split": test_split.name, "train_count": len(train_split), "eval_count": len(test_split)}
+    with tqdm(total=fits, desc="classifier fits", unit="fit") as bar:
+        result["encoder"] = {"feature_dim": train_h.shape[1],
+                             **linear_probe(train_h, train_y, test_h, test_y, progress=bar.update, **probe)}
+        if not args.no_baseline:
+            rx, ry = raw_pixels(train_split, spec, cfg.eval.batch_size)
+            tx, ty = raw_pixels(test_split, spec, cfg.eval.batch_size)
+            result["raw_pixels"] = {"feature_dim": rx.shape[1], **linear_probe(rx, ry, tx, ty, progress=bar.update, **probe)}
     result["wall_s"] = time.perf_counter() - t0
     run_dir = ckpt.parent.parent
     if (run_dir / "summary.json").is_file():
@@ -153,8 +161,12 @@ def _print_table(r: dict, out: Path) -> None:
     c.print(t)
     p = r.get("pretraining")
     if p:
-        c.print(f"pretraining: {p['steps']} steps ({p['epochs']:.1f} epochs) on {p['world']} x {p['device']}, "
-                f"{p['images_per_s']:.0f} images/s, {p['wall_s']:.0f} s; linear evaluation {r['wall_s']:.0f} s")
+        t = Table(title="Run")
+        for col in ("pretraining", "processes", "images/s", "pretraining time", "evaluation time", "loss impl", "loader"):
+            t.add_column(col, justify="right")
+        t.add_row(f"{p['steps']} steps, {p['epochs']:.1f} epochs", f"{p['world']} x {p['device']}",
+                  f"{p['images_per_s']:.0f}", f"{p['wall_s']:.0f} s", f"{r['wall_s']:.0f} s", p["loss_impl"], p["backend"])
+        c.print(t)
     c.print(f"results: {out}")
 
 
