@@ -75,6 +75,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
+    from model.flops import model_flops_utilisation, peak_flops, training_flops_per_image
     from model.global_batchnorm import convert_to_global_bn
     from model.nt_xent import nt_xent, resolve_impl
     from model.simclr import build_simclr
@@ -108,6 +109,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         model = convert_to_global_bn(model, device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    flops_per_image = training_flops_per_image(model, spec.size)  # [conv+matmul FLOPs, fwd+bwd, 2 views]
+    peak = peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     optimizer = make_optimizer(cfg, model)
     model, optimizer = acc.prepare(model, optimizer)
     if cfg.model.compile:
@@ -203,8 +206,13 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                                              f"(now {lrs[step - 1]:.3g}) or raise loss.temperature")
                 now = time.perf_counter()
                 ips = tick_images / (now - tick)
-                log({"step": step, "epoch": step / steps_per_epoch, "loss": loss_value, "lr": lrs[step - 1],
-                     "images_per_s": ips, "data_wait_frac": tick_wait / (now - tick)})
+                record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_value, "lr": lrs[step - 1],
+                          "images_per_s": ips, "data_wait_frac": tick_wait / (now - tick),
+                          "tflops": ips * flops_per_image / 1e12}
+                mfu = model_flops_utilisation(flops_per_image, ips, peak)
+                if mfu is not None:
+                    record["mfu"] = mfu
+                log(record)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs[step - 1]:.3g}", img_s=f"{ips:.0f}")
                 images_seen += tick_images
                 wait_s += tick_wait
@@ -223,6 +231,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                "device": str(device), "loss_impl": loss_impl, "backend": cfg.data.backend,
                "images_per_s": images_seen / wall if wall > 0 else 0.0, "wall_s": wall,
                "data_wait_frac": wait_s / wall if wall > 0 else 0.0, "knn_top1": knn_result,
+               "tflops": images_seen / wall * flops_per_image / 1e12 if wall > 0 else 0.0,
+               "mfu": model_flops_utilisation(flops_per_image, images_seen / wall, peak) if wall > 0 else None,
                "checkpoint": str(final), "interrupted": stop["now"]}
     if acc.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
