@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from pipelines.dali_ops import VIEW_INPUTS, sample_view_params, simclr_view, view_inputs
+from pipelines.dali_ops import sample_view_params, simclr_view, view_input_names, view_inputs
 from pipelines.sharding import shard_indices
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec, TwoViewBatch
@@ -60,6 +60,7 @@ class _EpochFeed:
         self.epoch = epoch
         self.indices = loader.indices(epoch)
         self.batch = start_batch
+        self.names = view_input_names(loader.spec)
 
     def __call__(self):
         ld = self.loader
@@ -72,18 +73,20 @@ class _EpochFeed:
         views = []
         for v in (0, 1):
             params = sample_view_params(ld.spec, ld.seed, self.epoch, idx, v, heights, widths)
-            views.extend(view_inputs(params))
+            views.extend(view_inputs(params, self.names))
         return (images, *views, ld.labels[idx], idx)
 
 
 def _two_view_pipeline(feed, spec: AugmentSpec, kind: str, device: str, out_dtype, **pipe_kwargs):
     from nvidia.dali import fn, pipeline_def, types
 
-    n_view = len(VIEW_INPUTS)
+    names = view_input_names(spec)
+    n_view = len(names)
 
     @pipeline_def(enable_conditionals=True, **pipe_kwargs)
     def pipe():
-        # 0. host feed: images (JPEG bytes or HWC uint8), two views' parameters, label, index
+        # 0. host feed: images (JPEG bytes or HWC uint8), two views' parameters, label, index;
+        #    every output is consumed below (an unused one makes DALI warn)
         outs = fn.external_source(source=feed, num_outputs=3 + 2 * n_view, batch=True, no_copy=False)
         data, labels, index = outs[0], outs[-2], outs[-1]
         # 1. decode (nvJPEG on the GPU via "mixed"), or copy the arrays to the device
@@ -92,8 +95,8 @@ def _two_view_pipeline(feed, spec: AugmentSpec, kind: str, device: str, out_dtyp
         else:
             image = data.gpu() if device == "gpu" else data
         # 2. two independent views of the same decoded image
-        view1 = simclr_view(image, outs[1:1 + n_view], spec, device, out_dtype)
-        view2 = simclr_view(image, outs[1 + n_view:1 + 2 * n_view], spec, device, out_dtype)
+        view1 = simclr_view(image, dict(zip(names, outs[1:1 + n_view])), spec, device, out_dtype)
+        view2 = simclr_view(image, dict(zip(names, outs[1 + n_view:1 + 2 * n_view])), spec, device, out_dtype)
         return view1, view2, labels, index
 
     return pipe()

@@ -2,7 +2,9 @@
 
 Per view, top to bottom (`view_pipeline`): decode + random resized crop, flip, colour jitter in
 random order, grayscale, Gaussian blur (all `pipelines.ffcv_ops`, keyed by (seed, epoch,
-index, view)), to a torch tensor (and the device), then normalisation in torch. The order is
+index, view)), to a torch tensor (and the device), then normalisation in torch. On a CUDA
+device jitter, grayscale and blur run after the transfer instead, as batched torch operations
+(`ffcv_ops.colour_blur_tail`) whose per-sample parameters come from the same keys. The order is
 the rank's `shard_indices`, served by a traversal order that this loader controls, so no
 process group is needed; one compiled FFCV Loader serves every epoch (the epoch reaches the
 compiled code through `EpochKey`). Resume starts the traversal at the saved batch.
@@ -13,12 +15,13 @@ from __future__ import annotations
 import math
 import queue
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
+from pipelines.ffcv_ops import write_beton  # noqa: F401  (tools.convert writes .beton files through this module)
 from pipelines.sharding import shard_indices
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec, TwoViewBatch
@@ -34,21 +37,33 @@ def beton_path(split: Split) -> Path:
     return path
 
 
-def view_pipeline(spec: AugmentSpec, key, device: torch.device) -> list:
-    """The FFCV operations of one SimCLR view, ending on `device` as uint8 NHWC."""
+def view_pipeline(spec: AugmentSpec, key, device: torch.device, colour_on_device: bool = False) -> list:
+    """The FFCV operations of one SimCLR view, ending on `device` as uint8 NHWC.
+
+    With `colour_on_device`, jitter, grayscale and blur are left to `ffcv_ops.colour_blur_tail`
+    after the transfer (the loader applies it), so the CPU only decodes, crops and flips.
+    """
     from ffcv.transforms import ToDevice, ToTensor
 
-    from pipelines.ffcv_ops import (RandomOrderColorJitter, SeededFlip, SeededGaussianBlur, SeededGrayscale,
-                                    SeededRandomResizedCrop)
+    from pipelines.ffcv_ops import (
+        RandomOrderColorJitter,
+        SeededFlip,
+        SeededGaussianBlur,
+        SeededGrayscale,
+        SeededRandomResizedCrop,
+    )
 
     ops = [
         SeededRandomResizedCrop(spec.size, spec.crop_area, spec.crop_ratio, key),
         SeededFlip(spec.flip_p, key),
-        RandomOrderColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue, spec.jitter_p, key),
-        SeededGrayscale(spec.grayscale_p, key),
     ]
-    if spec.blur_p > 0:
-        ops.append(SeededGaussianBlur(spec.blur_p, spec.blur_kernel, spec.blur_sigma, key))
+    if not colour_on_device:
+        ops += [
+            RandomOrderColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue, spec.jitter_p, key),
+            SeededGrayscale(spec.grayscale_p, key),
+        ]
+        if spec.blur_p > 0:
+            ops.append(SeededGaussianBlur(spec.blur_p, spec.blur_kernel, spec.blur_sigma, key))
     ops.append(ToTensor())
     if device.type == "cuda":
         ops.append(ToDevice(device, non_blocking=True))
@@ -60,15 +75,18 @@ class FfcvTwoViewLoader:
 
     def __init__(self, split: Split, spec: AugmentSpec, *, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 num_workers: int = 2, shuffle: bool = True, drop_last: bool = True, timeout_s: float = 300.0):
+                 num_workers: int = 2, shuffle: bool = True, drop_last: bool = True, timeout_s: float = 300.0,
+                 colour_on_device: bool | None = None):
         self.split, self.spec = split, spec
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.device, self.dtype = torch.device(device), dtype
         self.num_workers, self.shuffle, self.drop_last = max(1, num_workers), shuffle, drop_last
         self.timeout_s = timeout_s
+        # jitter, grayscale and blur in torch after ToDevice (default: on CUDA devices)
+        self.colour_on_device = self.device.type == "cuda" if colour_on_device is None else bool(colour_on_device)
         self.epoch, self._start_batch, self._batch = 0, 0, 0
         self.path = beton_path(split)
-        self._order = self.indices(0)
+        self._order = np.ascontiguousarray(self.indices(0))
         self._ffcv = None
         self._mean = torch.tensor([255.0 * m for m in spec.mean], device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor([255.0 * s for s in spec.std], device=self.device).view(1, 3, 1, 1)
@@ -123,19 +141,28 @@ class FfcvTwoViewLoader:
             str(self.path), batch_size=self.batch_size, num_workers=self.num_workers, order=ShardOrder(),
             os_cache=True, drop_last=False, batches_ahead=2,
             pipelines={
-                "image": view_pipeline(self.spec, self._keys[0], self.device),
+                "image": view_pipeline(self.spec, self._keys[0], self.device, self.colour_on_device),
                 "label": [IntDecoder(), ToTensor()],
                 "index": [IntDecoder(), ToTensor()],
                 "image_0": PipelineSpec("image", decoder=None,
-                                        transforms=view_pipeline(self.spec, self._keys[1], self.device)),
+                                        transforms=view_pipeline(self.spec, self._keys[1], self.device,
+                                                                 self.colour_on_device)),
             },
         )
         torch.set_num_threads(threads)  # FFCV's Loader sets it to num_workers process-wide
         return self._ffcv
 
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 3, 1, 2)  # NHWC storage = channels_last [B, 3, S, S]
-        return ((x.to(torch.float32) - self._mean) / self._std).to(self.dtype).contiguous(memory_format=torch.channels_last)
+    def _view(self, img: torch.Tensor, index: np.ndarray, view: int) -> torch.Tensor:
+        """uint8 NHWC from FFCV -> the normalised float view [B, 3, S, S], channels_last."""
+        if self.colour_on_device:
+            from pipelines.augment_params import colour_blur_params
+            from pipelines.ffcv_ops import colour_blur_tail
+
+            params = colour_blur_params(self.spec, self._keys[view].value, index)
+            x = colour_blur_tail(img, params, self.spec.blur_kernel)  # [B, 3, S, S] float32 pixel values
+        else:
+            x = img.permute(0, 3, 1, 2).to(torch.float32)  # NHWC storage = channels_last [B, 3, S, S]
+        return ((x - self._mean) / self._std).to(self.dtype).contiguous(memory_format=torch.channels_last)
 
     def __iter__(self) -> Iterator[TwoViewBatch]:
         epoch, start = self.epoch, self._start_batch
@@ -145,7 +172,8 @@ class FfcvTwoViewLoader:
             self._batch = n_batches
             return
         loader = self._loader()
-        self._order = self.indices(epoch)[start * self.batch_size:]
+        # Contiguous: a strided shard would give the compiled code new array types and recompile it.
+        self._order = np.ascontiguousarray(self.indices(epoch)[start * self.batch_size:])
         self._keys[0].set(self.seed, epoch, 0)
         self._keys[1].set(self.seed, epoch, 1)
         threads = torch.get_num_threads()
@@ -155,7 +183,8 @@ class FfcvTwoViewLoader:
             for b in range(start, n_batches):
                 img1, label, index, img2 = self._next(it, epoch, b)
                 # FFCV reuses its buffers: normalising copies the views; copy labels and indices.
-                batch = TwoViewBatch(self._normalise(img1), self._normalise(img2),
+                idx = index.reshape(-1).numpy().astype(np.int64) if self.colour_on_device else None
+                batch = TwoViewBatch(self._view(img1, idx, 0), self._view(img2, idx, 1),
                                      label.reshape(-1).to(self.device, torch.int64, copy=True),
                                      index.reshape(-1).to(self.device, torch.int64, copy=True))
                 self._batch = b + 1

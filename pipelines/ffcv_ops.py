@@ -1,16 +1,17 @@
 """FFCV operations for SimCLR views, seeded per sample, and the .beton writer.
 
 FFCV's own random operations draw from numba's per-thread global generator, so their output
-depends on thread scheduling. The operations here draw every random number from a
-counter-based hash of (epoch key, sample index, view, operation), so a view depends only on
-(seed, epoch, index, view) as the loader contract asks. The epoch key lives in a one-element
+depends on thread scheduling. The operations here draw every random number from the
+counter-based streams of `pipelines.augment_params` (one per view key, sample index and
+operation), so a view depends only on (seed, epoch, index, view) as the loader contract asks. The epoch key lives in a one-element
 array that the compiled code reads through its address (`EpochKey`): the loader writes the
 key before each epoch without recompiling anything.
 
 FFCV 1.0.2 has no hue, grayscale or blur; they are written here (CPU, numba), together with
 crop, flip and a colour jitter that applies its four adjustments in a random order per sample
 (torchvision's ColorJitter semantics), each clamped and rounded to uint8 as torchvision's
-uint8 path does.
+uint8 path does. Jitter, grayscale and blur also exist as batched torch operations
+(`colour_blur_tail`), which a CUDA loader runs after ToDevice with the same per-sample draws.
 """
 
 from __future__ import annotations
@@ -21,41 +22,28 @@ from dataclasses import replace
 
 import numba
 import numpy as np
+from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
 from numba import types as nbt
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
-from ffcv.pipeline.allocation_query import AllocationQuery
-from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.operation import Operation
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
-# Stream salts: one independent stream per (view, operation).
-SALT_CROP, SALT_FLIP, SALT_JITTER, SALT_GRAY, SALT_BLUR = 1, 2, 3, 4, 5
-
-
-@numba.njit(inline="always")
-def _mix(x):
-    x = x + _GOLDEN
-    x = (x ^ (x >> _S30)) * _M1
-    x = (x ^ (x >> _S27)) * _M2
-    return x ^ (x >> _S31)
-
-
-@numba.njit(inline="always")
-def _stream(key, index, salt):
-    return _mix(key ^ _mix(np.uint64(index) ^ (np.uint64(salt) << np.uint64(56))))
-
-
-@numba.njit(inline="always")
-def _uniform(stream, k):
-    """float64 in [0, 1): draw k of a stream."""
-    return np.float64(_mix(stream + np.uint64(k) * _GOLDEN) >> _S11) * (1.0 / 9007199254740992.0)
+from pipelines.augment_params import (
+    SALT_BLUR,
+    SALT_CROP,
+    SALT_FLIP,
+    SALT_GRAY,
+    SALT_JITTER,
+    blur_sigma,
+    coin,
+    crop_box_of,
+    jitter_draw,
+    jitter_ranges,
+    stream,
+    view_key,
+)
 
 
 @intrinsic
@@ -73,9 +61,11 @@ class EpochKey:
         self.address = self.array.ctypes.data
 
     def set(self, seed: int, epoch: int, view: int) -> None:
-        k = np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            self.array[0] = _mix(_mix(_mix(k[0]) ^ np.uint64(epoch)) ^ np.uint64(view + 1))
+        self.array[0] = view_key(seed, epoch, view)
+
+    @property
+    def value(self) -> np.uint64:
+        return self.array[0]
 
     def reader(self):
         address = self.address
@@ -87,31 +77,6 @@ class EpochKey:
 
 
 # ---- decoder: random resized crop -----------------------------------------------------------
-
-@numba.njit(inline="always")
-def _rrc_box(stream, height, width, scale_lo, scale_hi, logr_lo, logr_hi, r_lo, r_hi):
-    """torchvision's RandomResizedCrop.get_params: (top, left, h, w)."""
-    area = np.float64(height) * np.float64(width)
-    for t in range(10):
-        target = area * (scale_lo + (scale_hi - scale_lo) * _uniform(stream, t))
-        aspect = np.exp(logr_lo + (logr_hi - logr_lo) * _uniform(stream, 10 + t))
-        w = np.int64(np.rint(np.sqrt(target * aspect)))
-        h = np.int64(np.rint(np.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = np.int64(np.floor(_uniform(stream, 20 + t) * (height - h + 1)))
-            left = np.int64(np.floor(_uniform(stream, 30 + t) * (width - w + 1)))
-            return top, left, h, w
-    in_ratio = np.float64(width) / np.float64(height)
-    if in_ratio < r_lo:
-        w = np.int64(width)
-        h = np.int64(np.rint(w / r_lo))
-    elif in_ratio > r_hi:
-        h = np.int64(height)
-        w = np.int64(np.rint(h * r_hi))
-    else:
-        w, h = np.int64(width), np.int64(height)
-    return (np.int64(height) - h) // 2, (np.int64(width) - w) // 2, h, w
-
 
 class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
     """Decode (JPEG or raw) and random-resized-crop to `size`, the crop keyed by (epoch key, index)."""
@@ -132,7 +97,6 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
         read_key = self.key.reader()
         s_lo, s_hi = float(self.scale[0]), float(self.scale[1])
         r_lo, r_hi = float(self.ratio[0]), float(self.ratio[1])
-        lr_lo, lr_hi = float(np.log(r_lo)), float(np.log(r_hi))
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -149,8 +113,8 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
                     temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
-                stream = _stream(key, source_ix, SALT_CROP)
-                i, j, h, w = _rrc_box(stream, np.int64(height), np.int64(width), s_lo, s_hi, lr_lo, lr_hi, r_lo, r_hi)
+                i, j, h, w = crop_box_of(key, np.int64(source_ix), SALT_CROP, 0, np.int64(height), np.int64(width),
+                                         s_lo, s_hi, r_lo, r_hi)
                 resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
             return destination[:len(batch_indices)]
 
@@ -159,37 +123,6 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
 
 
 # ---- per-sample augmentations on uint8 [B, S, S, 3] ----------------------------------------
-
-class _SeededImageOp(Operation):
-    """In-place operation on uint8 NHWC batches that receives the sample indices."""
-
-    def __init__(self, key: EpochKey):
-        super().__init__()
-        self.key = key
-
-    def declare_state_and_memory(self, previous_state):
-        return replace(previous_state, jit_mode=True), None
-
-
-class SeededFlip(_SeededImageOp):
-    def __init__(self, p: float, key: EpochKey):
-        super().__init__(key)
-        self.p = p
-
-    def generate_code(self):
-        my_range, read_key, p = Compiler.get_iterator(), self.key.reader(), self.p
-
-        def flip(images, _dst, indices):
-            key = read_key()
-            for i in my_range(images.shape[0]):
-                if _uniform(_stream(key, indices[i], SALT_FLIP), 0) < p:
-                    images[i] = images[i][:, ::-1].copy()
-            return images
-
-        flip.is_parallel = True
-        flip.with_indices = True
-        return flip
-
 
 @numba.njit(inline="always")
 def _to_u8(v):
@@ -256,71 +189,6 @@ def _jitter_one(img, op, factor):
             img[y, x, 0], img[y, x, 1], img[y, x, 2] = _to_u8(r), _to_u8(g), _to_u8(b)
 
 
-@numba.njit(inline="always")
-def jitter_params(stream, p, lo, hi):
-    """(applied, order[4], factors[4]) of torchvision's RandomApply(ColorJitter) for one sample."""
-    applied = _uniform(stream, 0) < p
-    keys = np.empty(4)
-    factors = np.empty(4)
-    for j in range(4):
-        keys[j] = _uniform(stream, 1 + j)
-        factors[j] = lo[j] + (hi[j] - lo[j]) * _uniform(stream, 5 + j)
-    return applied, np.argsort(keys), factors
-
-
-class RandomOrderColorJitter(_SeededImageOp):
-    """With probability p, brightness, contrast, saturation and hue (torchvision's ranges), in a
-    random order drawn per sample."""
-
-    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float, p: float, key: EpochKey):
-        super().__init__(key)
-        self.lo = np.array([max(0.0, 1 - brightness), max(0.0, 1 - contrast), max(0.0, 1 - saturation), -hue])
-        self.hi = np.array([1 + brightness, 1 + contrast, 1 + saturation, hue])
-        self.p = p
-
-    def generate_code(self):
-        my_range, read_key, p, lo, hi = Compiler.get_iterator(), self.key.reader(), self.p, self.lo, self.hi
-
-        def jitter(images, _dst, indices):
-            key = read_key()
-            for i in my_range(images.shape[0]):
-                applied, order, factors = jitter_params(_stream(key, indices[i], SALT_JITTER), p, lo, hi)
-                if applied:
-                    for k in range(4):
-                        _jitter_one(images[i], order[k], factors[order[k]])
-            return images
-
-        jitter.is_parallel = True
-        jitter.with_indices = True
-        return jitter
-
-
-class SeededGrayscale(_SeededImageOp):
-    """With probability p, luma (0.299, 0.587, 0.114) in all three channels."""
-
-    def __init__(self, p: float, key: EpochKey):
-        super().__init__(key)
-        self.p = p
-
-    def generate_code(self):
-        my_range, read_key, p = Compiler.get_iterator(), self.key.reader(), self.p
-
-        def gray(images, _dst, indices):
-            key = read_key()
-            for i in my_range(images.shape[0]):
-                if _uniform(_stream(key, indices[i], SALT_GRAY), 0) < p:
-                    img = images[i]
-                    for y in range(img.shape[0]):
-                        for x in range(img.shape[1]):
-                            v = _to_u8(0.299 * img[y, x, 0] + 0.587 * img[y, x, 1] + 0.114 * img[y, x, 2])
-                            img[y, x, 0], img[y, x, 1], img[y, x, 2] = v, v, v
-            return images
-
-        gray.is_parallel = True
-        gray.with_indices = True
-        return gray
-
-
 @numba.njit
 def _blur_one(img, kernel_size, sigma):
     """Separable Gaussian blur in place, reflect-101 borders (torchvision's gaussian_blur)."""
@@ -352,6 +220,112 @@ def _blur_one(img, kernel_size, sigma):
                 img[y, x, c] = _to_u8(acc)
 
 
+# Batched kernels, compiled once per process rather than once per FFCV Loader (numba compiles
+# FFCV's generated code anew for every Loader): the operations below are thin wrappers that
+# pass them the epoch key. Also callable from Python on uint8 [B, H, W, 3] arrays with int64
+# [B] indices. Not cached on disk: numba's cache would not notice edits to the inlined
+# `pipelines.augment_params` functions.
+
+@numba.njit(parallel=True, nogil=True)
+def flip_batch(images, indices, key, p):
+    for i in numba.prange(images.shape[0]):
+        if coin(stream(key, indices[i], SALT_FLIP), p):
+            images[i] = images[i][:, ::-1].copy()
+
+
+@numba.njit(parallel=True, nogil=True)
+def jitter_batch(images, indices, key, p, lo, hi):
+    for i in numba.prange(images.shape[0]):
+        applied, order, factors = jitter_draw(stream(key, indices[i], SALT_JITTER), p, lo, hi)
+        if applied:
+            for k in range(4):
+                _jitter_one(images[i], order[k], factors[order[k]])
+
+
+@numba.njit(parallel=True, nogil=True)
+def gray_batch(images, indices, key, p):
+    for i in numba.prange(images.shape[0]):
+        if coin(stream(key, indices[i], SALT_GRAY), p):
+            img = images[i]
+            for y in range(img.shape[0]):
+                for x in range(img.shape[1]):
+                    v = _to_u8(0.299 * img[y, x, 0] + 0.587 * img[y, x, 1] + 0.114 * img[y, x, 2])
+                    img[y, x, 0], img[y, x, 1], img[y, x, 2] = v, v, v
+
+
+@numba.njit(parallel=True, nogil=True)
+def blur_batch(images, indices, key, p, kernel_size, s_lo, s_hi):
+    for i in numba.prange(images.shape[0]):
+        s = stream(key, indices[i], SALT_BLUR)
+        if coin(s, p):
+            _blur_one(images[i], kernel_size, blur_sigma(s, s_lo, s_hi))
+
+
+class _SeededImageOp(Operation):
+    """In-place operation on uint8 NHWC batches that receives the sample indices."""
+
+    def __init__(self, key: EpochKey):
+        super().__init__()
+        self.key = key
+
+    def declare_state_and_memory(self, previous_state):
+        return replace(previous_state, jit_mode=True), None
+
+
+class SeededFlip(_SeededImageOp):
+    def __init__(self, p: float, key: EpochKey):
+        super().__init__(key)
+        self.p = p
+
+    def generate_code(self):
+        read_key, p = self.key.reader(), self.p
+
+        def flip(images, _dst, indices):
+            flip_batch(images, indices, read_key(), p)
+            return images
+
+        flip.with_indices = True
+        return flip
+
+
+class RandomOrderColorJitter(_SeededImageOp):
+    """With probability p, brightness, contrast, saturation and hue (torchvision's ranges), in a
+    random order drawn per sample."""
+
+    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float, p: float, key: EpochKey):
+        super().__init__(key)
+        self.lo, self.hi = jitter_ranges(brightness, contrast, saturation, hue)
+        self.p = p
+
+    def generate_code(self):
+        read_key, p, lo, hi = self.key.reader(), self.p, self.lo, self.hi
+
+        def jitter(images, _dst, indices):
+            jitter_batch(images, indices, read_key(), p, lo, hi)
+            return images
+
+        jitter.with_indices = True
+        return jitter
+
+
+class SeededGrayscale(_SeededImageOp):
+    """With probability p, luma (0.299, 0.587, 0.114) in all three channels."""
+
+    def __init__(self, p: float, key: EpochKey):
+        super().__init__(key)
+        self.p = p
+
+    def generate_code(self):
+        read_key, p = self.key.reader(), self.p
+
+        def gray(images, _dst, indices):
+            gray_batch(images, indices, read_key(), p)
+            return images
+
+        gray.with_indices = True
+        return gray
+
+
 class SeededGaussianBlur(_SeededImageOp):
     """With probability p, a Gaussian blur of odd side `kernel_size`, sigma uniform in `sigma`."""
 
@@ -360,20 +334,127 @@ class SeededGaussianBlur(_SeededImageOp):
         self.p, self.kernel_size, self.sigma = p, kernel_size, (float(sigma[0]), float(sigma[1]))
 
     def generate_code(self):
-        my_range, read_key, p, ks = Compiler.get_iterator(), self.key.reader(), self.p, self.kernel_size
+        read_key, p, ks = self.key.reader(), self.p, self.kernel_size
         s_lo, s_hi = self.sigma
 
         def blur(images, _dst, indices):
-            key = read_key()
-            for i in my_range(images.shape[0]):
-                stream = _stream(key, indices[i], SALT_BLUR)
-                if _uniform(stream, 0) < p:
-                    _blur_one(images[i], ks, s_lo + (s_hi - s_lo) * _uniform(stream, 1))
+            blur_batch(images, indices, read_key(), p, ks, s_lo, s_hi)
             return images
 
-        blur.is_parallel = True
         blur.with_indices = True
         return blur
+
+
+# ---- the same jitter, grayscale and blur as batched torch ops (after ToDevice on a GPU) --------
+
+_LUMA = (0.299, 0.587, 0.114)
+# HSV sector k -> (r, g, b) as indices into the stack (v, q, p, t), as in `_rgb_hue_shift`.
+_HSV_SECTORS = ((0, 3, 2), (1, 0, 2), (2, 0, 3), (2, 1, 0), (3, 2, 0), (0, 2, 1))
+
+
+def _luma(x):
+    return _LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3]  # [B, 1, H, W]
+
+
+def _round_u8(x):
+    return x.round().clamp(0.0, 255.0)  # round half to even, as np.rint in `_to_u8`
+
+
+def _hue_shift(x, shift):
+    """`_rgb_hue_shift` on pixel values 0..255 [B, 3, H, W]; shift [B] in turns."""
+    import torch
+
+    rgb = x / 255.0
+    r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]  # [B, H, W]
+    mx, mn = rgb.amax(1), rgb.amin(1)
+    c = mx - mn
+    flat = c == 0.0
+    c_safe = torch.where(flat, torch.ones_like(c), c)
+    s = c / torch.where(flat, torch.ones_like(mx), mx)
+    h = torch.where(mx == r, torch.remainder((g - b) / c_safe, 6.0),
+                    torch.where(mx == g, (b - r) / c_safe + 2.0, (r - g) / c_safe + 4.0))
+    h = torch.remainder(h / 6.0 + shift.view(-1, 1, 1), 1.0)
+    h6 = h * 6.0
+    k = torch.remainder(torch.floor(h6), 6.0).long()
+    f = h6 - torch.floor(h6)
+    v = mx
+    cand = torch.stack([v, v * (1.0 - s * f), v * (1.0 - s), v * (1.0 - s * (1.0 - f))], dim=1)  # (v, q, p, t)
+    sectors = torch.tensor(_HSV_SECTORS, device=x.device)[k].permute(0, 3, 1, 2)  # [B, 3, H, W]
+    out = cand.gather(1, sectors) * 255.0
+    return torch.where(flat.unsqueeze(1), x, out)
+
+
+def _adjust(x, op: int, factor):
+    """One torchvision adjustment (op: 0 brightness, 1 contrast, 2 saturation, 3 hue) of pixel
+    values [B, 3, H, W] with per-sample factors [B], rounded and clamped like `_jitter_one`."""
+    f = factor.view(-1, 1, 1, 1)
+    if op == 0:
+        y = x * f
+    elif op == 1:
+        y = f * x + (1 - f) * _luma(x).mean((2, 3), keepdim=True)
+    elif op == 2:
+        y = f * x + (1 - f) * _luma(x)
+    else:
+        y = _hue_shift(x, factor)
+    return _round_u8(y)
+
+
+def _gaussian_kernels(sigma: np.ndarray, kernel_size: int) -> np.ndarray:
+    """float64 [B, k]: `_blur_one`'s normalised 1-D kernels."""
+    d = np.arange(kernel_size, dtype=np.float64) - kernel_size // 2
+    k = np.exp(-0.5 * d[None, :] ** 2 / (sigma[:, None] * sigma[:, None]))
+    return k / k.sum(axis=1, keepdims=True)
+
+
+def _blur(x, sigma: np.ndarray, kernel_size: int):
+    """`_blur_one` batched: separable Gaussian, reflect-101 borders, rounded once at the end."""
+    import torch
+    import torch.nn.functional as F
+
+    b, c, h, w = x.shape
+    r = kernel_size // 2
+    k = torch.as_tensor(_gaussian_kernels(sigma, kernel_size), dtype=x.dtype, device=x.device)
+    k = k.repeat_interleave(c, dim=0)  # [B*3, k]: one filter per (sample, channel)
+    y = F.pad(x.reshape(1, b * c, h, w), (r, r, 0, 0), mode="reflect")  # torch's reflect is reflect-101
+    y = F.conv2d(y, k.view(b * c, 1, 1, kernel_size), groups=b * c)
+    y = F.pad(y, (0, 0, r, r), mode="reflect")
+    y = F.conv2d(y, k.view(b * c, 1, kernel_size, 1), groups=b * c)
+    return _round_u8(y.view(b, c, h, w))
+
+
+def colour_blur_tail(images, params: dict[str, np.ndarray], kernel_size: int, dtype=None):
+    """Colour jitter in random order, grayscale and blur of a batch, in torch, on the batch's device.
+
+    images: uint8 [B, H, W, 3] (FFCV's layout); params: `augment_params.colour_blur_params` of
+    the batch (drawn on the host from the same streams as `jitter_batch`, `gray_batch` and
+    `blur_batch`, so the result matches those numba operations up to float rounding).
+    Returns pixel values 0..255 as float [B, 3, H, W] (channels_last storage) in `dtype`
+    (float32 by default; float64 reproduces the numba operations most closely). Samples are
+    grouped by the adjustment they apply, on the host, so nothing waits on the device.
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    x = images.permute(0, 3, 1, 2).to(dtype)  # [B, 3, H, W]
+    dev = x.device
+
+    def rows(mask):
+        sel = np.flatnonzero(mask)
+        return sel, torch.as_tensor(sel, device=dev)
+
+    jitter, order, factors = params["jitter"], params["order"], params["factors"]
+    for slot in range(4):
+        for op in range(4):
+            sel, idx = rows(jitter & (order[:, slot] == op))
+            if len(sel):
+                x[idx] = _adjust(x[idx], op, torch.as_tensor(factors[sel, op], dtype=dtype, device=dev))
+    sel, idx = rows(params["gray"])
+    if len(sel):
+        x[idx] = _round_u8(_luma(x[idx])).expand(-1, 3, -1, -1)
+    sel, idx = rows(params["blur"])
+    if len(sel):
+        x[idx] = _blur(x[idx], params["sigma"][sel], kernel_size)
+    return x
 
 
 # ---- writer ---------------------------------------------------------------------------------

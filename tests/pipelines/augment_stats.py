@@ -57,3 +57,20 @@ def recover_boxes(pixels: torch.Tensor, height: int, width: int) -> np.ndarray:
 def area_ratio_stats(wh: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     area = wh[:, 0] * wh[:, 1] / (height * width)
     return area, wh[:, 0] / wh[:, 1]
+
+
+def two_sample_ok(k1: int, n1: int, k2: int, n2: int, sigmas: float = 4.0) -> bool:
+    """Two binomial proportions agree within `sigmas` standard errors of their difference."""
+    p = (k1 + k2) / (n1 + n2)
+    se = math.sqrt(max(p * (1 - p) * (1 / n1 + 1 / n2), 1e-12))
+    return abs(k1 / n1 - k2 / n2) <= sigmas * se + 1e-9
+
+
+def roughness(pixels: torch.Tensor) -> torch.Tensor:
+    """[B]: variance of horizontal neighbour differences over the pixel variance, averaged over
+    channels. About 2 for spatially independent noise (whatever per-pixel colour changes it went
+    through), well below 1 once a Gaussian blur of sigma >= 1 correlates neighbours."""
+    x = pixels.float()
+    diff = (x[..., 1:] - x[..., :-1]).flatten(2).var(2)  # [B, C]
+    var = x.flatten(2).var(2).clamp_min(1e-6)
+    return (diff / var).mean(1)

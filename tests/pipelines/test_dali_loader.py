@@ -14,10 +14,16 @@ from pipelines.dali_loader import DaliTwoViewLoader, jpeg_size  # noqa: E402
 from pipelines.dali_ops import sample_view_params  # noqa: E402
 from pipelines.sharding import shard_indices  # noqa: E402
 from pipelines.spec import AugmentSpec  # noqa: E402
-from tests.pipelines.augment_stats import (area_ratio_stats, binomial_ok, coord_split, noise_split,  # noqa: E402
-                                           recover_boxes, to_uint8)
+from tests.pipelines.augment_stats import (  # noqa: E402
+    area_ratio_stats,
+    binomial_ok,
+    coord_split,
+    noise_split,
+    recover_boxes,
+    to_uint8,
+)
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore::Warning")]
+pytestmark = pytest.mark.timeout(120)
 IDENTITY = dict(crop_area=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
 
 
@@ -38,6 +44,17 @@ def test_contract_shape_layout_normalisation():
     expect = torch.from_numpy(split.images[:32]).permute(0, 3, 1, 2).float()
     assert torch.allclose(to_uint8(b.view1, spec.mean, spec.std), expect, atol=1e-3)
     assert torch.equal(b.label, torch.from_numpy(split.labels[:32]))
+
+
+@pytest.mark.parametrize("blur_p", [0.0, 0.5])
+def test_build_and_run_emit_no_warning(blur_p):
+    """Every external-source output is consumed (DALI warns about unused ones), with or without blur."""
+    split = noise_split(16, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(make(split, AugmentSpec(size=16, blur_p=blur_p), batch_size=8))
+    assert len(batches) == 2
+    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
 
 
 def test_grayscale_input_expanded():
