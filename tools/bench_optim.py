@@ -8,10 +8,15 @@ Parameter sets are the full tensor lists of torchvision ResNets (ResNet-18: 62 t
 implementation gets its own copy and the same groups; in each round every implementation takes one
 timed step, in rotating order, so load from other processes hits all of them alike. Reported per
 implementation, after warm-up steps: the median over rounds (metric "step_ms") and the fastest
-round ("step_ms_min", the less noisy one on a shared machine).
+round ("step_ms_min", the less noisy one on a shared machine). The first warm-up step is reported
+apart ("first_step_ms"): lars_compiled pays its compilation there; inductor caches kernels on disk,
+so only a run with an empty cache (TORCHINDUCTOR_CACHE_DIR pointing to a new folder) shows the
+cold cost.
 
 Implementations:
     lars               train.lars.LARS (strategy "auto")
+    lars_compiled      train.lars.LARS(strategy="compiled"), one torch.compile kernel per tensor
+    lars_gram          train.lars.LARS(strategy="gram"), the eager variant without temporaries
     lars_materialize   train.lars.LARS(strategy="materialize"), the temporary-building variant
     lars_reference     train.lars.LARSReference, the per-parameter oracle
     sgd_foreach        torch.optim.SGD(momentum=0.9, foreach=True), same weight-decay groups: the
@@ -94,6 +99,8 @@ def _peer_status() -> dict[str, str]:
 def _factories(peers: dict[str, str]) -> dict[str, Callable[[list[dict]], torch.optim.Optimizer]]:
     f: dict[str, Callable[[list[dict]], torch.optim.Optimizer]] = {
         "lars": lambda g: LARS(g, lr=LR, momentum=MOMENTUM, eta=ETA),
+        "lars_compiled": lambda g: LARS(g, lr=LR, momentum=MOMENTUM, eta=ETA, strategy="compiled"),
+        "lars_gram": lambda g: LARS(g, lr=LR, momentum=MOMENTUM, eta=ETA, strategy="gram"),
         "lars_materialize": lambda g: LARS(g, lr=LR, momentum=MOMENTUM, eta=ETA, strategy="materialize"),
         "lars_reference": lambda g: LARSReference(g, lr=LR, momentum=MOMENTUM, eta=ETA),
         "sgd_foreach": lambda g: torch.optim.SGD(g, lr=LR, momentum=MOMENTUM, foreach=True),
@@ -142,13 +149,20 @@ def _instance(params, grads, excluded, factory) -> torch.optim.Optimizer:
     return factory(groups)
 
 
-def _time_case(params, grads, excluded, factories, device, rounds, warmup) -> dict[str, list[float]]:
+def _time_case(params, grads, excluded, factories, device, rounds, warmup
+               ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Step times in ms per implementation, and the time of each one's first (warm-up) step."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     opts = {name: _instance(params, grads, excluded, make) for name, make in factories.items()}
-    for opt in opts.values():
-        for _ in range(warmup):
+    first: dict[str, float] = {}
+    for name, opt in opts.items():
+        for i in range(warmup):
+            sync()
+            t0 = time.perf_counter()
             opt.step()
-    sync()
+            sync()
+            if i == 0:
+                first[name] = (time.perf_counter() - t0) * 1e3
     samples: dict[str, list[float]] = {name: [] for name in opts}
     names = list(opts)
     for r in range(rounds):
@@ -158,7 +172,7 @@ def _time_case(params, grads, excluded, factories, device, rounds, warmup) -> di
             opts[name].step()
             sync()
             samples[name].append((time.perf_counter() - t0) * 1e3)
-    return samples
+    return samples, first
 
 
 # ---------------------------------------------------------------- report
@@ -193,13 +207,15 @@ def _results(case: str, metric: str, times: dict[str, float]) -> list[dict[str, 
     return rows
 
 
-def _table(case: str, info: str, times: dict[str, float], best: dict[str, float]) -> str:
+def _table(case: str, info: str, times: dict[str, float], best: dict[str, float],
+           first: dict[str, float]) -> str:
     peers = [p for p in PEERS if p in times]
-    head = f"{'impl':<18} {'median ms':>10} {'min ms':>8} {'x ' + BASELINE:>15}" + "".join(
+    head = f"{'impl':<18} {'median ms':>10} {'min ms':>8} {'first ms':>9} {'x ' + BASELINE:>15}" + "".join(
         f" {p + ' speed-up':>22}" for p in peers)
     lines = [f"{case}  ({info})", head, "-" * len(head)]
     for impl, ms in times.items():
-        line = f"{impl:<18} {ms:>10.2f} {best[impl]:>8.2f} {ms / times[BASELINE]:>15.2f}"
+        first_ms = f"{first[impl]:>9.0f}" if impl in first else f"{'-':>9}"
+        line = f"{impl:<18} {ms:>10.2f} {best[impl]:>8.2f} {first_ms} {ms / times[BASELINE]:>15.2f}"
         line += "".join(f" {times[p] / ms:>22.2f}" for p in peers)
         lines.append(line)
     lines.append("(ratio and speed-up columns use medians; speed-up = peer median / this row's median, "
@@ -243,12 +259,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{sum(excluded)} excluded")
         cases[name] = {"tensors": len(params), "params": sum(p.numel() for p in params),
                        "excluded_tensors": sum(excluded)}
-        samples = _time_case(params, grads, excluded, factories, device, rounds, warmup)
+        samples, first = _time_case(params, grads, excluded, factories, device, rounds, warmup)
         del params, grads
         times = {k: statistics.median(v) for k, v in samples.items()}
         best = {k: min(v) for k, v in samples.items()}
         results.extend(_results(name, "step_ms", times) + _results(name, "step_ms_min", best))
-        print(_table(name, info, times, best), end="\n\n", flush=True)
+        results.extend({"case": name, "impl": impl, "metric": "first_step_ms", "value": ms}
+                       for impl, ms in first.items())
+        print(_table(name, info, times, best, first), end="\n\n", flush=True)
 
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),

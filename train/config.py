@@ -61,6 +61,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-6  # 1e-6 with LARS; ~5e-4 with SGD
     eta: float = 0.001  # LARS trust coefficient
+    lars_strategy: str = "auto"  # auto | gram | materialize | compiled (torch.compile'd step, opt-in)
     warmup_epochs: float = 10.0
     epochs: int = 100
 
@@ -85,7 +86,7 @@ class EvalConfig:
     batch_size: int = 512  # feature extraction batch
     max_iter: int = 200  # L-BFGS iterations of the linear classifier
     val_fraction: float = 0.1  # of the train split, held out to pick the L2 penalty
-    l2_grid: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3)  # L2 penalties tried
+    l2_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2)  # L2 penalties tried
 
 
 @dataclass
@@ -104,6 +105,7 @@ CHOICES = {
     "loss.impl": ("auto", "reference", "chunked", "triton"),
     "optim.name": ("lars", "sgd"),
     "optim.lr_scaling": ("linear", "sqrt"),
+    "optim.lars_strategy": ("auto", "gram", "materialize", "compiled"),
     "train.mixed_precision": ("auto", "fp32", "bf16"),
 }
 

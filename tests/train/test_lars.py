@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from train.lars import LARS, LARSReference, lars_param_groups
 
-STRATEGIES = ["auto", "gram", "materialize"]
+STRATEGIES = ["auto", "compiled", "gram", "materialize"]
 
 
 def _small_net() -> nn.Module:
@@ -85,6 +86,96 @@ def test_gram_path_in_many_segments_matches_reference(monkeypatch):
     _run(LARS, net, 3, strategy="gram", **kw)
     _run(LARSReference, ref, 3, **kw)
     _assert_close(net, ref)
+
+
+def _compiled_calls(monkeypatch) -> list[str]:
+    """Records which kernel stepped each tensor (so a silent eager fallback fails the test)."""
+    import train.lars as lars_mod
+
+    kernels = lars_mod._compiled_kernels()
+    assert kernels is not None, "compilation failed earlier in this process"
+    calls = []
+
+    def counting(name, kernel):
+        def call(*args):
+            calls.append(name)
+            return kernel(*args)
+        return call
+
+    monkeypatch.setattr(lars_mod, "_compiled_update", counting("parallel", kernels[0]))
+    monkeypatch.setattr(lars_mod, "_compiled_update_serial", counting("serial", kernels[1]))
+    return calls
+
+
+def test_compiled_matches_reference_step_by_step_without_recompiling(monkeypatch):
+    import train.lars as lars_mod
+
+    # excluded groups, a zero weight (trust 1), a zero gradient with wd > 0 (u = wd w), a group with
+    # wd = 0 and zero gradient (u = 0, trust 1), float and tensor LRs changing mid-run, a zero LR
+    net, ref = _net(), _net()
+    extra = [torch.zeros(3, 4), torch.full((2, 5), 0.5), torch.full((4, 2), -1.0)]
+    zero_w, zero_g, still = [t.clone().requires_grad_() for t in extra]
+    zero_w_r, zero_g_r, still_r = [t.clone().requires_grad_() for t in extra]
+
+    def groups(model, zw, zg, st):
+        gs = lars_param_groups(model, 0.05)
+        gs[0]["params"] = gs[0]["params"] + [zw, zg]
+        return gs + [{"params": [st], "weight_decay": 0.0}]
+
+    kw = dict(lr=0.5, momentum=0.9, eta=0.01)
+    opt = LARS(groups(net, zero_w, zero_g, still), strategy="compiled", **kw)
+    ref_opt = LARSReference(groups(ref, zero_w_r, zero_g_r, still_r), **kw)
+    ours = list(net.parameters()) + [zero_w, zero_g, still]
+    theirs = list(ref.parameters()) + [zero_w_r, zero_g_r, still_r]
+    calls = _compiled_calls(monkeypatch)
+    monkeypatch.setattr(lars_mod, "_PARALLEL_MIN_NUMEL", 200)  # 8x3x3x3 conv, 5x128 linear: parallel
+    lrs = [0.5, 2.0, torch.tensor(0.1), 0.0, torch.tensor(1.0), 0.3]
+    for s, lr in enumerate(lrs):
+        for o in (opt, ref_opt):
+            for group in o.param_groups:
+                group["lr"] = lr
+        _set_grads(list(net.parameters()), s, 0.01)
+        _set_grads(list(ref.parameters()), s, 0.01)
+        zero_w.grad, zero_w_r.grad = torch.full((3, 4), 0.2), torch.full((3, 4), 0.2)
+        zero_g.grad, zero_g_r.grad = torch.zeros(2, 5), torch.zeros(2, 5)
+        still.grad, still_r.grad = torch.zeros(4, 2), torch.zeros(4, 2)
+        # the first step compiles (or hits the cache); none after may recompile for an LR change
+        with torch._dynamo.config.patch(error_on_recompile=s > 0):
+            opt.step()
+        ref_opt.step()
+        _assert_close(ours, theirs)
+        for p, q in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"],
+                                       rtol=2e-5, atol=1e-7)
+    # every adapted tensor went through the kernel at every step; excluded ones did not
+    n_adapted = sum(len(g["params"]) for g in opt.param_groups if not g["lars_exclude"])
+    assert len(calls) == n_adapted * len(lrs)
+    assert calls.count("parallel") == 2 * len(lrs)
+    assert torch.equal(still.detach(), torch.full((4, 2), -1.0))
+    assert torch.isfinite(zero_w).all() and not torch.equal(zero_w.detach(), torch.zeros(3, 4))
+
+
+def test_compiled_falls_back_once_with_a_warning_when_compilation_fails(monkeypatch):
+    import train.lars as lars_mod
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(lars_mod, "_compiled_update", broken)
+    monkeypatch.setattr(lars_mod, "_compiled_update_serial", broken)
+    monkeypatch.setattr(lars_mod, "_compile_failed", False)
+    net, ref = _net(), _net()
+    kw = dict(wd=0.05, grad_scale=0.01, momentum=0.9, eta=0.01)
+    with pytest.warns(RuntimeWarning, match="compiled"):
+        _run(LARS, net, 1, strategy="compiled", **kw)
+    assert lars_mod._compile_failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        _run(LARS, net, 2, strategy="compiled", **kw)
+    fresh = _net()
+    _run(LARS, fresh, 3, strategy="compiled", **kw)
+    _run(LARSReference, ref, 3, **kw)
+    _assert_close(fresh, ref)
 
 
 def test_reference_matches_hand_computed_single_step():
@@ -174,7 +265,7 @@ def test_params_without_grad_are_skipped():
     assert not torch.equal(a.detach(), torch.ones(3, 3))
 
 
-@pytest.mark.parametrize("strategy", ["gram", "materialize"])
+@pytest.mark.parametrize("strategy", ["compiled", "gram", "materialize"])
 def test_layouts_dtypes_and_tensor_lr(strategy):
     # channels_last weight with channels_last grad, channels_last weight with contiguous grad,
     # float64 next to float32 in one group, and a 0-d tensor LR
