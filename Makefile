@@ -13,7 +13,7 @@ setup:
 	@bash tools/setup.sh
 
 demo: setup
-	@[ -f $(DEMO_DATA)/manifest.json ] || $(PY) -m tools.convert "$$(cat data/.fashion-mnist-path)" $(DEMO_DATA)
+	@[ -f $(DEMO_DATA)/train.beton ] || $(PY) -m tools.convert "$$(cat data/.fashion-mnist-path)" $(DEMO_DATA) --to ffcv --overwrite
 	$(ACCELERATE) -m train.pretrain --config $(DEMO_CONFIG) --train.out_dir=$(DEMO_RUN) --resume auto $(ARGS)
 	$(PY) -m train.linear_eval --checkpoint $(DEMO_RUN)
 

@@ -98,6 +98,25 @@ def test_two_gloo_processes_really_run_and_match_one_process_forward(dataset, tm
     assert loss2[0] == pytest.approx(loss1[0], rel=1e-4)
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_training_runs_with_each_fast_loader(backend, dataset, tmp_path):
+    """`--data.backend` switches the loader; a run completes and its loss is finite and logged."""
+    if backend == "ffcv":
+        from pipelines.ffcv_loader import write_beton
+        from pipelines.sources import open_dataset
+
+        ds = open_dataset(dataset)
+        if not (dataset / "train.beton").is_file():
+            write_beton(ds.split("train"), dataset / "train.beton")
+    run([*TINY, f"--data.path={dataset}", f"--data.backend={backend}", "--train.max_steps=3",
+         f"--train.out_dir={tmp_path}"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["backend"] == backend and summary["steps"] == 3
+    losses = [r["loss"] for r in records(tmp_path) if "loss" in r]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+
+
 def _one_line_error(proc, *needles):
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("pretrain: error:")]
