@@ -5,7 +5,9 @@ PY := .venv/bin/python
 DEMO_CONFIG ?= train/configs/fashion_mnist_demo.yaml
 DEMO_DATA := data/fashion-mnist
 DEMO_RUN := runs/fashion-mnist-demo
-ACCELERATE := .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+# accelerate gives a CPU-only process one thread unless told otherwise
+ACCELERATE := .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+	--num_cpu_threads_per_process $(shell nproc)
 
 .PHONY: setup demo test lint bench-peers clean-demo
 

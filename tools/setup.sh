@@ -55,7 +55,6 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want_stamp" ]; then
   # numpy and pkgconfig first: ffcv's setup.py imports them at build time.
   pip_install "$(grep "^numpy==" requirements.txt)" pkgconfig
   pip_install --no-build-isolation -r requirements.txt
-  pip_install --no-build-isolation --no-deps -e .
   echo "$want_stamp" > "$STAMP"
 fi
 
