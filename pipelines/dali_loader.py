@@ -13,7 +13,6 @@ just starts the feed at b; a fresh pipeline is built for every pass over an epoc
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Iterator
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from pipelines.dali_ops import sample_view_params, simclr_view, view_input_names, view_inputs
-from pipelines.sharding import shard_indices
+from pipelines.sharding import ShardedEpochs, shard_indices
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec, TwoViewBatch
 
@@ -102,7 +101,7 @@ def _two_view_pipeline(feed, spec: AugmentSpec, kind: str, device: str, out_dtyp
     return pipe()
 
 
-class DaliTwoViewLoader:
+class DaliTwoViewLoader(ShardedEpochs):
     """Two SimCLR views per sample from DALI; see the module docstring and `pipelines.loader`."""
 
     def __init__(self, split: Split, spec: AugmentSpec, *, batch_size: int, rank: int = 0, world: int = 1,
@@ -119,24 +118,6 @@ class DaliTwoViewLoader:
             raise ValueError(f"split '{split.name}': images must be uint8 [N, H, W, C], got shape {split.images.shape}")
         shard_indices(len(split), rank, world, seed=seed, shuffle=shuffle, batch_size=batch_size,
                       drop_last=drop_last)  # fail now on an impossible drop_last
-
-    # ---- order and position ---------------------------------------------------------------
-    def indices(self, epoch: int | None = None) -> np.ndarray:
-        return shard_indices(len(self.split), self.rank, self.world, seed=self.seed,
-                             epoch=self.epoch if epoch is None else epoch, shuffle=self.shuffle,
-                             batch_size=self.batch_size, drop_last=self.drop_last)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.indices()) / self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._start_batch, self._batch = int(epoch), 0, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self._batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._start_batch, self._batch = int(state["epoch"]), int(state["batch"]), int(state["batch"])
 
     # ---- host reads -----------------------------------------------------------------------
     def read(self, idx: np.ndarray):

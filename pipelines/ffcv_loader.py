@@ -12,7 +12,6 @@ compiled code through `EpochKey`). Resume starts the traversal at the saved batc
 
 from __future__ import annotations
 
-import math
 import queue
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from pipelines.ffcv_ops import write_beton  # noqa: F401  (tools.convert writes .beton files through this module)
-from pipelines.sharding import shard_indices
+from pipelines.sharding import ShardedEpochs
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec, TwoViewBatch
 
@@ -70,7 +69,7 @@ def view_pipeline(spec: AugmentSpec, key, device: torch.device, colour_on_device
     return ops
 
 
-class FfcvTwoViewLoader:
+class FfcvTwoViewLoader(ShardedEpochs):
     """Two SimCLR views per sample from an FFCV file; see the module docstring and `pipelines.loader`."""
 
     def __init__(self, split: Split, spec: AugmentSpec, *, batch_size: int, rank: int = 0, world: int = 1,
@@ -90,24 +89,6 @@ class FfcvTwoViewLoader:
         self._ffcv = None
         self._mean = torch.tensor([255.0 * m for m in spec.mean], device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor([255.0 * s for s in spec.std], device=self.device).view(1, 3, 1, 1)
-
-    # ---- order and position ---------------------------------------------------------------
-    def indices(self, epoch: int | None = None) -> np.ndarray:
-        return shard_indices(len(self.split), self.rank, self.world, seed=self.seed,
-                             epoch=self.epoch if epoch is None else epoch, shuffle=self.shuffle,
-                             batch_size=self.batch_size, drop_last=self.drop_last)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.indices()) / self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._start_batch, self._batch = int(epoch), 0, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self._batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._start_batch, self._batch = int(state["epoch"]), int(state["batch"]), int(state["batch"])
 
     # ---- the FFCV Loader, built once --------------------------------------------------------
     def _loader(self):

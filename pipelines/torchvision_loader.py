@@ -6,7 +6,6 @@ statistical tests, so it stays a plain, readable rendering of the spec.
 
 from __future__ import annotations
 
-import math
 import weakref
 
 import numpy as np
@@ -15,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from pipelines.sharding import sample_seed, shard_indices
+from pipelines.sharding import ShardedEpochs, sample_seed
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec, TwoViewBatch
 
@@ -98,7 +97,7 @@ def _worker_init(_):
     torch.set_num_threads(1)  # workers are processes already; threads would oversubscribe
 
 
-class TorchvisionTwoViewLoader:
+class TorchvisionTwoViewLoader(ShardedEpochs):
     def __init__(self, split: Split, spec: AugmentSpec, *, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  num_workers: int = 2, shuffle: bool = True, drop_last: bool = True):
@@ -116,23 +115,6 @@ class TorchvisionTwoViewLoader:
             worker_init_fn=_worker_init if num_workers > 0 else None,
             prefetch_factor=4 if num_workers > 0 else None,
         )
-
-    def indices(self) -> np.ndarray:
-        return shard_indices(len(self.split), self.rank, self.world, seed=self.seed, epoch=self.epoch,
-                             shuffle=self.shuffle, batch_size=self.batch_size, drop_last=self.drop_last)
-
-    def __len__(self) -> int:
-        n = len(self.indices())
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._start_batch, self._batch = epoch, 0, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self._batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._start_batch, self._batch = int(state["epoch"]), int(state["batch"]), int(state["batch"])
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
