@@ -22,10 +22,7 @@ from dataclasses import replace
 
 import numba
 import numpy as np
-from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
-from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.operation import Operation
+import torch
 from numba import types as nbt
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -44,6 +41,16 @@ from pipelines.augment_params import (
     stream,
     view_key,
 )
+
+# Importing ffcv calls torch.set_num_threads(1) process-wide, which halves a 2-core training
+# step; keep the caller's setting.
+_TORCH_THREADS = torch.get_num_threads()
+from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder  # noqa: E402
+from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
+from ffcv.pipeline.compiler import Compiler  # noqa: E402
+from ffcv.pipeline.operation import Operation  # noqa: E402
+
+torch.set_num_threads(_TORCH_THREADS)
 
 
 @intrinsic

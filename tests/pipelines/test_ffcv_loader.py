@@ -321,3 +321,15 @@ def test_convert_writes_beton_the_loader_reads(tmp_path):
     assert spread[:, gray_index].max() <= 3
     colour_spread = np.delete(spread.numpy(), gray_index, axis=1)
     assert (colour_spread > 20).mean() > 0.5
+
+
+def test_importing_the_ffcv_backend_keeps_torch_threads():
+    """ffcv's import sets torch to one thread process-wide; ours must put the setting back."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(2); import pipelines.ffcv_loader, pipelines.ffcv_ops; "
+            "print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=__import__("pathlib").Path(__file__).resolve().parents[2])
+    assert out.stdout.strip().splitlines()[-1] == "2"
