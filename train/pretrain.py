@@ -115,7 +115,10 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     model, optimizer = acc.prepare(model, optimizer)
     if cfg.model.compile:
         model = torch.compile(model)
-    loss_impl = resolve_impl(cfg.loss.impl, device)
+    try:
+        loss_impl = resolve_impl(cfg.loss.impl, device, cfg.model.head_out)
+    except ValueError as e:
+        raise ConfigError(f"config: 'loss.impl': {e}") from None
 
     step = 0
     if resume is not None:

@@ -135,6 +135,14 @@ def test_bad_config_key_and_type(tmp_path):
     _one_line_error(run([*TINY, "--data.batch_size=big"], check=False), "data.batch_size", "int")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is absent")
+def test_triton_loss_without_cuda_is_a_config_error(dataset, tmp_path):
+    env_free = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([PY, "-m", "train.pretrain", *TINY, f"--data.path={dataset}", "--loss.impl=triton",
+                           f"--train.out_dir={tmp_path}"], cwd=REPO, env=env_free, capture_output=True, text=True)
+    _one_line_error(proc, "loss.impl", "CUDA")
+
+
 @pytest.mark.timeout(300)
 def test_batch_not_divisible_by_processes(dataset, tmp_path):
     proc = run([*TINY, f"--data.path={dataset}", "--data.batch_size=33", f"--train.out_dir={tmp_path}"],
