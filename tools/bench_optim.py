@@ -9,13 +9,11 @@ implementation gets its own copy and the same groups; in each round every implem
 timed step, in rotating order, so load from other processes hits all of them alike. Reported per
 implementation, after warm-up steps: the median over rounds (metric "step_ms") and the fastest
 round ("step_ms_min", the less noisy one on a shared machine). The first warm-up step is reported
-apart ("first_step_ms"): lars_compiled pays its compilation there; inductor caches kernels on disk,
-so only a run with an empty cache (TORCHINDUCTOR_CACHE_DIR pointing to a new folder) shows the
-cold cost.
+apart ("first_step_ms"): on the CPU, lars pays numba's compilation there the first time (numba
+caches kernels in train/__pycache__; NUMBA_CACHE_DIR pointing to a new folder shows the cold cost).
 
 Implementations:
-    lars               train.lars.LARS (strategy "auto")
-    lars_compiled      train.lars.LARS(strategy="compiled"), one torch.compile kernel per tensor
+    lars               train.lars.LARS (strategy "auto": "numba" on the CPU, "materialize" on CUDA)
     lars_gram          train.lars.LARS(strategy="gram"), the eager variant without temporaries
     lars_materialize   train.lars.LARS(strategy="materialize"), the temporary-building variant
     lars_reference     train.lars.LARSReference, the per-parameter oracle
@@ -99,7 +97,6 @@ def _peer_status() -> dict[str, str]:
 def _factories(peers: dict[str, str]) -> dict[str, Callable[[list[dict]], torch.optim.Optimizer]]:
     f: dict[str, Callable[[list[dict]], torch.optim.Optimizer]] = {
         "lars": lambda g: LARS(g, lr=LR, momentum=MOMENTUM, eta=ETA),
-        "lars_compiled": lambda g: LARS(g, lr=LR, momentum=MOMENTUM, eta=ETA, strategy="compiled"),
         "lars_gram": lambda g: LARS(g, lr=LR, momentum=MOMENTUM, eta=ETA, strategy="gram"),
         "lars_materialize": lambda g: LARS(g, lr=LR, momentum=MOMENTUM, eta=ETA, strategy="materialize"),
         "lars_reference": lambda g: LARSReference(g, lr=LR, momentum=MOMENTUM, eta=ETA),
@@ -278,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                          "implementations interleaved per round",
             "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, "eta": ETA,
             "grads": "fixed N(0, 1e-2^2), seed 1", "baseline": BASELINE,
-            "lars_strategy": "auto (gram on CPU float32/64, materialize elsewhere)",
+            "lars_strategy": "auto (numba on CPU float32/64, materialize elsewhere)",
             "peers": {p: peers[p] for p in PEERS},
         },
         "results": results,

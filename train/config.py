@@ -61,7 +61,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-6  # 1e-6 with LARS; ~5e-4 with SGD
     eta: float = 0.001  # LARS trust coefficient
-    lars_strategy: str = "auto"  # auto | gram | materialize | compiled (torch.compile'd step, opt-in)
+    lars_strategy: str = "auto"  # auto (numba on CPU, materialize on GPU) | numba | gram | materialize
     warmup_epochs: float = 10.0
     epochs: int = 100
 
@@ -105,7 +105,7 @@ CHOICES = {
     "loss.impl": ("auto", "reference", "chunked", "triton"),
     "optim.name": ("lars", "sgd"),
     "optim.lr_scaling": ("linear", "sqrt"),
-    "optim.lars_strategy": ("auto", "gram", "materialize", "compiled"),
+    "optim.lars_strategy": ("auto", "numba", "gram", "materialize"),
     "train.mixed_precision": ("auto", "fp32", "bf16"),
 }
 

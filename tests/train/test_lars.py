@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-import warnings
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from train.lars import LARS, LARSReference, lars_param_groups
 
-STRATEGIES = ["auto", "compiled", "gram", "materialize"]
+STRATEGIES = ["auto", "numba", "gram", "materialize"]
 
 
 def _small_net() -> nn.Module:
@@ -88,28 +87,30 @@ def test_gram_path_in_many_segments_matches_reference(monkeypatch):
     _assert_close(net, ref)
 
 
-def _compiled_calls(monkeypatch) -> list[str]:
-    """Records which kernel stepped each tensor (so a silent eager fallback fails the test)."""
-    import train.lars as lars_mod
+def _numba_calls(monkeypatch) -> list[int]:
+    """Records the size of every tensor the numba kernel stepped (a silent fallback fails tests)."""
+    import train.lars_numba as lars_numba
 
-    kernels = lars_mod._compiled_kernels()
-    assert kernels is not None, "compilation failed earlier in this process"
+    kernel = lars_numba._lars_kernel
     calls = []
 
-    def counting(name, kernel):
-        def call(*args):
-            calls.append(name)
-            return kernel(*args)
-        return call
+    def counting(w, *args):
+        calls.append(w.size)
+        return kernel(w, *args)
 
-    monkeypatch.setattr(lars_mod, "_compiled_update", counting("parallel", kernels[0]))
-    monkeypatch.setattr(lars_mod, "_compiled_update_serial", counting("serial", kernels[1]))
+    monkeypatch.setattr(lars_numba, "_lars_kernel", counting)
     return calls
 
 
-def test_compiled_matches_reference_step_by_step_without_recompiling(monkeypatch):
-    import train.lars as lars_mod
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
+
+def test_numba_matches_reference_step_by_step_on_two_threads(monkeypatch, two_threads):
     # excluded groups, a zero weight (trust 1), a zero gradient with wd > 0 (u = wd w), a group with
     # wd = 0 and zero gradient (u = 0, trust 1), float and tensor LRs changing mid-run, a zero LR
     net, ref = _net(), _net()
@@ -123,12 +124,11 @@ def test_compiled_matches_reference_step_by_step_without_recompiling(monkeypatch
         return gs + [{"params": [st], "weight_decay": 0.0}]
 
     kw = dict(lr=0.5, momentum=0.9, eta=0.01)
-    opt = LARS(groups(net, zero_w, zero_g, still), strategy="compiled", **kw)
+    opt = LARS(groups(net, zero_w, zero_g, still), strategy="numba", **kw)
     ref_opt = LARSReference(groups(ref, zero_w_r, zero_g_r, still_r), **kw)
     ours = list(net.parameters()) + [zero_w, zero_g, still]
     theirs = list(ref.parameters()) + [zero_w_r, zero_g_r, still_r]
-    calls = _compiled_calls(monkeypatch)
-    monkeypatch.setattr(lars_mod, "_PARALLEL_MIN_NUMEL", 200)  # 8x3x3x3 conv, 5x128 linear: parallel
+    calls = _numba_calls(monkeypatch)
     lrs = [0.5, 2.0, torch.tensor(0.1), 0.0, torch.tensor(1.0), 0.3]
     for s, lr in enumerate(lrs):
         for o in (opt, ref_opt):
@@ -139,43 +139,80 @@ def test_compiled_matches_reference_step_by_step_without_recompiling(monkeypatch
         zero_w.grad, zero_w_r.grad = torch.full((3, 4), 0.2), torch.full((3, 4), 0.2)
         zero_g.grad, zero_g_r.grad = torch.zeros(2, 5), torch.zeros(2, 5)
         still.grad, still_r.grad = torch.zeros(4, 2), torch.zeros(4, 2)
-        # the first step compiles (or hits the cache); none after may recompile for an LR change
-        with torch._dynamo.config.patch(error_on_recompile=s > 0):
-            opt.step()
+        opt.step()
         ref_opt.step()
         _assert_close(ours, theirs)
         for p, q in zip(ours, theirs, strict=True):
             torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"],
                                        rtol=2e-5, atol=1e-7)
     # every adapted tensor went through the kernel at every step; excluded ones did not
-    n_adapted = sum(len(g["params"]) for g in opt.param_groups if not g["lars_exclude"])
-    assert len(calls) == n_adapted * len(lrs)
-    assert calls.count("parallel") == 2 * len(lrs)
+    adapted = [p for g in opt.param_groups if not g["lars_exclude"] for p in g["params"]]
+    assert sorted(calls) == sorted([p.numel() for p in adapted] * len(lrs))
     assert torch.equal(still.detach(), torch.full((4, 2), -1.0))
     assert torch.isfinite(zero_w).all() and not torch.equal(zero_w.detach(), torch.zeros(3, 4))
 
 
-def test_compiled_falls_back_once_with_a_warning_when_compilation_fails(monkeypatch):
-    import train.lars as lars_mod
+def test_numba_error_in_a_worker_thread_surfaces_and_nothing_hangs(monkeypatch, two_threads):
+    import threading
+    import time
 
-    def broken(*args):
-        raise RuntimeError("no C++ compiler")
+    import train.lars_numba as lars_numba
 
-    monkeypatch.setattr(lars_mod, "_compiled_update", broken)
-    monkeypatch.setattr(lars_mod, "_compiled_update_serial", broken)
-    monkeypatch.setattr(lars_mod, "_compile_failed", False)
-    net, ref = _net(), _net()
-    kw = dict(wd=0.05, grad_scale=0.01, momentum=0.9, eta=0.01)
-    with pytest.warns(RuntimeWarning, match="compiled"):
-        _run(LARS, net, 1, strategy="compiled", **kw)
-    assert lars_mod._compile_failed
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no second warning
-        _run(LARS, net, 2, strategy="compiled", **kw)
-    fresh = _net()
-    _run(LARS, fresh, 3, strategy="compiled", **kw)
-    _run(LARSReference, ref, 3, **kw)
-    _assert_close(fresh, ref)
+    kernel = lars_numba._lars_kernel
+
+    def failing(w, *args):
+        if threading.current_thread() is threading.main_thread():
+            time.sleep(0.05)  # leaves the worker thread time to take a tensor
+            return kernel(w, *args)
+        raise FloatingPointError("kernel failed")
+
+    monkeypatch.setattr(lars_numba, "_lars_kernel", failing)
+    net = _net()
+    opt = LARS(lars_param_groups(net, 1e-4), lr=0.1, strategy="numba")
+    _set_grads(list(net.parameters()), 0)
+    with pytest.raises(FloatingPointError, match="kernel failed"):
+        opt.step()
+    monkeypatch.setattr(lars_numba, "_lars_kernel", kernel)
+    opt.step()  # the pool still works
+
+
+def test_numba_strategy_refuses_non_cpu_tensors():
+    w = torch.zeros(3, 3, device="meta", requires_grad=True)
+    w.grad = torch.zeros(3, 3, device="meta")
+    with pytest.raises(ValueError, match="CPU only"):
+        LARS([w], lr=0.1, strategy="numba").step()
+
+
+def _linear_net() -> nn.Module:
+    # no forward pass: torch's own OpenMP kernels can hang in a child forked from a threaded parent
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16), nn.Linear(16, 4))
+
+
+def _step_in_child(queue):
+    net = _linear_net()
+    opt = LARS(lars_param_groups(net, 1e-4), lr=0.1, strategy="numba")
+    _set_grads(list(net.parameters()), 0)
+    opt.step()
+    queue.put([p.detach().numpy().copy() for p in net.parameters()])  # plain arrays: no fd sharing
+
+
+def test_numba_pool_works_in_a_forked_child(two_threads):
+    import multiprocessing as mp
+
+    net = _linear_net()
+    opt = LARS(lars_param_groups(net, 1e-4), lr=0.1, strategy="numba")
+    _set_grads(list(net.parameters()), 0)
+    opt.step()  # the parent's thread pool exists now
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_step_in_child, args=(queue,))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    for a, b in zip(got, net.parameters(), strict=True):
+        assert torch.equal(torch.from_numpy(a), b.detach())
 
 
 def test_reference_matches_hand_computed_single_step():
@@ -265,7 +302,7 @@ def test_params_without_grad_are_skipped():
     assert not torch.equal(a.detach(), torch.ones(3, 3))
 
 
-@pytest.mark.parametrize("strategy", ["compiled", "gram", "materialize"])
+@pytest.mark.parametrize("strategy", ["numba", "gram", "materialize"])
 def test_layouts_dtypes_and_tensor_lr(strategy):
     # channels_last weight with channels_last grad, channels_last weight with contiguous grad,
     # float64 next to float32 in one group, and a 0-d tensor LR

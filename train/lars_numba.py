@@ -1,0 +1,177 @@
+"""The CPU step of LARS's adapted tensors: one numba kernel per tensor, tensors spread over threads.
+
+A LARS step is memory-bound on the CPU. Per tensor, the kernel reads ``w`` and ``g`` once for the
+three sums ``<w, w>``, ``<g, g>`` and ``<g, w>`` (float64 accumulators), forms the trust ratio in
+registers, then makes one pass that reads ``w``, ``g``, ``v`` and writes ``v``, ``w``. The second
+pass finds ``w`` and ``g`` still in cache for all but the largest tensors, so the step moves about
+as many bytes as torch's foreach momentum SGD (which makes three passes over the velocity).
+
+The kernels release the GIL, so ``torch.get_num_threads()`` Python threads step the tensors, each
+taking the largest one left when it is free. The learning rate is read inside the kernel from a
+one-element array, so a 0-d tensor LR is never copied to a Python float.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["adapted_step", "flat_array"]
+
+# reassociation lets LLVM vectorise the sums; no "nnan"/"ninf", so NaN and inf propagate as in torch
+_FASTMATH = {"reassoc", "contract", "nsz"}
+
+
+@numba.njit(fastmath=_FASTMATH, nogil=True, cache=True)
+def _sums(w, g, out):  # pragma: no cover - compiled
+    """out[0:3] = <w, w>, <g, g>, <g, w> over a slice, in float64."""
+    ww = 0.0
+    gg = 0.0
+    gw = 0.0
+    for i in range(w.size):
+        wi = w[i]
+        gi = g[i]
+        ww += wi * wi
+        gg += gi * gi
+        gw += gi * wi
+    out[0] = ww
+    out[1] = gg
+    out[2] = gw
+
+
+@numba.njit(fastmath=_FASTMATH, nogil=True, cache=True)
+def _apply(w, g, v, sums, lr, wd, eta, momentum):  # pragma: no cover - compiled
+    """The update of a slice of one tensor, from the per-slice sums of the whole tensor ([k, 3]).
+
+    Every slice combines the rows of ``sums`` in the same order, so all slices of a tensor use
+    bit-identical trust ratios.
+    """
+    ww = 0.0
+    gg = 0.0
+    gw = 0.0
+    for k in range(sums.shape[0]):
+        ww += sums[k, 0]
+        gg += sums[k, 1]
+        gw += sums[k, 2]
+    uu = gg + wd * (2.0 * gw + wd * ww)  # ||g + wd w||^2 without forming g + wd w
+    w_norm = math.sqrt(ww)
+    u_norm = math.sqrt(max(uu, 0.0))
+    trust = eta * w_norm / u_norm if (w_norm > 0.0 and u_norm > 0.0) else 1.0
+    a = w.dtype.type(lr[0] * trust)  # the vector loop stays in the element dtype
+    b = w.dtype.type(lr[0] * trust * wd)
+    m = w.dtype.type(momentum)
+    for i in range(w.size):
+        vi = m * v[i] + a * g[i] + b * w[i]
+        v[i] = vi
+        w[i] -= vi
+
+
+@numba.njit(nogil=True, cache=True)
+def _lars_kernel(w, g, v, lr, wd, eta, momentum):  # pragma: no cover - compiled
+    """A whole tensor: its norms, then its update (w and g mostly still in cache)."""
+    sums = np.empty((1, 3))
+    _sums(w, g, sums[0])
+    _apply(w, g, v, sums, lr, wd, eta, momentum)
+
+
+def flat_array(t: Tensor) -> np.ndarray | None:
+    """A 1-D numpy view of ``t``'s memory in storage order, or None when it has gaps."""
+    t = t.detach()
+    if not t.is_contiguous():
+        order = sorted(range(t.ndim), key=lambda d: t.stride(d), reverse=True)  # e.g. channels_last
+        t = t.permute(order)
+        if not t.is_contiguous():
+            return None
+    return t.reshape(-1).numpy()
+
+
+def _aliases(w: Tensor, g: Tensor, v: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    if w.dtype not in (torch.float32, torch.float64) or w.device.type != "cpu":
+        return None
+    if not (w.stride() == g.stride() == v.stride() and w.dtype == g.dtype == v.dtype):
+        return None
+    arrays = (flat_array(w), flat_array(g), flat_array(v))
+    return None if any(a is None for a in arrays) else arrays  # type: ignore[return-value]
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_key: tuple[int, int] = (0, 0)
+_pool_lock = threading.Lock()
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads for this process (a forked child gets its own)."""
+    global _pool, _pool_key
+    key = (os.getpid(), workers)
+    with _pool_lock:
+        if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key[0] == key[0]:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="lars")
+            _pool_key = key
+    return _pool
+
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _work(jobs: list[Arrays], order: Iterator[int], hyper: tuple[Any, ...]) -> None:
+    """Step tensors until ``order`` (shared by all threads) runs out."""
+    for i in order:  # next() on a shared iterator is atomic under the GIL
+        w, g, v = jobs[i]
+        _lars_kernel(w, g, v, *hyper)
+
+
+def adapted_step(w: list[Tensor], g: list[Tensor], v: list[Tensor], group: dict[str, Any]) -> list[int]:
+    """Step the adapted CPU tensors ``w`` in place; return the indices of those left to the caller.
+
+    Tensors whose ``w``, ``g`` and ``v`` do not share one dense layout and a float32/float64 dtype
+    are left.
+    """
+    jobs: list[Arrays] = []
+    taken, left = [], []
+    for i, (wi, gi, vi) in enumerate(zip(w, g, v, strict=True)):
+        arrays = _aliases(wi, gi, vi)
+        if arrays is None:
+            left.append(i)
+        else:
+            jobs.append(arrays)
+            taken.append(i)
+    if not jobs:
+        return left
+    lr = group["lr"]
+    if isinstance(lr, Tensor):  # read by the kernel, not copied to the host by a .item()
+        lr_arr = lr.detach().to(device="cpu", dtype=torch.float64).reshape(1).numpy()
+    else:
+        lr_arr = np.array([lr], dtype=np.float64)
+    hyper = (lr_arr, float(group["weight_decay"]), float(group["eta"]), float(group["momentum"]))
+    # Largest first, each thread taking the next tensor when it is free: a thread slowed down
+    # (e.g. sharing its core with an OpenMP worker still spinning after the backward pass) simply
+    # takes fewer tensors. Which thread steps a tensor does not change the result.
+    order = iter(sorted(range(len(jobs)), key=lambda i: -jobs[i][0].size))
+    threads = max(1, min(torch.get_num_threads(), len(jobs)))
+    futures: list[Future] = []
+    if threads > 1:
+        pool = _executor(threads - 1)
+        futures = [pool.submit(_work, jobs, order, hyper) for _ in range(threads - 1)]
+    try:
+        _work(jobs, order, hyper)
+    finally:
+        for f in futures:  # wait for every thread before leaving, even after an error here
+            f.exception()
+    for f in futures:
+        f.result()
+    # writes through numpy skip the version counters that autograd checks
+    for i in taken:
+        torch.autograd.graph.increment_version(w[i])
+        torch.autograd.graph.increment_version(v[i])
+    return left
