@@ -72,7 +72,7 @@ class _EpochFeed:
         views = []
         for v in (0, 1):
             params = sample_view_params(ld.spec, ld.seed, self.epoch, idx, v, heights, widths)
-            views.extend(view_inputs(params, self.names))
+            views.extend(view_inputs(params, self.names, ld.spec))
         return (images, *views, ld.labels[idx], idx)
 
 

@@ -127,6 +127,34 @@ def test_pixel_frequencies_flip_gray_jitter():
         assert binomial_ok(int(hit.sum()), n, list(kw.values())[0]), name
 
 
+def test_blur_matches_torchvision_full_kernel_and_frequency():
+    """Blurred samples equal torchvision's gaussian_blur with the spec's full kernel to one uint8
+    level (the window cut at 4 sigma drops nothing visible); the rest are untouched; the blurred
+    share obeys binomial bounds around blur_p."""
+    from torchvision.transforms.v2 import functional as tvf
+
+    from pipelines.dali_ops import blur_window
+
+    n, side = 96, 224
+    split = noise_split(n, 64)
+    split.images = np.repeat(np.repeat(split.images, 4, axis=1), 4, axis=2)[:, :side, :side].copy()  # 224, smooth-ish
+    spec = AugmentSpec(size=side, **{**IDENTITY, "blur_p": 0.5})
+    assert spec.blur_kernel == 23
+    px = torch.cat([to_uint8(b.view1, spec.mean, spec.std) for b in make(split, spec, batch_size=32, shuffle=False)])
+    p = sample_view_params(spec, 3, 0, np.arange(n), 0, np.full(n, side), np.full(n, side))
+    base = torch.from_numpy(split.images).permute(0, 3, 1, 2)
+    assert (blur_window(p["sigma"], spec.blur_kernel) < spec.blur_kernel).any()  # the cut is exercised
+    worst = 0.0
+    for i in range(n):
+        if p["blur"][i]:
+            want = tvf.gaussian_blur(base[i], [spec.blur_kernel] * 2, [float(p["sigma"][i])] * 2).float()
+            worst = max(worst, (px[i] - want).abs().max().item())
+        else:
+            assert (px[i] - base[i].float()).abs().max() < 0.01
+    assert worst <= 1.01
+    assert binomial_ok(int(p["blur"].sum()), n, spec.blur_p)
+
+
 def test_brightness_recovered_from_gray_image():
     """On a flat gray image only brightness changes pixels: recover its factor per sample."""
     n = 256
