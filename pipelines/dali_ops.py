@@ -16,17 +16,13 @@ import numpy as np
 from pipelines.augment_params import (
     CROP_TRIES,
     SALT_ALL,
+    blur_windows,
     crop_boxes,
     jitter_ranges,
     uniform_table,
     view_key,
 )
 from pipelines.spec import AugmentSpec
-
-# The blur window is cut at this many sigmas on each side (capped at the spec's kernel): the taps
-# dropped weigh under 1e-4 of the kernel together, below uint8 rounding, and a sigma-1 blur then
-# runs 11 taps instead of 23 at 224 pixels.
-BLUR_WINDOW_SIGMAS = 4.0
 
 # Column layout of the colour table: one row per jitter slot, (brightness, contrast, saturation, hue°).
 JITTER_SLOTS = 4
@@ -85,12 +81,6 @@ def view_input_names(spec: AugmentSpec) -> tuple[str, ...]:
     return names + ("blur", "sigma", "window") if spec.blur_p > 0 else names
 
 
-def blur_window(sigma: np.ndarray, kernel: int) -> np.ndarray:
-    """Odd per-sample blur window: +-BLUR_WINDOW_SIGMAS sigma, at least 3 and at most `kernel`."""
-    half = np.ceil(BLUR_WINDOW_SIGMAS * np.asarray(sigma, dtype=np.float64)).astype(np.int32)
-    return np.clip(2 * half + 1, 3, kernel).astype(np.int32)
-
-
 def view_inputs(params: dict[str, np.ndarray], names: tuple[str, ...], spec: AugmentSpec) -> tuple[np.ndarray, ...]:
     """The per-sample argument inputs of one view, in the order of `names` (see `view_input_names`)."""
     top, left, h, w = (params["box"][:, j].astype(np.float32) for j in range(4))
@@ -104,7 +94,7 @@ def view_inputs(params: dict[str, np.ndarray], names: tuple[str, ...], spec: Aug
         "gray": params["gray"],
         "blur": params["blur"],
         "sigma": params["sigma"],
-        "window": blur_window(params["sigma"], spec.blur_kernel) if "window" in names else None,
+        "window": blur_windows(params["sigma"], spec.blur_kernel) if "window" in names else None,
     }
     return tuple(arrays[name] for name in names)
 
@@ -139,7 +129,7 @@ def simclr_view(image, inputs, spec: AugmentSpec, device: str, out_dtype):
         luma = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)  # [S, S, 1]
         x = fn.cat(luma, luma, luma, axis=2)
     # 4. Gaussian blur on the samples that drew it (per-sample sigma; odd window of +-4 sigma,
-    #    at most the spec's kernel: see BLUR_WINDOW_SIGMAS).
+    #    at most the spec's kernel: see augment_params.BLUR_WINDOW_SIGMAS).
     if spec.blur_p > 0:
         if inputs["blur"]:
             x = fn.gaussian_blur(x, window_size=inputs["window"], sigma=inputs["sigma"])

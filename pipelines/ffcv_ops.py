@@ -34,6 +34,8 @@ from pipelines.augment_params import (
     SALT_GRAY,
     SALT_JITTER,
     blur_sigma,
+    blur_window,
+    blur_windows,
     coin,
     crop_box_of,
     jitter_draw,
@@ -265,7 +267,8 @@ def blur_batch(images, indices, key, p, kernel_size, s_lo, s_hi):
     for i in numba.prange(images.shape[0]):
         s = stream(key, indices[i], SALT_BLUR)
         if coin(s, p):
-            _blur_one(images[i], kernel_size, blur_sigma(s, s_lo, s_hi))
+            sigma = blur_sigma(s, s_lo, s_hi)
+            _blur_one(images[i], blur_window(sigma, kernel_size), sigma)
 
 
 class _SeededImageOp(Operation):
@@ -407,9 +410,13 @@ def _adjust(x, op: int, factor):
 
 
 def _gaussian_kernels(sigma: np.ndarray, kernel_size: int) -> np.ndarray:
-    """float64 [B, k]: `_blur_one`'s normalised 1-D kernels."""
-    d = np.arange(kernel_size, dtype=np.float64) - kernel_size // 2
+    """float64 [B, k]: `_blur_one`'s normalised 1-D kernels, each zero outside its sample's
+    `blur_window`; k is the largest window of the batch."""
+    windows = blur_windows(sigma, kernel_size)
+    k_max = int(windows.max())
+    d = np.arange(k_max, dtype=np.float64) - k_max // 2
     k = np.exp(-0.5 * d[None, :] ** 2 / (sigma[:, None] * sigma[:, None]))
+    k[np.abs(d)[None, :] > (windows // 2)[:, None]] = 0.0
     return k / k.sum(axis=1, keepdims=True)
 
 
@@ -419,8 +426,9 @@ def _blur(x, sigma: np.ndarray, kernel_size: int):
     import torch.nn.functional as F
 
     b, c, h, w = x.shape
-    r = kernel_size // 2
     k = torch.as_tensor(_gaussian_kernels(sigma, kernel_size), dtype=x.dtype, device=x.device)
+    kernel_size = k.shape[1]
+    r = kernel_size // 2
     k = k.repeat_interleave(c, dim=0)  # [B*3, k]: one filter per (sample, channel)
     y = F.pad(x.reshape(1, b * c, h, w), (r, r, 0, 0), mode="reflect")  # torch's reflect is reflect-101
     y = F.conv2d(y, k.view(b * c, 1, 1, kernel_size), groups=b * c)

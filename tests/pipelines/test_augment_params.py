@@ -128,3 +128,22 @@ def test_colour_blur_params_layout_and_frequencies():
     f = p["factors"]
     assert (f >= lo).all() and (f <= hi).all()
     assert np.allclose(f.mean(0), (lo + hi) / 2, atol=4 * (hi - lo).max() / math.sqrt(12 * n))
+
+
+def test_key_type_does_not_change_the_streams():
+    """A Python int key below 2**63 reaches numba as int64; it must draw exactly what the same
+    key as uint64 draws (int64 ^ uint64 would otherwise mix in float64)."""
+    import numba
+
+    from pipelines.augment_params import stream, uniform
+
+    @numba.njit
+    def draw(key, index, salt, k):
+        return uniform(stream(key, index, salt), k)
+
+    assert isinstance(view_key(0, 0, 0), np.uint64)
+    for key in (5, 2**63 + 5):
+        s = py_mix(key ^ py_mix(3 ^ (SALT_BLUR << 56)))
+        want = [(py_mix((s + k * GOLDEN) & MASK) >> 11) / 2.0**53 for k in range(3)]
+        for typed in ((key, np.int64(key), np.uint64(key)) if key < 2**63 else (np.uint64(key),)):
+            assert [draw(typed, np.int64(3), SALT_BLUR, k) for k in range(3)] == want

@@ -133,7 +133,7 @@ def test_blur_matches_torchvision_full_kernel_and_frequency():
     share obeys binomial bounds around blur_p."""
     from torchvision.transforms.v2 import functional as tvf
 
-    from pipelines.dali_ops import blur_window
+    from pipelines.augment_params import blur_windows
 
     n, side = 96, 224
     split = noise_split(n, 64)
@@ -143,7 +143,7 @@ def test_blur_matches_torchvision_full_kernel_and_frequency():
     px = torch.cat([to_uint8(b.view1, spec.mean, spec.std) for b in make(split, spec, batch_size=32, shuffle=False)])
     p = sample_view_params(spec, 3, 0, np.arange(n), 0, np.full(n, side), np.full(n, side))
     base = torch.from_numpy(split.images).permute(0, 3, 1, 2)
-    assert (blur_window(p["sigma"], spec.blur_kernel) < spec.blur_kernel).any()  # the cut is exercised
+    assert (blur_windows(p["sigma"], spec.blur_kernel) < spec.blur_kernel).any()  # the cut is exercised
     worst = 0.0
     for i in range(n):
         if p["blur"][i]:

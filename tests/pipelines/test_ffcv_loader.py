@@ -214,6 +214,33 @@ def _numba_colour_blur(images, idx, key, spec):
     return torch.from_numpy(out).permute(0, 3, 1, 2).double()
 
 
+def test_blur_matches_torchvision_full_kernel():
+    """The numba blur (window cut at 4 sigma) equals torchvision's gaussian_blur with the spec's
+    full kernel to one uint8 level, on the samples that drew it; the others are untouched."""
+    from torchvision.transforms.v2 import functional as tvf
+
+    from pipelines.augment_params import blur_windows
+
+    rng = np.random.default_rng(2)
+    images = np.repeat(np.repeat(rng.integers(0, 256, (24, 56, 56, 3), dtype=np.uint8), 4, 1), 4, 2)
+    spec = AugmentSpec(size=224, blur_p=0.5)
+    idx = np.arange(24, dtype=np.int64)
+    key = view_key(3, 0, 0)
+    out = images.copy()
+    blur_batch(out, idx, key, spec.blur_p, spec.blur_kernel, spec.blur_sigma[0], spec.blur_sigma[1])
+    params = colour_blur_params(spec, key, idx)
+    assert params["blur"].any() and not params["blur"].all()
+    assert (blur_windows(params["sigma"][params["blur"]], spec.blur_kernel) < spec.blur_kernel).any()
+    for i in range(len(idx)):
+        got = torch.from_numpy(out[i]).permute(2, 0, 1).float()
+        base = torch.from_numpy(images[i]).permute(2, 0, 1)
+        if params["blur"][i]:
+            want = tvf.gaussian_blur(base, [spec.blur_kernel] * 2, [float(params["sigma"][i])] * 2).float()
+            assert (got - want).abs().max() <= 1.01
+        else:
+            assert torch.equal(got, base.float())
+
+
 @pytest.mark.parametrize("jitter_strength", [0.5, 1.0])
 def test_colour_blur_tail_matches_numba_ops(jitter_strength):
     """Same images, same keys: the torch tail reproduces the numba operations up to a level on a
