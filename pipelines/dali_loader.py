@@ -8,7 +8,9 @@ view's parameters from (seed, epoch, index, view) and feeds all of it through on
 grayscale, blur, flip and normalisation.
 
 Resume: a view depends only on (seed, epoch, index, view), so resuming at batch b of epoch e
-just starts the feed at b; a fresh pipeline is built for every pass over an epoch.
+just starts the feed at b. A pipeline that finished its epoch is reset and fed the next one
+(building one costs about 0.4 s on a CPU, a tenth of a CIFAR epoch); an epoch left midway
+drops its pipeline, and the next pass builds a fresh one.
 """
 
 from __future__ import annotations
@@ -56,10 +58,14 @@ class _EpochFeed:
 
     def __init__(self, loader: DaliTwoViewLoader, epoch: int, start_batch: int):
         self.loader = loader
-        self.epoch = epoch
-        self.indices = loader.indices(epoch)
-        self.batch = start_batch
         self.names = view_input_names(loader.spec)
+        self.restart(epoch, start_batch)
+
+    def restart(self, epoch: int, start_batch: int) -> None:
+        """Feed `epoch` from `start_batch` on (before the pipeline's reset)."""
+        self.epoch = epoch
+        self.indices = self.loader.indices(epoch)
+        self.batch = start_batch
 
     def __call__(self):
         ld = self.loader
@@ -114,6 +120,7 @@ class DaliTwoViewLoader(ShardedEpochs):
         self.labels = np.asarray(split.labels, dtype=np.int64)
         self.kind = split.kind
         self.epoch, self._start_batch, self._batch = 0, 0, 0
+        self._idle: tuple | None = None  # (pipeline, feed) of the last epoch run to its end
         if self.kind == "array" and split.images.ndim != 4:
             raise ValueError(f"split '{split.name}': images must be uint8 [N, H, W, C], got shape {split.images.shape}")
         shard_indices(len(split), rank, world, seed=seed, shuffle=shuffle, batch_size=batch_size,
@@ -175,7 +182,14 @@ class DaliTwoViewLoader(ShardedEpochs):
         if start >= n_batches:
             self._batch = n_batches
             return
-        pipe = self._build(_EpochFeed(self, epoch, start))
+        if self._idle is not None:
+            pipe, feed = self._idle
+            self._idle = None
+            feed.restart(epoch, start)
+            pipe.reset()
+        else:
+            feed = _EpochFeed(self, epoch, start)
+            pipe = self._build(feed)
         try:
             for b in range(start, n_batches):
                 try:
@@ -187,5 +201,11 @@ class DaliTwoViewLoader(ShardedEpochs):
                                      torch.from_numpy(np.array(index.as_tensor())).to(self.device).view(-1))
                 self._batch = b + 1
                 yield batch
+            try:  # the feed is exhausted: this reaches the end of the epoch, so reset() may follow
+                pipe.run()
+            except StopIteration:
+                self._idle = (pipe, feed)
+            else:
+                raise RuntimeError(f"DALI pipeline yielded more than {n_batches} batches in epoch {epoch}")
         finally:
             del pipe

@@ -219,6 +219,36 @@ def test_seed_reproduces_views_differ_and_epochs_change():
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
+def test_pipeline_reused_across_epochs_gives_the_fresh_pipelines_batches(drop_last):
+    """An epoch run to its end leaves its pipeline to the next pass (reset, not rebuilt); the
+    batches equal those of a loader built fresh for each epoch, and an epoch left midway drops it."""
+    split = noise_split(70, 16)
+    spec = AugmentSpec(size=16, blur_p=0.5)
+    ld = make(split, spec, batch_size=16, drop_last=drop_last)
+    runs = []
+    for epoch in (0, 1, 0):
+        ld.set_epoch(epoch)
+        runs.append(list(ld))
+        assert ld._idle is not None
+    pipe = ld._idle[0]
+    ld.set_epoch(2)
+    runs.append(list(ld))
+    assert ld._idle[0] is pipe  # reused, not rebuilt
+    for epoch, got in zip((0, 1, 0, 2), runs):
+        fresh = make(split, spec, batch_size=16, drop_last=drop_last)
+        fresh.set_epoch(epoch)
+        want = list(fresh)
+        assert len(got) == len(want) == len(fresh)
+        for x, y in zip(got, want):
+            assert torch.equal(x.index, y.index) and torch.equal(x.view1, y.view1) and torch.equal(x.view2, y.view2)
+    it = iter(ld)
+    next(it)
+    it.close()  # left midway
+    assert ld._idle is None
+    assert len(list(ld)) == len(ld)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
 def test_shards_disjoint_and_cover(drop_last):
     n, world, bs = 103, 3, 8
     split = noise_split(n, 8)
