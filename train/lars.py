@@ -318,19 +318,10 @@ def _gram_step(w: list[Tensor], g: list[Tensor], v: list[Tensor], group: dict[st
     torch._foreach_sub_(w, v)
 
 
-def _flat_view(t: Tensor) -> Tensor | None:
-    """A 1-D view over ``t``'s memory in storage order, or None when its layout has gaps."""
-    if t.is_contiguous():
-        return t.view(-1)
-    order = sorted(range(t.ndim), key=lambda d: t.stride(d), reverse=True)  # e.g. channels_last
-    tp = t.permute(order)
-    return tp.view(-1) if tp.is_contiguous() else None
-
-
 def _dot(g: Tensor, w: Tensor) -> Tensor:
     """<g, w> in one read of each tensor, without a temporary when both share a dense layout."""
     if g.stride() == w.stride():
-        fg, fw = _flat_view(g), _flat_view(w)
+        fg, fw = lars_numba.flat_view(g), lars_numba.flat_view(w)
         if fg is not None and fw is not None:
             return torch.dot(fg, fw)
     return torch.sum(g * w)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["adapted_step", "flat_array"]
+__all__ = ["adapted_step", "flat_array", "flat_view"]
 
 # reassociation lets LLVM vectorise the sums; no "nnan"/"ninf", so NaN and inf propagate as in torch
 _FASTMATH = {"reassoc", "contract", "nsz"}
@@ -83,15 +83,19 @@ def _lars_kernel(w, g, v, lr, wd, eta, momentum):  # pragma: no cover - compiled
     _apply(w, g, v, sums, lr, wd, eta, momentum)
 
 
+def flat_view(t: Tensor) -> Tensor | None:
+    """A 1-D view over ``t``'s memory in storage order (e.g. channels_last), or None when it has gaps."""
+    if t.is_contiguous():
+        return t.view(-1)
+    order = sorted(range(t.ndim), key=lambda d: t.stride(d), reverse=True)
+    tp = t.permute(order)
+    return tp.view(-1) if tp.is_contiguous() else None
+
+
 def flat_array(t: Tensor) -> np.ndarray | None:
-    """A 1-D numpy view of ``t``'s memory in storage order, or None when it has gaps."""
-    t = t.detach()
-    if not t.is_contiguous():
-        order = sorted(range(t.ndim), key=lambda d: t.stride(d), reverse=True)  # e.g. channels_last
-        t = t.permute(order)
-        if not t.is_contiguous():
-            return None
-    return t.reshape(-1).numpy()
+    """`flat_view` of ``t`` as a numpy array on the same memory, or None when it has gaps."""
+    v = flat_view(t.detach())
+    return None if v is None else v.numpy()
 
 
 def _aliases(w: Tensor, g: Tensor, v: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
