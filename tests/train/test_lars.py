@@ -162,7 +162,7 @@ def test_numba_error_in_a_worker_thread_surfaces_and_nothing_hangs(monkeypatch, 
 
     def failing(w, *args):
         if threading.current_thread() is threading.main_thread():
-            time.sleep(0.05)  # leaves the worker thread time to take a tensor
+            time.sleep(0.2)  # leaves the worker thread time to take a tensor
             return kernel(w, *args)
         raise FloatingPointError("kernel failed")
 
