@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -76,9 +77,16 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10  # steps
     max_steps: int = 0  # stop after this many steps of the schedule (0 = run it all)
+    # seconds of training (0 = no limit): the first steps are timed, then the warmup+cosine
+    # schedule is fitted to end within the budget (optim.epochs stays the upper bound)
+    time_budget_s: float = 0.0
     knn_every: int = 0  # epochs between kNN-monitor evaluations (0 = only at the end, -1 = never)
     knn_k: int = 200
     knn_train_samples: int = 10000  # bank size drawn from the train split
+
+    def __post_init__(self):
+        if not (math.isfinite(self.time_budget_s) and self.time_budget_s >= 0):
+            raise ValueError(f"time_budget_s must be >= 0 seconds (0 = no limit), got {self.time_budget_s}")
 
 
 @dataclass

@@ -79,7 +79,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     from model.global_batchnorm import convert_to_global_bn
     from model.nt_xent import nt_xent, resolve_impl
     from model.simclr import build_simclr
-    from train.schedule import lr_schedule, scaled_lr
+    from train.schedule import lr_schedule, scaled_lr, steps_within_budget
 
     cuda = torch.cuda.is_available()
     precision = {"auto": "bf16" if cuda else "no", "fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision)
@@ -99,10 +99,21 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     loader = build_loader(cfg.data.backend, train_split, spec, batch_size=local_batch, rank=rank, world=world,
                           seed=cfg.train.seed, device=device, num_workers=cfg.data.num_workers, drop_last=True)
     steps_per_epoch = len(loader)
-    total_steps = cfg.optim.epochs * steps_per_epoch
+    cap_steps = cfg.optim.epochs * steps_per_epoch
+    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
     peak_lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.lr_scaling)
-    lrs = lr_schedule(peak_lr, total_steps, round(cfg.optim.warmup_epochs * steps_per_epoch)).tolist()
-    last_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
+    budget = cfg.train.time_budget_s
+
+    def plan(total: int) -> tuple[list[float], int]:
+        """The LR of every step and the step the run ends at, for a schedule of `total` steps."""
+        if budget > 0:  # a budget can cut the schedule inside the warmup
+            lrs = lr_schedule(peak_lr, total, min(warmup_steps, total)).tolist()
+        else:
+            lrs = lr_schedule(peak_lr, total, warmup_steps).tolist()
+        return lrs, (min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total)
+
+    total_steps = cap_steps
+    lrs, last_step = plan(total_steps)
 
     model = build_simclr(cfg.model)
     if world > 1 and cfg.train.sync_bn:
@@ -120,7 +131,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     except ValueError as e:
         raise ConfigError(f"config: 'loss.impl': {e}") from None
 
-    step = 0
+    step, seconds_before = 0, 0.0  # training seconds of earlier invocations (time budget)
+    planned = budget <= 0  # the schedule's length is final (else fixed once the first steps are timed)
     if resume is not None:
         ckpt = latest_checkpoint(ckpt_root) if resume == "auto" else resolve_checkpoint(resume)
         if ckpt is not None:
@@ -135,6 +147,10 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 raise CheckpointError(f"checkpoint '{ckpt}' is unreadable ({type(e).__name__}: {e}): "
                                       "pass another with --resume or start afresh") from None
             step = state["step"]
+            seconds_before = state.get("train_seconds", 0.0)
+            if budget > 0 and state.get("planned_steps"):
+                total_steps, planned = state["planned_steps"], True
+                lrs, last_step = plan(total_steps)
             loader.load_state_dict(state["loader"])
             acc.print(f"resumed from {ckpt} at step {step}")
         elif acc.is_main_process:
@@ -161,7 +177,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                     writer.add_scalar(k, v, record.get("step", 0))
 
     def checkpoint() -> Path:
-        state = {"step": step, "loader": loader.state_dict(), "world": world, "steps_per_epoch": steps_per_epoch}
+        state = {"step": step, "loader": loader.state_dict(), "world": world, "steps_per_epoch": steps_per_epoch,
+                 "train_seconds": seconds_before + time.perf_counter() - t_start,
+                 "planned_steps": total_steps if budget > 0 and planned else None}
         return save_checkpoint(acc, ckpt_root, step, state, config_yaml, keep=cfg.train.keep_checkpoints)
 
     stop = {"now": False}
@@ -179,6 +197,13 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     t_start, images_seen, wait_s = time.perf_counter(), 0, 0.0
     tick, tick_images, tick_wait = t_start, 0, 0.0
     knn_result = None
+    # Time budget: steps [timed_from, timed_to) are timed (after warm-up steps that pay for cuDNN
+    # autotuning, compilation and worker start-up), then the schedule is fitted to the budget. The
+    # steps taken until then follow the schedule of optim.epochs, which is the same while they lie
+    # in the warmup (they do unless the warmup is under 30 steps).
+    timed_from = step + 10
+    timed_to, t_timed = timed_from + 20, None
+    stop_reason = None
     while step < last_step and not stop["now"]:
         epoch = step // steps_per_epoch
         if loader.state_dict()["epoch"] != epoch:
@@ -190,8 +215,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             if batch is None:
                 break
             tick_wait += time.perf_counter() - t0
+            lr = lrs[step]
             for g in optimizer.param_groups:
-                g["lr"] = lrs[step]
+                g["lr"] = lr
             with acc.autocast():
                 _, z = model(torch.cat([batch.view1, batch.view2]))  # [2B, D]: both views in one pass
             z1, z2 = z.float().chunk(2)
@@ -202,21 +228,43 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             step += 1
             tick_images += len(batch.index) * world
             bar.update(1)
+            if not planned and step in (timed_from, timed_to):
+                if cuda:
+                    torch.cuda.synchronize(device)
+                now = time.perf_counter()
+                if step == timed_from:
+                    t_timed = now
+                else:  # every process adopts the slowest one's figures, so all agree on the plan
+                    elapsed, step_s = _agree_max(device, world, seconds_before + now - t_start,
+                                                 (now - t_timed) / (timed_to - timed_from))
+                    total_steps = steps_within_budget(budget, elapsed, step, step_s, cap_steps)
+                    lrs, last_step = plan(total_steps)
+                    planned = True
+                    bar.total = last_step
+                    bar.refresh()
+                    log({"event": "time_budget", "step": step, "budget_s": budget, "elapsed_s": elapsed,
+                         "step_s": step_s, "planned_steps": total_steps,
+                         "planned_epochs": total_steps / steps_per_epoch})
             if step % cfg.train.log_every == 0 or step == last_step:
                 loss_value = acc.reduce(loss.detach(), reduction="mean").item()  # the only host sync, once per log interval
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"loss became {loss_value} at step {step}: lower optim.lr "
-                                             f"(now {lrs[step - 1]:.3g}) or raise loss.temperature")
+                                             f"(now {lr:.3g}) or raise loss.temperature")
                 now = time.perf_counter()
                 ips = tick_images / (now - tick)
-                record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_value, "lr": lrs[step - 1],
+                record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_value, "lr": lr,
                           "images_per_s": ips, "data_wait_frac": tick_wait / (now - tick),
                           "tflops": ips * flops_per_image / 1e12}
                 mfu = model_flops_utilisation(flops_per_image, ips, peak)
                 if mfu is not None:
                     record["mfu"] = mfu
                 log(record)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs[step - 1]:.3g}", img_s=f"{ips:.0f}")
+                if budget > 0 and planned and step < last_step:  # a hard stop when the plan was too optimistic
+                    elapsed, _ = _agree_max(device, world, seconds_before + now - t_start, 0.0)
+                    if elapsed > 1.2 * budget:
+                        stop_reason = f"time budget: {elapsed:.0f} s > 1.2 x train.time_budget_s"
+                        stop["now"] = True
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
                 images_seen += tick_images
                 wait_s += tick_wait
                 tick, tick_images, tick_wait = now, 0, 0.0
@@ -236,7 +284,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                "data_wait_frac": wait_s / wall if wall > 0 else 0.0, "knn_top1": knn_result,
                "tflops": images_seen / wall * flops_per_image / 1e12 if wall > 0 else 0.0,
                "mfu": model_flops_utilisation(flops_per_image, images_seen / wall, peak) if wall > 0 else None,
-               "checkpoint": str(final), "interrupted": stop["now"]}
+               "checkpoint": str(final), "interrupted": stop["now"] and stop_reason is None,
+               "stopped_by": stop_reason, "time_budget_s": budget or None,
+               "planned_steps": total_steps if budget > 0 and planned else None}
     if acc.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         log({"event": "end", **{k: v for k, v in summary.items() if k != "checkpoint"}})
@@ -245,6 +295,17 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         _print_summary(summary)
     acc.end_training()
     return summary
+
+
+def _agree_max(device: torch.device, world: int, *values: float) -> tuple[float, ...]:
+    """The largest of each value over all processes (one all-reduce; values as given for one)."""
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(t.tolist())
 
 
 def _knn_on_main(cfg, acc, model, ds, train_split, spec, device, step, log):

@@ -15,6 +15,7 @@ import torch
 __all__ = [
     "SIMCLR_BASE_LR",
     "epochs_to_steps",
+    "steps_within_budget",
     "lr_schedule",
     "scaled_lr",
     "steps_per_epoch",
@@ -103,3 +104,23 @@ def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
     if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
         raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
     return int(math.floor(epochs * steps_per_epoch + 0.5))
+
+
+def steps_within_budget(budget_s: float, elapsed_s: float, step: int, step_s: float, cap: int,
+                        margin: float = 0.97) -> int:
+    """Schedule length that ends a run near a wall-clock budget (``train.time_budget_s``).
+
+    After ``step`` steps and ``elapsed_s`` seconds, at a measured ``step_s`` seconds per step, the
+    run can take ``floor((margin * budget_s - elapsed_s) / step_s)`` more steps; the result is that
+    total, at least ``step`` (the steps already taken) and at most ``cap`` (the configured epochs).
+    ``margin`` leaves room for what the measurement missed (epoch restarts, the final checkpoint).
+    """
+    for name, value in (("budget_s", budget_s), ("step_s", step_s)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    if not 0 < margin <= 1:
+        raise ValueError(f"margin must be in (0, 1], got {margin!r}")
+    if not 0 <= step <= cap:
+        raise ValueError(f"step must be in [0, cap={cap}], got {step}")
+    more = math.floor(max(0.0, margin * budget_s - elapsed_s) / step_s)
+    return max(step, min(cap, step + more))
