@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "1 for steps over 5 s)")
     p.add_argument("--max-seconds", type=float, default=60.0,
                    help="skip a size whose extrapolated step time exceeds this (default: 60)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="stop growing 2N before a size whose extrapolated steps (every impl still "
+                        "running, warm-up and repeats) would end the run past S seconds")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
                    help="implementations to run (reference always runs: it is the baseline)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # internal
@@ -268,6 +271,23 @@ def _inputs(m: int, args, device: torch.device, dtype: torch.dtype):
     return z1, z2
 
 
+def _within_budget(cost: dict[str, float], left: float) -> set[str]:
+    """The impls to run at the next size: drop the most expensive until the rest fit in `left`."""
+    kept = dict(cost)
+    for name in sorted(cost, key=cost.get, reverse=True):
+        if sum(kept.values()) <= left:
+            break
+        del kept[name]
+    return set(kept)
+
+
+def _predicted_cost(prev: tuple[int, dict], m: int, repeats: int) -> float:
+    """Seconds one impl would spend at size 2N=m (warm-up + timed steps), from its last size."""
+    prev_m, r = prev
+    step = r["time_s"] * (m / prev_m) ** 2
+    return step * (1 + (1 if step > 5.0 else repeats))
+
+
 def _memory_child(args) -> int:
     """Hidden entry point: peak extra CPU memory of one step for each (impl, 2N) in the plan."""
     plan = json.loads(args.memory_child)
@@ -318,7 +338,22 @@ def run(args, argv: list[str]) -> dict:
     done: dict[str, str] = {}  # impl -> why it stopped growing
     last: dict[str, tuple[int, dict]] = {}  # impl -> (2N, measurement) at its largest size
     measured: dict[int, dict[str, dict]] = {}
+    t_run = time.perf_counter()
     for m in sizes:
+        if args.time_budget is not None and last:
+            # Drop the slowest impls first until the size's extrapolated steps fit what is left,
+            # so the fastest one (the one that can reach the largest 2N) keeps growing longest.
+            left = args.time_budget - (time.perf_counter() - t_run)
+            cost = {name: _predicted_cost(last[name], m, repeats) for name in order
+                    if name in last and name not in done}
+            kept = _within_budget(cost, left)
+            for name in cost.keys() - kept:
+                done[name] = (f"stopped before 2N={m}: its extrapolated steps would end past "
+                              f"--time-budget {args.time_budget:g} s")
+            if not kept:
+                for name in order:
+                    done.setdefault(name, f"stopped before 2N={m}: --time-budget {args.time_budget:g} s spent")
+                break
         z1, z2 = _inputs(m, args, device, dtype)
         got: dict[str, dict] = {}
         for name in order:
@@ -351,7 +386,7 @@ def run(args, argv: list[str]) -> dict:
 
     memory_method = probe.method if probe.ok else "unavailable on this platform"
     if device.type == "cpu":
-        plan = {name: [m for m in sizes if name in measured[m]] for name in order}
+        plan = {name: [m for m in measured if name in measured[m]] for name in order}
         peaks, memory_method = _cpu_memory(args, argv, {k: v for k, v in plan.items() if v})
         for m, got in measured.items():
             for name, r in got.items():
@@ -398,6 +433,7 @@ def run(args, argv: list[str]) -> dict:
         "peer": notes.get("peer", "not requested"), "notes": notes, "stopped": done,
         "max_rel_loss_gap_vs_reference": loss_gap,
         "baseline_rule": "reference at each size where it ran, else chunked",
+        "time_budget_s": args.time_budget,
     }
     return {"device": str(device), "versions": _versions(device),
             "settings": settings, "results": rows}

@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         times = {k: statistics.median(v) for k, v in samples.items()}
         best = {k: min(v) for k, v in samples.items()}
         results.extend(_results(name, "step_ms", times) + _results(name, "step_ms_min", best))
-        results.extend({"case": name, "impl": impl, "metric": "first_step_ms", "value": ms}
+        results.extend({"case": name, "impl": impl, "metric": "first_step_ms", "value": ms, "baseline": BASELINE,
+                        "ratio": ms / first[BASELINE] if first.get(BASELINE) else float("nan")}
                        for impl, ms in first.items())
         print(_table(name, info, times, best, first), end="\n\n", flush=True)
 
