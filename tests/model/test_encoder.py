@@ -180,3 +180,24 @@ def test_channels_last_model_matches_contiguous():
     assert h.shape == h_ref.shape and z.shape == z_ref.shape
     torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(z, z_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("small_stem,side", [(False, 64), (True, 32)])
+def test_cuda_bf16_channels_last_forward_and_backward_match_fp32_cpu(small_stem, side):
+    """The training arrangement on a GPU (bf16 autocast, channels_last) against fp32 on the CPU."""
+    model = SimCLR("resnet18", width=0.5, small_stem=small_stem, head_out=32)
+    model.eval()  # batch statistics of 8 images would amplify bf16 rounding; eval BN is a plain affine
+    x = torch.randn(8, 3, side, side)
+    h_ref, z_ref = model(x)
+    gpu = SimCLR("resnet18", width=0.5, small_stem=small_stem, head_out=32)
+    gpu.load_state_dict(model.state_dict())
+    gpu = gpu.cuda().to(memory_format=torch.channels_last).eval()
+    xg = x.cuda().contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        h, z = gpu(xg)
+    z.float().square().sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    for got, want in ((h, h_ref), (z, z_ref)):
+        err = (got.float().cpu() - want).norm() / want.norm()
+        assert err < 3e-2, f"relative error {err:.3g}"

@@ -357,6 +357,26 @@ def test_bench_loss_writes_the_json_schema(tmp_path):
     assert by_key[("largest", "chunked", "largest_2N")]["value"] == 1024
 
 
+def test_bench_loss_time_budget_stops_growing_2n(tmp_path):
+    """The first size always runs; a spent --time-budget stops every impl before the next one."""
+    from tools import bench_loss
+
+    path = tmp_path / "bench.json"
+    assert bench_loss.main(["--device", "cpu", "--sizes", "256", "512", "1024", "--dim", "8", "--repeats", "1",
+                            "--impls", "reference", "chunked", "--time-budget", "1e-6", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert {r["case"] for r in report["results"]} == {"2N=256", "largest"}
+    for impl in ("reference", "chunked"):
+        assert "--time-budget" in report["settings"]["stopped"][impl]
+    assert report["settings"]["time_budget_s"] == 1e-6
+    # what a budget keeps: the cheapest impls, dropping the most expensive first
+    cost = {"reference": 30.0, "chunked": 12.0, "triton": 4.0}
+    assert bench_loss._within_budget(cost, 20.0) == {"chunked", "triton"}
+    assert bench_loss._within_budget(cost, 5.0) == {"triton"}
+    assert bench_loss._within_budget(cost, 50.0) == set(cost)
+    assert bench_loss._within_budget(cost, 1.0) == set()
+
+
 # ---------------------------------------------------------------- CUDA
 
 @pytest.mark.gpu
@@ -374,3 +394,127 @@ def test_cuda_matches_reference(impl, dtype):
     rtol = 1e-5 if dtype == torch.float32 else 2e-2
     assert abs(got_l.item() - want_l.item()) <= rtol * abs(want_l.item())
     assert (got_g.float() - want_g.float()).abs().max() <= rtol * want_g.float().abs().max() + 1e-9
+
+
+def _cuda_fp32_exact():
+    """fp32 matmuls in full precision for the duration of a test (tf32 would loosen them)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return old
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("n,d,block,tau,kind", CASES)
+def test_cuda_cases_match_reference(n, d, block, tau, kind, dtype, impl):
+    """The CPU suite's edge cases on the GPU: 2N = 2, ragged tiles, ties, near-zero rows, tiny and
+    large temperatures (triton tiles of 16 rows, so every case has a partial tile)."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    old = _cuda_fp32_exact()
+    try:
+        tau = float(tau)
+        z1, z2 = make_views(n, d, dtype, kind)
+        z1, z2 = z1.detach().cuda(), z2.detach().cuda()
+        want_l, want_g = loss_and_grads(lambda a, b: nt_xent_reference(a, b, tau), z1, z2)
+        got_l, got_g = loss_and_grads(
+            lambda a, b: nt_xent(a, b, tau, impl=impl, block=16 if impl == "triton" else block), z1, z2)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert got_l.device.type == "cuda" and torch.isfinite(got_g).all()
+    assert_close_normwise(got_l, want_l, dtype, f"{impl} loss")
+    assert_close_normwise(got_g, want_g, dtype, f"{impl} grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,block", [(3, None), (100, None), (128, 16), (128, 32), (128, None), (128, 128),
+                                     (256, None), (512, None)])
+def test_cuda_triton_tiles_and_widths(d, block):
+    """2N = 666 is no multiple of any tile; D = 3 and 100 leave masked feature columns; D = 512 is
+    the widest triton takes. fp32 operands, ieee products."""
+    pytest.importorskip("triton")
+    old = _cuda_fp32_exact()
+    try:
+        z1, z2 = make_views(333, d, torch.float64, seed=d)
+        want_l, want_g = loss_and_grads(lambda a, b: nt_xent_reference(a, b, 0.2), z1.cuda(), z2.cuda())
+        z1, z2 = z1.detach().float().cuda(), z2.detach().float().cuda()
+        got_l, got_g = loss_and_grads(lambda a, b: nt_xent(a, b, 0.2, impl="triton", block=block), z1, z2)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert_close_normwise(got_l, want_l, torch.float32, f"loss D={d} block={block}")
+    assert_close_normwise(got_g, want_g, torch.float32, f"grad D={d} block={block}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_cuda_offset_anchor_rows_match_naive(impl):
+    """The gathered form each process runs: own anchors at row_start, every row a column."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(1)
+    z = torch.nn.functional.normalize(torch.randn(3 * 200, 40, generator=g, dtype=torch.float64), dim=1).cuda()
+    for row_start in (0, 200, 400):
+        want_l, want_g = loss_and_grad_of(lambda a, r=row_start: ntx._reference_rows(a, r, 100, 0.3), z)
+        got_l, got_g = loss_and_grad_of(
+            lambda a, r=row_start: ntx._NTXentRows.apply(a, r, 100, 0.3, impl, 16 if impl == "triton" else 7,
+                                                         a.dtype), z)
+        assert_close_normwise(got_l, want_l, torch.float64, f"{impl} loss row_start={row_start}")
+        assert_close_normwise(got_g, want_g, torch.float64, f"{impl} grad row_start={row_start}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_triton_16bit_operands(dtype):
+    """16-bit operands on tensor cores, fp32 accumulation: within the rounding of the inputs of the
+    fp32 loss of the same (rounded) projections."""
+    pytest.importorskip("triton")
+    z1, z2 = make_views(2048, 128, torch.float32, seed=9)
+    z1, z2 = z1.detach().to(dtype).cuda(), z2.detach().to(dtype).cuda()
+    want_l, want_g = loss_and_grads(lambda a, b: nt_xent_reference(a.float(), b.float(), 0.1), z1, z2)
+    got_l, got_g = loss_and_grads(lambda a, b: nt_xent(a, b, 0.1, impl="triton"), z1, z2)
+    assert got_l.dtype == torch.float32 and got_g.dtype == dtype
+    assert abs(got_l.item() - want_l.item()) <= 1e-2 * abs(want_l.item())
+    err = (got_g.float() - want_g.float()).abs().max().item()
+    assert err <= 3e-2 * want_g.float().abs().max().item(), err
+
+
+@pytest.mark.gpu
+def test_cuda_triton_large_batch_matches_chunked_and_stays_small():
+    """2N = 40,000 (about 6 GB as a naive fp32 matrix): triton equals chunked, and the peak extra
+    memory of a triton forward+backward is O(2N x D), not O((2N)^2)."""
+    pytest.importorskip("triton")
+    old = _cuda_fp32_exact()
+    try:
+        z1, z2 = make_views(20000, 128, torch.float32, seed=11)
+        z1, z2 = z1.detach().cuda(), z2.detach().cuda()
+        want_l, want_g = loss_and_grads(lambda a, b: nt_xent(a, b, 0.1, impl="chunked"), z1, z2)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        got_l, got_g = loss_and_grads(lambda a, b: nt_xent(a, b, 0.1, impl="triton"), z1, z2)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert_close_normwise(got_l, want_l, torch.float32, "loss")
+    assert_close_normwise(got_g, want_g, torch.float32, "grad")
+    m, d = 40000, 128
+    assert peak <= 16 * m * d * 4, f"peak extra memory {peak / 2**20:.0f} MiB for 2N={m}, D={d}"
+
+
+@pytest.mark.gpu
+def test_cuda_triton_step_never_syncs_with_the_host():
+    """Forward and backward enqueue kernels only: no .item(), no host copy of a device value."""
+    pytest.importorskip("triton")
+    z1, z2 = make_views(512, 64, torch.float32, seed=12)
+    z1, z2 = z1.detach().cuda().requires_grad_(), z2.detach().cuda().requires_grad_()
+    nt_xent(z1, z2, 0.1, impl="triton").backward()  # compile the kernels outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = nt_xent(z1, z2, 0.1, impl="triton")
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()

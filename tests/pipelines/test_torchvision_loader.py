@@ -355,3 +355,19 @@ def test_a_dropped_loader_is_freed_by_reference_count():
     finally:
         gc.enable()
         gc.collect()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_cuda_batches_are_the_cpu_batches_on_the_device(dtype):
+    """device="cuda" moves the same views (pinned memory, non-blocking copies) and nothing else."""
+    split, spec = noise_split(40, 20), AugmentSpec(size=16, blur_p=0.5)
+    cpu = list(loader(split, spec, batch_size=16, seed=2, num_workers=2))
+    gpu = list(loader(split, spec, batch_size=16, seed=2, num_workers=2, device="cuda", dtype=dtype))
+    assert len(cpu) == len(gpu) == 3
+    for a, b in zip(cpu, gpu, strict=True):
+        assert b.view1.is_cuda and b.index.is_cuda and b.view1.dtype == dtype
+        assert b.view1.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(a.index, b.index.cpu()) and torch.equal(a.label, b.label.cpu())
+        for view in ("view1", "view2"):
+            torch.testing.assert_close(getattr(b, view).cpu().float(), getattr(a, view).to(dtype).float())

@@ -484,3 +484,58 @@ def test_bad_group_hyperparameter_raises():
 def test_lr_is_required():
     with pytest.raises(TypeError):
         LARS([torch.zeros(2, 2, requires_grad=True)])  # type: ignore[call-arg]
+
+
+# ---------------------------------------------------------------- CUDA
+
+def _cuda_run(opt_cls, net, steps, lrs, **kw):
+    """Like _run, on the GPU, with the LR as a 0-d device tensor where it is a tensor."""
+    params = list(net.parameters())
+    opt = opt_cls(lars_param_groups(net, kw.pop("wd")), lr=lrs[0], **kw)
+    for s in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lrs[s]
+        gen = torch.Generator().manual_seed(1000 + s)
+        for p in params:
+            p.grad = (0.01 * torch.randn(p.shape, generator=gen, dtype=p.dtype)).to(p.device)
+        opt.step()
+    return opt
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["auto", "materialize", "gram"])
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_cuda_step_matches_reference(strategy, tensor_lr):
+    """The GPU step ('auto' is the foreach 'materialize' there) equals the per-parameter oracle."""
+    net, ref = _net().cuda(), _net().cuda()
+    lrs = [0.5, 0.5, 2.0, 0.1, 0.0, 1.0]
+    if tensor_lr:
+        lrs = [torch.tensor(x, device="cuda") for x in lrs]
+    kw = dict(wd=0.05, momentum=0.9, eta=0.01)
+    opt = _cuda_run(LARS, net, len(lrs), lrs, strategy=strategy, **dict(kw))
+    ref_opt = _cuda_run(LARSReference, ref, len(lrs), lrs, **dict(kw))
+    _assert_close(net, ref)
+    for p, q in zip(net.parameters(), ref.parameters(), strict=True):
+        assert p.is_cuda
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"],
+                                   rtol=2e-5, atol=1e-7)
+    for p, q in zip(net.parameters(), _net().parameters(), strict=True):
+        assert not torch.equal(p.cpu(), q)
+
+
+@pytest.mark.gpu
+def test_cuda_step_on_resnet50_never_syncs_with_the_host():
+    """A whole ResNet-50 step with a device-tensor LR runs without one host synchronisation."""
+    net = torchvision.models.resnet50().cuda().to(memory_format=torch.channels_last)
+    params = list(net.parameters())
+    opt = LARS(lars_param_groups(net, 1e-6), lr=torch.tensor(0.3, device="cuda"))
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()  # momentum buffers are created on the first step
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all().item() for p in params[:3])

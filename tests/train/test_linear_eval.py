@@ -64,9 +64,44 @@ def test_linear_eval_command_on_a_pretrained_checkpoint(tmp_path):
         assert 0.1 < m["top1"] <= m["top5"] <= 1.0  # ten balanced-ish classes: far above chance
     assert "raw pixels (baseline)" in proc.stdout and "SimCLR encoder" in proc.stdout
 
+    # --train-samples / --eval-samples: a seeded subset, the same on every run
+    sub = [tmp_path / "s1.json", tmp_path / "s2.json"]
+    for path in sub:
+        proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(run), "--json", str(path),
+                               "--train-samples", "200", "--eval-samples", "100", "--no-baseline"],
+                              cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = (json.loads(p.read_text()) for p in sub)
+    assert (a["train_count"], a["eval_count"]) == (200, 100) and "raw_pixels" not in a
+    assert a["encoder"] == b["encoder"]
+
 
 def test_linear_eval_rejects_a_missing_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(tmp_path / "none")],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("linear_eval: error: no readable checkpoint") and "Traceback" not in proc.stderr
+
+
+def test_subset_is_seeded_sorted_and_whole_when_large():
+    from train.linear_eval import _subset
+
+    a = _subset(1000, 100, seed=3)
+    assert len(a) == 100 == len(set(a.tolist())) and (a[1:] > a[:-1]).all() and a.max() < 1000
+    assert (a == _subset(1000, 100, seed=3)).all() and not (a == _subset(1000, 100, seed=4)).all()
+    assert (_subset(50, 100, seed=0) == list(range(50))).all() and (_subset(50, None, seed=0) == list(range(50))).all()
+
+
+@pytest.mark.gpu
+def test_cuda_probe_matches_the_cpu_probe():
+    """The fits on the GPU reach the CPU's accuracy and penalty on the same features."""
+    g = torch.Generator().manual_seed(2)
+    n, d, classes = 3000, 64, 5
+    centres = torch.randn(classes, d, generator=g)
+    y = torch.randint(0, classes, (2 * n,), generator=g)
+    x = centres[y] + 1.5 * torch.randn(2 * n, d, generator=g)
+    kw = dict(l2_grid=(1e-4, 1e-2), val_fraction=0.1, max_iter=200)
+    cpu = linear_probe(x[:n], y[:n], x[n:], y[n:], **kw)
+    gpu = linear_probe(x[:n], y[:n], x[n:], y[n:], device="cuda", **kw)
+    assert gpu["l2"] == cpu["l2"]
+    assert abs(gpu["top1"] - cpu["top1"]) <= 0.005 and abs(gpu["top5"] - cpu["top5"]) <= 0.005

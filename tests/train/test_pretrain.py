@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -169,3 +170,82 @@ def test_every_shipped_recipe_runs_two_steps(recipe, dataset, tmp_path):
          "--data.batch_size=16", "--data.num_workers=0", "--model.width=0.125", "--augment.size=32",
          "--train.max_steps=2", "--train.knn_every=-1", f"--train.out_dir={tmp_path}", "--train.mixed_precision=fp32"])
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+
+
+# ---------------------------------------------------------------- time budget
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("budget", [0.1, 4.0])
+def test_time_budget_fits_the_schedule_to_the_time_left(budget, dataset, tmp_path):
+    """train.time_budget_s times steps 10..30, then fixes the schedule's length P: a budget already
+    spent ends the run right there (P = 30); otherwise P is what the time left allows, at most
+    optim.epochs (5 x 8 = 40 steps). Steps up to 30 follow the optim.epochs schedule, later ones
+    the planned one, whose cosine reaches zero on step P; the plan is logged."""
+    from train.schedule import lr_schedule, scaled_lr
+
+    run([*TINY, f"--data.path={dataset}", "--optim.epochs=5", f"--train.time_budget_s={budget}",
+         f"--train.out_dir={tmp_path}"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    p = summary["planned_steps"]
+    assert summary["steps"] == p and 30 <= p <= 40, summary
+    if budget < 1:
+        assert p == 30
+    assert summary["time_budget_s"] == budget and summary["stopped_by"] is None
+    plan = [r for r in records(tmp_path) if r.get("event") == "time_budget"]
+    assert len(plan) == 1 and plan[0]["step"] == 30 and plan[0]["planned_steps"] == p and plan[0]["step_s"] > 0
+    peak = scaled_lr(1.0, 32)  # the demo recipe's base LR at batch 32; warmup 0.5 epoch = 4 steps
+    before, after = lr_schedule(peak, 40, 4).tolist(), lr_schedule(peak, p, 4).tolist()
+    lrs = {r["step"]: r["lr"] for r in records(tmp_path) if "lr" in r}
+    assert sorted(lrs) == list(range(1, p + 1))
+    for step, lr in lrs.items():
+        want = before[step - 1] if step <= 30 else after[step - 1]
+        assert lr == pytest.approx(want, rel=1e-12, abs=1e-15), step
+    if p > 30:
+        assert lrs[p] == 0.0
+
+
+def test_steps_within_budget_closed_form():
+    from train.schedule import steps_within_budget
+
+    # 100 s budget, 20 s spent at step 30, 0.5 s per step: 0.97 * 100 - 20 = 77 s -> 154 more steps
+    assert steps_within_budget(100.0, 20.0, 30, 0.5, cap=10_000) == 184
+    assert steps_within_budget(100.0, 20.0, 30, 0.5, cap=100) == 100  # the configured epochs cap it
+    assert steps_within_budget(10.0, 20.0, 30, 0.5, cap=100) == 30  # spent already: stop where it is
+    assert steps_within_budget(100.0, 0.0, 0, 1.0, cap=1000, margin=1.0) == 100
+    with pytest.raises(ValueError, match="step_s"):
+        steps_within_budget(100.0, 1.0, 3, 0.0, cap=10)
+    with pytest.raises(ValueError, match="budget_s"):
+        steps_within_budget(float("nan"), 1.0, 3, 1.0, cap=10)
+
+
+def test_negative_time_budget_is_a_config_error(tmp_path):
+    _one_line_error(run([*TINY, "--train.time_budget_s=-5"], check=False), "time_budget_s")
+
+
+# ---------------------------------------------------------------- CUDA
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+def test_cuda_run_bf16_triton_channels_last_reports_mfu_and_resumes(dataset, tmp_path):
+    """The GPU path end to end: bf16 autocast, channels_last, the Triton loss, LARS's foreach step,
+    throughput/MFU logging, a checkpoint and a resume that continues at the saved step."""
+    common = [*TINY, f"--data.path={dataset}", "--data.backend=torchvision", "--optim.epochs=3",
+              "--train.mixed_precision=auto", f"--train.out_dir={tmp_path}"]
+    run([*common, "--train.max_steps=6"])
+    first = json.loads((tmp_path / "summary.json").read_text())
+    assert first["device"].startswith("cuda") and first["loss_impl"] == "triton" and first["steps"] == 6
+    start = next(r for r in records(tmp_path) if r.get("event") == "start")
+    assert start["precision"] == "bf16"
+    losses = [r for r in records(tmp_path) if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(r["loss"]) and r["tflops"] > 0 for r in losses)
+    from model.flops import peak_flops
+
+    if peak_flops("cuda", torch.bfloat16) is not None:  # a GPU in the peak table: MFU is logged
+        assert all(0 < r["mfu"] < 1 for r in losses)
+    run([*common, "--resume"])
+    second = json.loads((tmp_path / "summary.json").read_text())
+    assert second["steps"] == 24  # 3 epochs x 8 steps
+    starts = [r["step"] for r in records(tmp_path) if r.get("event") == "start"]
+    assert starts == [0, 6]
+    w = weights(tmp_path)
+    assert all(torch.isfinite(t.float()).all() for t in w.values())
