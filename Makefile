@@ -1,7 +1,10 @@
 # The README's two commands. Each runs the idempotent set-up first.
 #   make demo   convert Fashion-MNIST, pretrain SimCLR, linear evaluation (CPU or GPU)
 #   make test   the test suite
+# and, on a GPU machine, `make gpu-check ARGS="--data DIR --images DIR"` (no set-up: it runs on
+# whatever python3 has torch when there is no .venv)
 PY := .venv/bin/python
+CHECK_PY := $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 DEMO_CONFIG ?= train/configs/fashion_mnist_demo.yaml
 DEMO_DATA := data/fashion-mnist
 DEMO_RUN := runs/fashion-mnist-demo
@@ -9,7 +12,7 @@ DEMO_RUN := runs/fashion-mnist-demo
 ACCELERATE := .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 	--num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: setup demo test lint bench-peers clean-demo
+.PHONY: setup demo test gpu-check lint bench-peers clean-demo
 
 setup:
 	@bash tools/setup.sh
@@ -21,6 +24,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+gpu-check:
+	$(CHECK_PY) -m tools.gpu_check $(ARGS)
 
 bench-peers: setup
 	$(PY) -m pip install -q --no-deps -r requirements-bench.txt

@@ -1,0 +1,200 @@
+"""tools.gpu_check: the step runner under failures and hangs, pytest's report, the benchmark
+contract, and the whole check at toy sizes on the CPU (so it cannot rot between GPU sessions)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fashion_mnist import REPO, fashion_mnist_dir
+from tools import gpu_check as gc
+
+PY = sys.executable
+
+
+def _step(name: str, code: str, tmp: Path, weight: float = 1.0, result: bool = True) -> gc.Step:
+    rf = tmp / f"{name}.json" if result else None
+    argv = [PY, "-c", textwrap.dedent(code)] + ([str(rf)] if rf else [])
+    return gc.Step(name, f"test step {name}", weight, argv, rf)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purpose
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def test_a_hanging_step_and_its_children_are_killed_at_the_limit_with_the_log_tail(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    step = _step("train", f"""
+        import subprocess, sys, time
+        child = subprocess.Popen(["sleep", "300"])
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        print("working on it", flush=True)
+        time.sleep(300)
+    """, tmp_path, result=False)
+    t0 = time.perf_counter()
+    rec = gc.run_step(step, limit_s=3.0, log_path=tmp_path / "train.log")
+    assert time.perf_counter() - t0 < 3.0 + gc.KILL_GRACE_S + 5
+    assert rec["timed_out"] and rec["limit_s"] == 3.0
+    assert "working on it" in rec["log_tail"]
+    pid = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), "the step's own child outlived the kill"
+    gc.finish_record(step, rec)
+    assert rec["status"] == "timeout" and "killed after its 3 s share" in rec["headline"]
+    assert "working on it" in rec["headline"]  # the last log line is quoted
+
+
+def test_failing_and_contract_breaking_steps_are_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    good = {"device": "cpu", "versions": {}, "settings": {},
+            "results": [{"case": "c", "impl": "lars", "metric": "step_ms", "value": 2.0, "baseline": "sgd_foreach",
+                         "ratio": 0.5}, {"case": "c", "impl": "lars_reference", "metric": "step_ms", "value": 8.0,
+                                         "baseline": "sgd_foreach", "ratio": 2.0}]}
+    bad = {"device": "cpu", "versions": {}, "results": [{"case": "c", "impl": "x", "metric": "m", "value": 1.0}]}
+    write = "import json, sys; json.dump({!r}, open(sys.argv[1], 'w'))"
+    steps = [
+        _step("loss-fp32", "import sys; print('boom: CUDA error', flush=True); sys.exit(3)", tmp_path, weight=1),
+        _step("loss-bf16", "import time; time.sleep(60)", tmp_path, weight=1),
+        _step("optim", write.format(good), tmp_path, weight=1),
+        _step("train", write.format(bad), tmp_path, weight=1),
+        gc.Step("loader", "no images", 1, None, None, skip="no --images DIR given"),
+    ]
+    monkeypatch.setattr(gc, "plan_steps", lambda args, env, out: steps)
+    args = gc.build_parser().parse_args(["--device", "cpu", "--budget-s", "12", "--out", str(tmp_path)])
+    t0 = time.perf_counter()
+    report = gc.run_all(args)
+    assert time.perf_counter() - t0 < 12 + gc.KILL_GRACE_S + 5
+    by = {r["name"]: r for r in report["steps"]}
+    assert [r["name"] for r in report["steps"]] == ["loss-fp32", "loss-bf16", "optim", "train", "loader"]
+    assert by["loss-fp32"]["status"] == "fail" and by["loss-fp32"]["returncode"] == 3
+    assert "boom: CUDA error" in by["loss-fp32"]["headline"]
+    assert by["loss-bf16"]["status"] == "timeout"
+    assert by["optim"]["status"] == "pass" and "4.0x the per-parameter form" in by["optim"]["headline"]
+    assert by["train"]["status"] == "fail" and "baseline" in by["train"]["headline"]
+    assert by["loader"]["status"] == "skip" and by["loader"]["headline"] == "no --images DIR given"
+    assert report["counts"] == {"pass": 1, "fail": 2, "timeout": 1, "skip": 1}
+    # the hanging step got a share of the budget, not all of it: 12 s over four runnable steps
+    assert by["loss-bf16"]["limit_s"] < 6
+
+
+def test_budget_shares_pass_unused_time_forward():
+    assert gc.share_of_budget([1, 1, 2], 100.0) == 25.0
+    assert gc.share_of_budget([2], 30.0) == 30.0
+    # a step that used 10 of its 25 s leaves 90 s for weights [1, 2]: the next gets 30, not 25
+    assert gc.share_of_budget([1, 2], 90.0) == 30.0
+
+
+def test_pytest_junit_summary_against_a_real_pytest_run(tmp_path):
+    """Counts and failure messages read back from what pytest itself wrote."""
+    (tmp_path / "test_sample.py").write_text(textwrap.dedent("""
+        import pytest
+        def test_ok(): pass
+        def test_also_ok(): pass
+        def test_broken(): assert 1 == 2, "one is not two"
+        @pytest.mark.skip(reason="needs a CUDA device")
+        def test_gpu(): pass
+        def test_error(boom): pass
+        @pytest.fixture
+        def boom(): raise RuntimeError("fixture exploded")
+    """))
+    xml = tmp_path / "r.xml"
+    subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", str(tmp_path)],
+                   cwd=tmp_path, capture_output=True)
+    s = gc.summarise_tests(xml)
+    assert (s["tests"], s["passed"], s["failures"], s["errors"], s["skipped"]) == (5, 2, 1, 1, 1)
+    assert s["skip_reasons"] == {"needs a CUDA device": 1}
+    msgs = {f["test"].split("::")[-1]: f for f in s["failed"]}
+    assert "one is not two" in msgs["test_broken"]["message"] and msgs["test_error"]["kind"] == "error"
+    assert gc.summarise_tests(tmp_path / "missing.xml") is None
+
+
+def test_contract_problems_names_what_is_missing():
+    row = {"case": "c", "impl": "i", "metric": "m", "value": 1.0, "baseline": "i", "ratio": 1.0}
+    assert gc.contract_problems({"device": "cpu", "versions": {}, "settings": {}, "results": [row]}) == []
+    assert gc.contract_problems(None) == ["no JSON written"]
+    problems = gc.contract_problems({"device": "cpu", "results": [{k: v for k, v in row.items() if k != "ratio"}]})
+    assert "missing 'versions'" in problems and "missing 'settings'" in problems
+    assert any("['ratio']" in p for p in problems)
+
+
+def test_cuda_without_a_gpu_is_a_one_line_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the error raised where CUDA is absent")
+    proc = subprocess.run([PY, "-m", "tools.gpu_check", "--device", "cuda"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("gpu_check: error: --device cuda but torch sees no CUDA device")
+    assert "Traceback" not in proc.stderr
+
+
+def _strict_json(text: str):
+    def no_constant(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=no_constant)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_cpu_quick_run_covers_every_step_and_writes_the_report(tmp_path):
+    """The whole check at toy sizes: every step runs (or says why not), every benchmark's JSON keeps
+    the contract, the report is strict JSON, and nothing fails or hangs."""
+    out = tmp_path / "gc"
+    report_path = tmp_path / "report.json"
+    env = {**os.environ, "SIMCLR_IMAGENET_SAMPLE": str(tmp_path / "no-images")}  # the array cases only
+    proc = subprocess.run([PY, "-m", "tools.gpu_check", "--device", "cpu", "--quick", "--budget-s", "600",
+                           "--out", str(out), "--json", str(report_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=840)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    report = _strict_json(report_path.read_text())
+    assert report["tool"] == "gpu_check" and report["device"] == "cpu" and report["quick"]
+    steps = {r["name"]: r for r in report["steps"]}
+    assert list(steps) == list(gc.STEP_NAMES)
+    for r in steps.values():
+        assert r["status"] in gc.STATUSES and r["headline"], r["name"]
+    assert sum(report["counts"].values()) == len(gc.STEP_NAMES)
+    assert report["counts"]["fail"] == report["counts"]["timeout"] == 0
+    assert report["seconds"] <= 600 + 30
+
+    env_rec = report["environment"]
+    assert env_rec["torch"]["version"] and env_rec["cpu"]["cores"] >= 1
+    assert set(env_rec["optional"]) == {"dali", "ffcv", "lightly"}
+    for v in env_rec["optional"].values():
+        assert v["ok"] or v["error"]  # a backend that does not import says why
+
+    tests = steps["tests"]
+    assert tests["status"] == "skip" and tests["results"]["passed"] == 0 and tests["results"]["tests"] >= 10
+    assert "needs a CUDA device" in tests["headline"]
+    for name in ("loss-fp32", "loss-bf16", "optim", "train", "loader", "train-loaders"):
+        assert steps[name]["status"] == "pass", steps[name]
+        assert gc.contract_problems(steps[name]["results"]) == [], name
+        assert Path(steps[name]["log"]).is_file() and steps[name]["limit_s"] > 0
+    assert steps["loss-bf16"]["results"]["settings"]["dtype"] == "bfloat16"
+
+    q = steps["quality"]
+    if fashion_mnist_dir() is None:
+        assert q["status"] == "skip" and "Fashion-MNIST" in q["headline"]
+    else:
+        assert q["status"] == "pass", q
+        res = q["results"]
+        assert 0.1 < res["encoder_top1"] <= 1 and 0.1 < res["raw_pixels_top1"] <= 1
+        assert res["eval_count"] == 1000 and res["pretraining"]["time_budget_s"] == res["time_budget_s"]
+        assert math.isfinite(res["pretraining"]["images_per_s"])
+    assert "step" in proc.stdout and "headline" in proc.stdout  # the table
