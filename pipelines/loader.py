@@ -23,6 +23,7 @@ Contract shared by all backends:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -32,6 +33,26 @@ from pipelines.sources import Split
 from pipelines.spec import AugmentSpec, TwoViewBatch
 
 BACKENDS = ("torchvision", "dali", "ffcv")
+# backend -> (module it needs, what to install)
+_NEEDS = {"dali": ("nvidia.dali", "nvidia-dali-cuda130"), "ffcv": ("ffcv", "ffcv (after apt-get install "
+                                                                   "libopencv-dev libturbojpeg0-dev)")}
+
+
+class BackendUnavailable(RuntimeError):
+    """A loader backend whose library does not import here; the message says what to do."""
+
+
+def require_backend(backend: str) -> None:
+    """Raise BackendUnavailable, naming the package and the alternative, when `backend` cannot load."""
+    if backend not in _NEEDS:
+        return
+    module, package = _NEEDS[backend]
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # ImportError, or a broken install's OSError
+        raise BackendUnavailable(f"data.backend '{backend}' needs {module}, which does not import here "
+                                 f"({type(e).__name__}: {e}): install {package}, or use "
+                                 f"--data.backend=torchvision") from None
 
 
 class TwoViewLoader(Protocol):
@@ -57,6 +78,7 @@ def build_loader(
     shuffle: bool = True,
     drop_last: bool = True,
 ) -> TwoViewLoader:
+    require_backend(backend)
     kwargs = dict(batch_size=batch_size, rank=rank, world=world, seed=seed, device=torch.device(device),
                   dtype=dtype, num_workers=num_workers, shuffle=shuffle, drop_last=drop_last)
     if backend == "torchvision":

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipelines.loader import build_loader
+from pipelines.loader import BackendUnavailable, build_loader
 from pipelines.sharding import dropped_per_epoch
 from pipelines.sources import DatasetError, open_dataset
 from train.checkpoint import (
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         train(cfg, resume=args.resume)
-    except (ConfigError, DatasetError, CheckpointError, FloatingPointError) as e:
+    except (ConfigError, DatasetError, CheckpointError, FloatingPointError, BackendUnavailable) as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:

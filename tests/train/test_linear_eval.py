@@ -52,7 +52,8 @@ def test_linear_eval_command_on_a_pretrained_checkpoint(tmp_path):
     run = tmp_path / "run"
     subprocess.run([sys.executable, "-m", "train.pretrain", "--config", str(REPO / "train/configs/fashion_mnist_demo.yaml"),
                     f"--data.path={data}", f"--train.out_dir={run}", "--model.width=0.125", "--data.batch_size=64",
-                    "--data.num_workers=0", "--train.max_steps=3"], cwd=REPO, check=True, capture_output=True)
+                    "--data.num_workers=0", "--train.max_steps=3", "--data.backend=torchvision"],
+                   cwd=REPO, check=True, capture_output=True)
     out = tmp_path / "le.json"
     proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(run), "--json", str(out)],
                           cwd=REPO, capture_output=True, text=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -26,6 +27,8 @@ TINY = [
     "--optim.epochs=2", "--optim.warmup_epochs=0.5", "--train.log_every=1", "--train.checkpoint_every=2",
     "--train.knn_every=-1",
 ]
+if importlib.util.find_spec("nvidia.dali") is None:  # the demo recipe's DALI is optional: fall back
+    TINY.append("--data.backend=torchvision")
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +106,7 @@ def test_two_gloo_processes_really_run_and_match_one_process_forward(dataset, tm
 @pytest.mark.parametrize("backend", ["dali", "ffcv"])
 def test_training_runs_with_each_fast_loader(backend, dataset, tmp_path):
     """`--data.backend` switches the loader; a run completes and its loss is finite and logged."""
+    pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[backend])
     if backend == "ffcv":
         from pipelines.ffcv_loader import write_beton
         from pipelines.sources import open_dataset
@@ -129,6 +133,14 @@ def _one_line_error(proc, *needles):
 def test_missing_dataset_names_the_converter(tmp_path):
     proc = run([*TINY, f"--data.path={tmp_path / 'nope'}", f"--train.out_dir={tmp_path / 'r'}"], check=False)
     _one_line_error(proc, "nope", "tools.convert")
+
+
+def test_backend_that_does_not_import_is_a_one_line_error(dataset, tmp_path):
+    code = ("import sys, pipelines.loader as l; l._NEEDS['dali'] = ('no_such_module_for_this_test', "
+            "'nvidia-dali-cuda130'); from train.pretrain import main; sys.exit(main(sys.argv[1:]))")
+    proc = run([*TINY, f"--data.path={dataset}", "--data.backend=dali", f"--train.out_dir={tmp_path}"],
+               launcher=(PY, "-c", code), check=False)
+    _one_line_error(proc, "data.backend 'dali'", "nvidia-dali-cuda130", "--data.backend=torchvision")
 
 
 def test_bad_config_key_and_type(tmp_path):
