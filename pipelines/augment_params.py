@@ -1,13 +1,17 @@
-"""Counter-based random numbers and the SimCLR parameter samplers shared by the DALI and FFCV loaders.
+"""The one sampler: every random parameter of a SimCLR view, drawn from (seed, epoch, index, view).
 
-The loader contract asks that a view depend only on (seed, epoch, index, view). Both fast
-backends therefore draw every random number from a hash of that key instead of a stateful
-generator: `view_key(seed, epoch, view)` fixes the epoch and view, `stream(key, index, salt)`
-a sample's stream (one salt per operation), and `uniform(stream, k)` its k-th draw. Any
-sample can be drawn alone, in any batch and on any thread, and gets the same numbers.
+The loader contract asks that a view depend only on (seed, epoch, index, view), and that every
+backend draw the same view for the same key. So no backend owns a random generator: every
+random number comes from a hash of the key. `view_key(seed, epoch, view)` fixes the epoch and
+view, `stream(key, index)` a sample's stream, and `uniform(stream, k)` its k-th draw. Any sample
+can be drawn alone, in any batch and on any thread, and gets the same numbers.
 
-Everything here is compiled with numba, so the FFCV operations call it from their compiled
-code and the DALI feed (and the FFCV device tail) call the batched versions from numpy.
+A view's draws are laid out once (`DRAW_*`): 40 for the crop box (torchvision's ten tries),
+then flip, jitter, the jitter order, the four jitter factors, grayscale, blur, and the blur's
+sigma. `view_params` turns them into the packed per-sample vector (`P_*`) that every renderer
+reads: torchvision's functional ops (the reference), the numba kernels (CPU: FFCV, DALI) and the
+batched torch ops (GPU). `sample_views` is the batched form for host code. Everything here is
+compiled with numba, so FFCV's compiled operations call the same functions per sample.
 """
 
 from __future__ import annotations
@@ -24,10 +28,29 @@ _S30, _S27, _S31, _S11, _S56 = np.uint64(30), np.uint64(27), np.uint64(31), np.u
 _TWO_POW_53 = 9007199254740992.0
 _U64_MASK = 0xFFFFFFFFFFFFFFFF
 
-# Stream salts. The DALI feed draws all of a view's numbers from salt 0; the FFCV operations
-# draw one stream per operation.
-SALT_ALL, SALT_CROP, SALT_FLIP, SALT_JITTER, SALT_GRAY, SALT_BLUR = 0, 1, 2, 3, 4, 5
 CROP_TRIES = 10  # torchvision's RandomResizedCrop.get_params; a box takes 4 draws per try
+SALT_VIEW = 0  # the stream of a view's parameters (other salts are free for future operations)
+
+# Draw k of a sample's view stream -> what it decides.
+DRAW_CROP = 1  # 4 * CROP_TRIES draws: area, log-aspect, top, left of each try
+DRAW_FLIP = DRAW_CROP + 4 * CROP_TRIES  # 41
+DRAW_JITTER = DRAW_FLIP + 1  # whether colour jitter applies
+DRAW_ORDER = DRAW_JITTER + 1  # 4 keys whose argsort is the jitter order
+DRAW_FACTORS = DRAW_ORDER + 4  # brightness, contrast, saturation, hue
+DRAW_GRAY = DRAW_FACTORS + 4
+DRAW_BLUR = DRAW_GRAY + 1
+DRAW_SIGMA = DRAW_BLUR + 1  # 53
+
+# The packed parameters of one view's colour/blur tail, float64 [N_P]: what every renderer reads.
+P_FLIP = 0  # 1.0: mirror horizontally
+P_JITTER = 1  # 1.0: apply the four adjustments in the order below
+P_ORDER = 2  # 4 slots: the adjustment of each slot, 0 brightness, 1 contrast, 2 saturation, 3 hue
+P_FACTOR = 6  # 4 factors: brightness, contrast, saturation, hue (in turns, [-0.5, 0.5])
+P_GRAY = 10  # 1.0: luma to all three channels
+P_BLUR = 11  # 1.0: Gaussian blur
+P_SIGMA = 12  # the blur's sigma
+P_WINDOW = 13  # the blur's odd window side (`blur_window`)
+N_P = 14
 
 
 @numba.njit(inline="always")
@@ -51,7 +74,7 @@ def view_key(seed: int, epoch: int, view: int) -> np.uint64:
 
 
 @numba.njit(inline="always")
-def stream(key, index, salt):
+def stream(key, index, salt=SALT_VIEW):
     """The stream of sample `index` for one operation (`salt`) under a view key."""
     # np.uint64(key): a key numba typed as int64 would mix in float64 arithmetic
     return mix(np.uint64(key) ^ mix(np.uint64(index) ^ (np.uint64(salt) << _S56)))
@@ -136,7 +159,7 @@ def crop_boxes(key, index: np.ndarray, heights: np.ndarray, widths: np.ndarray, 
                        float(scale[0]), float(scale[1]), float(ratio[0]), float(ratio[1]))
 
 
-# ---- colour jitter, grayscale, blur (the FFCV streams) ------------------------------------------
+# ---- the rest of a view: flip, colour jitter, grayscale, blur ----------------------------------
 
 def jitter_ranges(brightness: float, contrast: float, saturation: float, hue: float) -> tuple[np.ndarray, np.ndarray]:
     """torchvision ColorJitter's factor ranges: float64 [4] lo, hi for (brightness, contrast,
@@ -144,31 +167,6 @@ def jitter_ranges(brightness: float, contrast: float, saturation: float, hue: fl
     lo = np.array([max(0.0, 1 - brightness), max(0.0, 1 - contrast), max(0.0, 1 - saturation), -hue])
     hi = np.array([1 + brightness, 1 + contrast, 1 + saturation, hue])
     return lo, hi
-
-
-@numba.njit(inline="always")
-def jitter_draw(s, p, lo, hi):
-    """(applied, order[4], factors[4]) of torchvision's RandomApply(ColorJitter) for one sample:
-    order is a uniform random permutation of (brightness, contrast, saturation, hue)."""
-    applied = uniform(s, 0) < p
-    keys = np.empty(4)
-    factors = np.empty(4)
-    for j in range(4):
-        keys[j] = uniform(s, 1 + j)
-        factors[j] = lo[j] + (hi[j] - lo[j]) * uniform(s, 5 + j)
-    return applied, np.argsort(keys), factors
-
-
-@numba.njit(inline="always")
-def coin(s, p):
-    """Draw 0 of stream s is below p (flip, grayscale, blur)."""
-    return uniform(s, 0) < p
-
-
-@numba.njit(inline="always")
-def blur_sigma(s, lo, hi):
-    """The blur's sigma, uniform in [lo, hi] (draw 1 of the blur stream)."""
-    return lo + (hi - lo) * uniform(s, 1)
 
 
 # A blur's window is cut at this many sigmas on each side, capped at the spec's kernel: the taps
@@ -190,36 +188,64 @@ def blur_windows(sigma: np.ndarray, kernel_size: int) -> np.ndarray:
     return np.clip(2 * half + 1, 3, kernel_size).astype(np.int32)
 
 
-@numba.njit(cache=True)
-def _tail_params(key, index, jitter_p, lo, hi, gray_p, blur_p, s_lo, s_hi):
-    b = index.shape[0]
-    jitter = np.empty(b, dtype=np.bool_)
-    order = np.empty((b, 4), dtype=np.int64)
-    factors = np.empty((b, 4))
-    gray = np.empty(b, dtype=np.bool_)
-    blur = np.empty(b, dtype=np.bool_)
-    sigma = np.empty(b)
-    for i in range(b):
-        applied, perm, f = jitter_draw(stream(key, index[i], SALT_JITTER), jitter_p, lo, hi)
-        jitter[i] = applied
-        order[i, :] = perm
-        factors[i, :] = f
-        gray[i] = coin(stream(key, index[i], SALT_GRAY), gray_p)
-        s = stream(key, index[i], SALT_BLUR)
-        blur[i] = coin(s, blur_p)
-        sigma[i] = blur_sigma(s, s_lo, s_hi)
-    return jitter, order, factors, gray, blur, sigma
+@numba.njit(inline="always")
+def tail_params(s, flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo, s_hi, kernel_size, out):
+    """The packed tail parameters (`P_*`) of one view from its stream s, written to out [N_P].
 
-
-def colour_blur_params(spec, key, index: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-sample jitter, grayscale and blur parameters of one view, from the FFCV streams.
-
-    The same draws as the numba operations in `pipelines.ffcv_ops`, batched: `jitter` bool [B],
-    `order` int64 [B, 4], `factors` float64 [B, 4] (hue in turns), `gray` bool [B], `blur` bool [B],
-    `sigma` float64 [B]. `spec` is an `AugmentSpec`.
+    torchvision's semantics: RandomHorizontalFlip(flip_p), RandomApply(ColorJitter) with p =
+    jitter_p (factors uniform in [lo, hi], a uniform random order of the four adjustments),
+    RandomGrayscale(gray_p), RandomApply(GaussianBlur) with p = blur_p (sigma uniform in
+    [s_lo, s_hi]).
     """
+    out[P_FLIP] = 1.0 if uniform(s, DRAW_FLIP) < flip_p else 0.0
+    out[P_JITTER] = 1.0 if uniform(s, DRAW_JITTER) < jitter_p else 0.0
+    keys = np.empty(4)
+    for j in range(4):
+        keys[j] = uniform(s, DRAW_ORDER + j)
+        out[P_FACTOR + j] = lo[j] + (hi[j] - lo[j]) * uniform(s, DRAW_FACTORS + j)
+    order = np.argsort(keys)
+    for j in range(4):
+        out[P_ORDER + j] = order[j]
+    out[P_GRAY] = 1.0 if uniform(s, DRAW_GRAY) < gray_p else 0.0
+    out[P_BLUR] = 1.0 if uniform(s, DRAW_BLUR) < blur_p else 0.0
+    sigma = s_lo + (s_hi - s_lo) * uniform(s, DRAW_SIGMA)
+    out[P_SIGMA] = sigma
+    out[P_WINDOW] = blur_window(sigma, kernel_size)
+
+
+@numba.njit(cache=True)
+def _sample(key, index, heights, widths, c_lo, c_hi, r_lo, r_hi, flip_p, jitter_p, lo, hi, gray_p, blur_p,
+            s_lo, s_hi, kernel_size):
+    b = index.shape[0]
+    boxes = np.empty((b, 4), dtype=np.int64)
+    params = np.empty((b, N_P))
+    for i in range(b):
+        s = stream(key, index[i])
+        top, left, h, w = crop_box(s, DRAW_CROP, np.int64(heights[i]), np.int64(widths[i]), c_lo, c_hi, r_lo, r_hi)
+        boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3] = top, left, h, w
+        tail_params(s, flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo, s_hi, kernel_size, params[i])
+    return boxes, params
+
+
+def spec_constants(spec) -> tuple:
+    """The sampler's arguments that come from an `AugmentSpec`, in `_sample`'s order after the sizes."""
     lo, hi = jitter_ranges(spec.brightness, spec.contrast, spec.saturation, spec.hue)
-    jitter, order, factors, gray, blur, sigma = _tail_params(
-        np.uint64(key), np.asarray(index, dtype=np.int64), float(spec.jitter_p), lo, hi, float(spec.grayscale_p),
-        float(spec.blur_p), float(spec.blur_sigma[0]), float(spec.blur_sigma[1]))
-    return {"jitter": jitter, "order": order, "factors": factors, "gray": gray, "blur": blur, "sigma": sigma}
+    return (float(spec.crop_area[0]), float(spec.crop_area[1]), float(spec.crop_ratio[0]), float(spec.crop_ratio[1]),
+            float(spec.flip_p), float(spec.jitter_p), lo, hi, float(spec.grayscale_p), float(spec.blur_p),
+            float(spec.blur_sigma[0]), float(spec.blur_sigma[1]), int(spec.blur_kernel))
+
+
+def sample_views(spec, seed: int, epoch: int, index: np.ndarray, view: int, heights, widths
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Every random parameter of one view (0 or 1) of each sample in `index`.
+
+    Returns (boxes, params): boxes int64 [B, 4] (top, left, height, width) of the random resized
+    crop in each image of `heights` x `widths`; params float64 [B, N_P], the packed flip, jitter,
+    grayscale and blur parameters (`P_*`). The same numbers for the same (seed, epoch, index,
+    view), whatever the batch, in every backend.
+    """
+    index = np.asarray(index, dtype=np.int64)
+    shape = index.shape
+    return _sample(view_key(seed, epoch, view), index,
+                   np.broadcast_to(np.asarray(heights, dtype=np.int64), shape),
+                   np.broadcast_to(np.asarray(widths, dtype=np.int64), shape), *spec_constants(spec))

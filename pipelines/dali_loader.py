@@ -2,10 +2,11 @@
 
 The host side decides everything random (see `pipelines.dali_ops`): it walks the rank's
 `shard_indices` for the epoch, reads the batch's JPEG bytes or array images, draws each
-view's parameters from (seed, epoch, index, view) and feeds all of it through one batch-mode
-`external_source`. The graph, read top to bottom in `dali_ops.simclr_view`, decodes
-(nvJPEG "mixed" on a GPU, libjpeg-turbo on CPU) and applies crop, jitter in random order,
-grayscale, blur, flip and normalisation.
+view's parameters with the one sampler from (seed, epoch, index, view) and feeds all of it
+through one batch-mode `external_source`. The graph, read top to bottom in
+`dali_ops.simclr_view`, decodes (nvJPEG "mixed" on a GPU, libjpeg-turbo on CPU) and crops; on the
+CPU it also renders the tail (flip, jitter in random order, grayscale, blur) and normalises. On a
+GPU the loader renders the tail with `pipelines.render_gpu` and normalises in torch.
 
 Resume: a view depends only on (seed, epoch, index, view), so resuming at batch b of epoch e
 just starts the feed at b. A pipeline that finished its epoch is reset and fed the next one
@@ -16,12 +17,14 @@ drops its pipeline, and the next pass builds a fresh one.
 from __future__ import annotations
 
 import struct
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from pipelines.dali_ops import sample_view_params, simclr_view, view_input_names, view_inputs
+from pipelines.augment_params import sample_views
+from pipelines.dali_ops import simclr_view, view_inputs
 from pipelines.sharding import ShardedEpochs, shard_indices
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec, TwoViewBatch
@@ -57,8 +60,10 @@ class _EpochFeed:
     """Batch-mode external_source callback: one call per batch, in shard order, then StopIteration."""
 
     def __init__(self, loader: DaliTwoViewLoader, epoch: int, start_batch: int):
-        self.loader = loader
-        self.names = view_input_names(loader.spec)
+        # A weak reference: loader -> idle pipeline -> feed -> loader would be a cycle, leaving the
+        # pipeline to the garbage collector, which might run its destructor in a forked child.
+        self.loader = weakref.proxy(loader)
+        self.per_view = _per_view_inputs(loader.device.type == "cuda")
         self.restart(epoch, start_batch)
 
     def restart(self, epoch: int, start_batch: int) -> None:
@@ -77,18 +82,22 @@ class _EpochFeed:
         images, heights, widths = ld.read(idx)
         views = []
         for v in (0, 1):
-            params = sample_view_params(ld.spec, ld.seed, self.epoch, idx, v, heights, widths)
-            views.extend(view_inputs(params, self.names, ld.spec))
+            boxes, params = sample_views(ld.spec, ld.seed, self.epoch, idx, v, heights, widths)
+            views.extend(view_inputs(boxes, params)[:self.per_view])
         return (images, *views, ld.labels[idx], idx)
+
+
+def _per_view_inputs(gpu: bool) -> int:
+    """roi_start, roi_end and, where the graph renders the tail (CPU), the packed parameters."""
+    return 2 if gpu else 3
 
 
 def _two_view_pipeline(feed, spec: AugmentSpec, kind: str, device: str, out_dtype, **pipe_kwargs):
     from nvidia.dali import fn, pipeline_def, types
 
-    names = view_input_names(spec)
-    n_view = len(names)
+    n_view = _per_view_inputs(device == "gpu")
 
-    @pipeline_def(enable_conditionals=True, **pipe_kwargs)
+    @pipeline_def(**pipe_kwargs)
     def pipe():
         # 0. host feed: images (JPEG bytes or HWC uint8), two views' parameters, label, index;
         #    every output is consumed below (an unused one makes DALI warn)
@@ -100,9 +109,11 @@ def _two_view_pipeline(feed, spec: AugmentSpec, kind: str, device: str, out_dtyp
         else:
             image = data.gpu() if device == "gpu" else data
         # 2. two independent views of the same decoded image
-        view1 = simclr_view(image, dict(zip(names, outs[1:1 + n_view])), spec, device, out_dtype)
-        view2 = simclr_view(image, dict(zip(names, outs[1 + n_view:1 + 2 * n_view])), spec, device, out_dtype)
-        return view1, view2, labels, index
+        views = []
+        for v in range(2):
+            start, end, *params = outs[1 + v * n_view:1 + (v + 1) * n_view]
+            views.append(simclr_view(image, start, end, params[0] if params else None, spec, device, out_dtype))
+        return views[0], views[1], labels, index
 
     return pipe()
 
@@ -125,6 +136,8 @@ class DaliTwoViewLoader(ShardedEpochs):
             raise ValueError(f"split '{split.name}': images must be uint8 [N, H, W, C], got shape {split.images.shape}")
         shard_indices(len(split), rank, world, seed=seed, shuffle=shuffle, batch_size=batch_size,
                       drop_last=drop_last)  # fail now on an impossible drop_last
+        self._mean = torch.tensor([255.0 * m for m in spec.mean], device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor([255.0 * s for s in spec.std], device=self.device).view(1, 3, 1, 1)
 
     # ---- host reads -----------------------------------------------------------------------
     def read(self, idx: np.ndarray):
@@ -163,16 +176,19 @@ class DaliTwoViewLoader(ShardedEpochs):
         pipe.build()
         return pipe
 
-    def _to_torch(self, tl) -> torch.Tensor:
+    def _to_torch(self, tl, index: np.ndarray, view: int, epoch: int) -> torch.Tensor:
         if self.device.type == "cuda":
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
+            from pipelines.render_gpu import render_batch
+
             t = tl.as_tensor()
-            out = torch.empty(t.shape(), dtype=torch.float16 if self.dtype == torch.float16 else torch.float32,
-                              device=self.device)
-            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
-        else:
-            out = torch.from_numpy(np.array(tl.as_tensor()))
+            img = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)  # [B, S, S, 3] cropped
+            feed_ndarray(t, img, cuda_stream=torch.cuda.current_stream(self.device))
+            _, params = sample_views(self.spec, self.seed, epoch, index, view, 1, 1)  # sizes: crop only
+            x = render_batch(img, params)  # [B, 3, S, S] pixel values, channels_last
+            return ((x - self._mean) / self._std).to(self.dtype)
+        out = torch.from_numpy(np.array(tl.as_tensor()))
         return out.permute(0, 3, 1, 2).to(self.dtype)  # HWC storage = channels_last [B, 3, S, S]
 
     def __iter__(self) -> Iterator[TwoViewBatch]:
@@ -196,9 +212,10 @@ class DaliTwoViewLoader(ShardedEpochs):
                     v1, v2, labels, index = pipe.run()
                 except StopIteration:
                     raise RuntimeError(f"DALI pipeline ended after {b} of {n_batches} batches in epoch {epoch}") from None
-                batch = TwoViewBatch(self._to_torch(v1), self._to_torch(v2),
+                idx = np.array(index.as_tensor()).reshape(-1)
+                batch = TwoViewBatch(self._to_torch(v1, idx, 0, epoch), self._to_torch(v2, idx, 1, epoch),
                                      torch.from_numpy(np.array(labels.as_tensor())).to(self.device).view(-1),
-                                     torch.from_numpy(np.array(index.as_tensor())).to(self.device).view(-1))
+                                     torch.from_numpy(idx).to(self.device))
                 self._batch = b + 1
                 yield batch
             try:  # the feed is exhausted: this reaches the end of the epoch, so reset() may follow

@@ -1,10 +1,10 @@
 """FFCV two-view loader: `<dataset dir>/<split>.beton` through two seeded numba pipelines.
 
-Per view, top to bottom (`view_pipeline`): decode + random resized crop, flip, colour jitter in
-random order, grayscale, Gaussian blur (all `pipelines.ffcv_ops`, keyed by (seed, epoch,
-index, view)), to a torch tensor (and the device), then normalisation in torch. On a CUDA
-device jitter, grayscale and blur run after the transfer instead, as batched torch operations
-(`ffcv_ops.colour_blur_tail`) whose per-sample parameters come from the same keys. The order is
+Per view, top to bottom (`view_pipeline`): decode + random resized crop, then the tail (flip,
+colour jitter in random order, grayscale, Gaussian blur; `ffcv_ops.SimCLRTail`, the numba kernel
+of `pipelines.render_cpu`), to a torch tensor, then normalisation in torch. Every parameter comes
+from the one sampler, keyed by (seed, epoch, index, view). On a CUDA device the tail runs after
+the transfer instead, as `pipelines.render_gpu` with the same parameters. The order is
 the rank's `shard_indices`, served by a traversal order that this loader controls, so no
 process group is needed; one compiled FFCV Loader serves every epoch (the epoch reaches the
 compiled code through `EpochKey`). Resume starts the traversal at the saved batch.
@@ -39,30 +39,16 @@ def beton_path(split: Split) -> Path:
 def view_pipeline(spec: AugmentSpec, key, device: torch.device, colour_on_device: bool = False) -> list:
     """The FFCV operations of one SimCLR view, ending on `device` as uint8 NHWC.
 
-    With `colour_on_device`, jitter, grayscale and blur are left to `ffcv_ops.colour_blur_tail`
-    after the transfer (the loader applies it), so the CPU only decodes, crops and flips.
+    With `colour_on_device`, the tail is left to `pipelines.render_gpu` after the transfer (the
+    loader applies it), so the CPU only decodes and crops.
     """
     from ffcv.transforms import ToDevice, ToTensor
 
-    from pipelines.ffcv_ops import (
-        RandomOrderColorJitter,
-        SeededFlip,
-        SeededGaussianBlur,
-        SeededGrayscale,
-        SeededRandomResizedCrop,
-    )
+    from pipelines.ffcv_ops import SeededRandomResizedCrop, SimCLRTail
 
-    ops = [
-        SeededRandomResizedCrop(spec.size, spec.crop_area, spec.crop_ratio, key),
-        SeededFlip(spec.flip_p, key),
-    ]
+    ops = [SeededRandomResizedCrop(spec.size, spec.crop_area, spec.crop_ratio, key)]
     if not colour_on_device:
-        ops += [
-            RandomOrderColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue, spec.jitter_p, key),
-            SeededGrayscale(spec.grayscale_p, key),
-        ]
-        if spec.blur_p > 0:
-            ops.append(SeededGaussianBlur(spec.blur_p, spec.blur_kernel, spec.blur_sigma, key))
+        ops.append(SimCLRTail(spec, key))
     ops.append(ToTensor())
     if device.type == "cuda":
         ops.append(ToDevice(device, non_blocking=True))
@@ -81,7 +67,7 @@ class FfcvTwoViewLoader(ShardedEpochs):
         self.device, self.dtype = torch.device(device), dtype
         self.num_workers, self.shuffle, self.drop_last = max(1, num_workers), shuffle, drop_last
         self.timeout_s = timeout_s
-        # jitter, grayscale and blur in torch after ToDevice (default: on CUDA devices)
+        # the tail in torch after ToDevice (default: on CUDA devices)
         self.colour_on_device = self.device.type == "cuda" if colour_on_device is None else bool(colour_on_device)
         self.epoch, self._start_batch, self._batch = 0, 0, 0
         self.path = beton_path(split)
@@ -133,14 +119,14 @@ class FfcvTwoViewLoader(ShardedEpochs):
         torch.set_num_threads(threads)  # FFCV's Loader sets it to num_workers process-wide
         return self._ffcv
 
-    def _view(self, img: torch.Tensor, index: np.ndarray, view: int) -> torch.Tensor:
+    def _view(self, img: torch.Tensor, index: np.ndarray, view: int, epoch: int) -> torch.Tensor:
         """uint8 NHWC from FFCV -> the normalised float view [B, 3, S, S], channels_last."""
         if self.colour_on_device:
-            from pipelines.augment_params import colour_blur_params
-            from pipelines.ffcv_ops import colour_blur_tail
+            from pipelines.augment_params import sample_views
+            from pipelines.render_gpu import render_batch
 
-            params = colour_blur_params(self.spec, self._keys[view].value, index)
-            x = colour_blur_tail(img, params, self.spec.blur_kernel)  # [B, 3, S, S] float32 pixel values
+            _, params = sample_views(self.spec, self.seed, epoch, index, view, 1, 1)  # sizes: crop only
+            x = render_batch(img, params)  # [B, 3, S, S] float32 pixel values
         else:
             x = img.permute(0, 3, 1, 2).to(torch.float32)  # NHWC storage = channels_last [B, 3, S, S]
         return ((x - self._mean) / self._std).to(self.dtype).contiguous(memory_format=torch.channels_last)
@@ -165,7 +151,7 @@ class FfcvTwoViewLoader(ShardedEpochs):
                 img1, label, index, img2 = self._next(it, epoch, b)
                 # FFCV reuses its buffers: normalising copies the views; copy labels and indices.
                 idx = index.reshape(-1).numpy().astype(np.int64) if self.colour_on_device else None
-                batch = TwoViewBatch(self._view(img1, idx, 0), self._view(img2, idx, 1),
+                batch = TwoViewBatch(self._view(img1, idx, 0, epoch), self._view(img2, idx, 1, epoch),
                                      label.reshape(-1).to(self.device, torch.int64, copy=True),
                                      index.reshape(-1).to(self.device, torch.int64, copy=True))
                 self._batch = b + 1

@@ -49,11 +49,6 @@ def dropped_per_epoch(n: int, world: int, batch_size: int) -> int:
     return n - (n // (world * batch_size)) * batch_size * world
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for the augmentation of one sample, independent of rank and workers."""
-    return int(np.random.SeedSequence([seed, epoch, int(index)]).generate_state(2, np.uint64)[0] >> 1)
-
-
 class ShardedEpochs:
     """Epoch, shard and resume position shared by the loader backends.
 

@@ -1,7 +1,9 @@
-"""The reference two-view loader: torchvision v2 transforms on CPU workers.
+"""The reference two-view loader: torchvision's functional ops on CPU workers.
 
-It is the baseline the fast backends are measured against and the oracle of the
-statistical tests, so it stays a plain, readable rendering of the spec.
+It is the baseline the fast backends are measured against and their pixel oracle, so it stays a
+plain, readable rendering: every random parameter comes from the one sampler
+(`pipelines.augment_params.sample_views`, the same draws as DALI and FFCV), and each operation is
+torchvision's own functional op on the uint8 image.
 """
 
 from __future__ import annotations
@@ -13,32 +15,84 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
-from pipelines.sharding import ShardedEpochs, sample_seed
+from pipelines.augment_params import (
+    P_BLUR,
+    P_FACTOR,
+    P_FLIP,
+    P_GRAY,
+    P_JITTER,
+    P_ORDER,
+    P_SIGMA,
+    sample_views,
+)
+from pipelines.sharding import ShardedEpochs
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec, TwoViewBatch
 
+# torchvision's four ColorJitter adjustments, in the sampler's numbering (P_ORDER)
+ADJUST = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
 
-def simclr_transform(spec: AugmentSpec) -> v2.Compose:
-    """One SimCLR view, uint8 [3, H, W] -> float [3, S, S], in the paper's order."""
-    ops = [
-        v2.RandomResizedCrop(spec.size, scale=spec.crop_area, ratio=spec.crop_ratio, antialias=True),
-        v2.RandomHorizontalFlip(spec.flip_p),
-        # ColorJitter draws a fresh random order of its four adjustments per call.
-        v2.RandomApply([v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_p),
-        v2.RandomGrayscale(spec.grayscale_p),
-    ]
-    if spec.blur_p > 0:
-        ops.append(v2.RandomApply([v2.GaussianBlur(spec.blur_kernel, sigma=spec.blur_sigma)], p=spec.blur_p))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
-    return v2.Compose(ops)
+
+def render_view(img: torch.Tensor, box, params, spec: AugmentSpec) -> torch.Tensor:
+    """One SimCLR view of uint8 [3, H, W] in the paper's order, from the sampler's crop box
+    (top, left, height, width) and packed parameters [N_P]: uint8 [3, S, S], before normalising."""
+    top, left, h, w = (int(v) for v in box)
+    x = F.resized_crop(img, top, left, h, w, [spec.size, spec.size], antialias=True)  # bilinear
+    return reference_tail(x, params, spec)
+
+
+def reference_tail(x: torch.Tensor, params, spec: AugmentSpec) -> torch.Tensor:
+    """Flip, colour jitter in the drawn order, grayscale and blur of uint8 [3, H, W]: torchvision's
+    functional ops, the oracle of `pipelines.render_cpu` and `pipelines.render_gpu`."""
+    if params[P_FLIP] > 0.5:
+        x = F.horizontal_flip(x)
+    if params[P_JITTER] > 0.5:  # ColorJitter: the four adjustments in the drawn order
+        for slot in range(4):
+            op = int(params[P_ORDER + slot])
+            x = ADJUST[op](x, float(params[P_FACTOR + op]))
+    if params[P_GRAY] > 0.5:
+        x = F.rgb_to_grayscale(x, num_output_channels=3)
+    if params[P_BLUR] > 0.5:  # GaussianBlur with the spec's full kernel
+        sigma = float(params[P_SIGMA])
+        x = F.gaussian_blur(x, [spec.blur_kernel, spec.blur_kernel], [sigma, sigma])
+    return x
+
+
+# The official evaluation view crops the central 87.5% of the short side (above 32 px, i.e. not
+# for CIFAR-sized images) and resizes it bicubically (google-research/simclr data_util).
+EVAL_CROP_PROPORTION = 0.875
+
+
+def eval_resize(img: torch.Tensor, size: int) -> torch.Tensor:
+    """The deterministic evaluation view of uint8 [..., 3, H, W] at `size` x `size`.
+
+    Above 32 px, as the official evaluation: a centred square of 0.875 of the short side (offsets
+    rounded up), resized bicubically without antialiasing. At 32 px and below, the whole short
+    side, resized bilinearly, then centre-cropped.
+    """
+    h, w = img.shape[-2:]
+    if size > 32:
+        side = int(np.rint(EVAL_CROP_PROPORTION * min(h, w)))
+        x = F.crop(img, (h - side + 1) // 2, (w - side + 1) // 2, side, side)
+        return F.resize(x, [size, size], interpolation=v2.InterpolationMode.BICUBIC, antialias=False)
+    return F.center_crop(F.resize(img, size, antialias=True), [size, size])
+
+
+class _EvalResize(torch.nn.Module):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return eval_resize(x, self.size)
 
 
 def eval_transform(spec: AugmentSpec) -> v2.Compose:
-    """Deterministic view for evaluation: resize the short side, centre crop, normalise."""
+    """Deterministic view for evaluation: `eval_resize`, then normalise."""
     return v2.Compose([
-        v2.Resize(spec.size, antialias=True),
-        v2.CenterCrop(spec.size),
+        _EvalResize(spec.size),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(spec.mean, spec.std),
     ])
@@ -57,11 +111,11 @@ def load_image(split: Split, index: int) -> torch.Tensor:
 
 
 class TwoViewDataset(Dataset):
-    """Items are keyed by (epoch, index) so each sample's views depend only on (seed, epoch, index)."""
+    """Items are keyed by (epoch, index); each view's parameters come from the one sampler."""
 
     def __init__(self, split: Split, spec: AugmentSpec, seed: int):
-        self.split, self.seed = split, seed
-        self.transform = simclr_transform(spec)
+        self.split, self.seed, self.spec = split, seed, spec
+        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)])
 
     def __len__(self) -> int:
         return len(self.split)
@@ -69,10 +123,11 @@ class TwoViewDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         img = load_image(self.split, index)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
-            v1, v2_ = self.transform(img), self.transform(img)
-        return v1, v2_, int(self.split.labels[index]), index
+        views = []
+        for view in (0, 1):
+            boxes, params = sample_views(self.spec, self.seed, epoch, [index], view, img.shape[1], img.shape[2])
+            views.append(self.normalize(render_view(img, boxes[0], params[0], self.spec)))
+        return views[0], views[1], int(self.split.labels[index]), index
 
 
 class _EpochBatches:

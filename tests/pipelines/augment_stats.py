@@ -7,6 +7,16 @@ import math
 import numpy as np
 import torch
 
+from pipelines.augment_params import (
+    P_BLUR,
+    P_FACTOR,
+    P_FLIP,
+    P_GRAY,
+    P_JITTER,
+    P_ORDER,
+    P_SIGMA,
+    sample_views,
+)
 from pipelines.sources import Split
 
 
@@ -74,3 +84,12 @@ def roughness(pixels: torch.Tensor) -> torch.Tensor:
     diff = (x[..., 1:] - x[..., :-1]).flatten(2).var(2)  # [B, C]
     var = x.flatten(2).var(2).clamp_min(1e-6)
     return (diff / var).mean(1)
+
+
+def drawn(spec, seed: int, epoch: int, index, view: int, height, width) -> dict[str, np.ndarray]:
+    """The one sampler's draws for a batch, by name: box int64 [B, 4] (top, left, h, w), flip,
+    jitter, gray, blur bool [B], order int64 [B, 4], factors float64 [B, 4] (hue in turns), sigma."""
+    boxes, p = sample_views(spec, seed, epoch, np.asarray(index), view, height, width)
+    return {"box": boxes, "flip": p[:, P_FLIP] > 0.5, "jitter": p[:, P_JITTER] > 0.5,
+            "order": p[:, P_ORDER:P_ORDER + 4].astype(np.int64), "factors": p[:, P_FACTOR:P_FACTOR + 4],
+            "gray": p[:, P_GRAY] > 0.5, "blur": p[:, P_BLUR] > 0.5, "sigma": p[:, P_SIGMA]}

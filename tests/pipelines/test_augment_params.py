@@ -1,5 +1,6 @@
-"""Counter-based parameter streams shared by the DALI and FFCV loaders, against a plain-Python
-SplitMix64 and torchvision's RandomResizedCrop.get_params written out from its source."""
+"""The one sampler: counter-based streams against a plain-Python SplitMix64, the crop box against
+torchvision's RandomResizedCrop.get_params written out from its source, and the packed view
+parameters against the draw layout and the spec's probabilities."""
 
 from __future__ import annotations
 
@@ -9,14 +10,27 @@ import numpy as np
 import pytest
 
 from pipelines.augment_params import (
-    SALT_ALL,
-    SALT_BLUR,
-    SALT_CROP,
-    SALT_GRAY,
-    SALT_JITTER,
-    colour_blur_params,
+    DRAW_BLUR,
+    DRAW_CROP,
+    DRAW_FACTORS,
+    DRAW_FLIP,
+    DRAW_GRAY,
+    DRAW_JITTER,
+    DRAW_ORDER,
+    DRAW_SIGMA,
+    P_BLUR,
+    P_FACTOR,
+    P_FLIP,
+    P_GRAY,
+    P_JITTER,
+    P_ORDER,
+    P_SIGMA,
+    P_WINDOW,
+    SALT_VIEW,
+    blur_windows,
     crop_boxes,
     jitter_ranges,
+    sample_views,
     uniform_table,
     view_key,
 )
@@ -73,7 +87,7 @@ def test_mix_is_splitmix64():
                                                             0x06C45D188009454F]
 
 
-@pytest.mark.parametrize("seed,epoch,view,salt,first", [(0, 0, 0, SALT_ALL, 1), (2**63 + 17, 5, 1, SALT_BLUR, 0)])
+@pytest.mark.parametrize("seed,epoch,view,salt,first", [(0, 0, 0, SALT_VIEW, 1), (2**63 + 17, 5, 1, 5, 0)])
 def test_uniform_table_matches_python_reference(seed, epoch, view, salt, first):
     index = np.array([0, 1, 7, 123456, 2**40 + 3])
     got = uniform_table(view_key(seed, epoch, view), index, salt, first, 6)
@@ -84,13 +98,13 @@ def test_uniform_table_matches_python_reference(seed, epoch, view, salt, first):
 def test_streams_are_counter_based_and_independent():
     key = view_key(3, 1, 0)
     idx = np.arange(2000)
-    table = uniform_table(key, idx, SALT_ALL, 1, 4)
+    table = uniform_table(key, idx, SALT_VIEW, 1, 4)
     sub = np.array([1999, 5, 77])
-    assert np.array_equal(uniform_table(key, sub, SALT_ALL, 1, 4), table[sub])  # any subset, any order
+    assert np.array_equal(uniform_table(key, sub, SALT_VIEW, 1, 4), table[sub])  # any subset, any order
     assert table.min() >= 0 and table.max() < 1
     assert abs(table.mean() - 0.5) < 4 * math.sqrt(1 / 12 / table.size)
-    for other in (uniform_table(view_key(3, 1, 1), idx, SALT_ALL, 1, 4), uniform_table(view_key(3, 2, 0), idx, SALT_ALL, 1, 4),
-                  uniform_table(key, idx, SALT_CROP, 1, 4)):
+    for other in (uniform_table(view_key(3, 1, 1), idx, SALT_VIEW, 1, 4),
+                  uniform_table(view_key(3, 2, 0), idx, SALT_VIEW, 1, 4), uniform_table(key, idx, 1, 1, 4)):
         assert abs(np.corrcoef(table.ravel(), other.ravel())[0, 1]) < 4 / math.sqrt(table.size)
 
 
@@ -99,35 +113,55 @@ def test_streams_are_counter_based_and_independent():
 def test_crop_boxes_are_torchvision_get_params(height, width, scale, ratio):
     seed, epoch, view = 9, 2, 1
     idx = np.arange(300)
-    for salt, first in ((SALT_ALL, 1), (SALT_CROP, 0)):  # the DALI and FFCV layouts
-        got = crop_boxes(view_key(seed, epoch, view), idx, height, width, salt, first, scale, ratio)
-        want = [py_get_params(lambda k, i=int(i), salt=salt, first=first: py_uniform(seed, epoch, view, i, salt, first + k),
-                              height, width, scale, ratio) for i in idx]
-        assert np.array_equal(got, np.array(want))
+    want = [py_get_params(lambda k, i=int(i): py_uniform(seed, epoch, view, i, SALT_VIEW, DRAW_CROP + k),
+                          height, width, scale, ratio) for i in idx]
+    spec = AugmentSpec(crop_area=scale, crop_ratio=ratio)
+    boxes, _ = sample_views(spec, seed, epoch, idx, view, height, width)
+    assert np.array_equal(boxes, np.array(want))
+    got = crop_boxes(view_key(seed, epoch, view), idx, height, width, SALT_VIEW, DRAW_CROP, scale, ratio)
+    assert np.array_equal(got, boxes)
 
 
-def test_colour_blur_params_layout_and_frequencies():
+def test_view_params_follow_the_draw_layout_and_the_spec():
     spec = AugmentSpec(jitter_strength=0.5, jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)
     seed, epoch, view, n = 4, 3, 0, 4000
     idx = np.arange(n)
-    p = colour_blur_params(spec, view_key(seed, epoch, view), idx)
+    _, p = sample_views(spec, seed, epoch, idx, view, 64, 64)
     lo, hi = jitter_ranges(spec.brightness, spec.contrast, spec.saturation, spec.hue)
     for i in (0, 1, 2, 999, n - 1):
-        u = [py_uniform(seed, epoch, view, i, SALT_JITTER, k) for k in range(9)]
-        assert p["jitter"][i] == (u[0] < spec.jitter_p)
-        assert list(p["order"][i]) == sorted(range(4), key=lambda j: u[1 + j])
-        assert np.array_equal(p["factors"][i], [lo[j] + (hi[j] - lo[j]) * u[5 + j] for j in range(4)])
-        assert p["gray"][i] == (py_uniform(seed, epoch, view, i, SALT_GRAY, 0) < spec.grayscale_p)
-        ub = [py_uniform(seed, epoch, view, i, SALT_BLUR, k) for k in range(2)]
-        assert p["blur"][i] == (ub[0] < spec.blur_p)
-        assert p["sigma"][i] == spec.blur_sigma[0] + (spec.blur_sigma[1] - spec.blur_sigma[0]) * ub[1]
-    for key, prob in (("jitter", spec.jitter_p), ("gray", spec.grayscale_p), ("blur", spec.blur_p)):
-        assert binomial_ok(int(p[key].sum()), n, prob), key
+        u = lambda k, i=i: py_uniform(seed, epoch, view, i, SALT_VIEW, k)  # noqa: E731
+        assert p[i, P_FLIP] == (u(DRAW_FLIP) < spec.flip_p)
+        assert p[i, P_JITTER] == (u(DRAW_JITTER) < spec.jitter_p)
+        assert list(p[i, P_ORDER:P_ORDER + 4]) == sorted(range(4), key=lambda j: u(DRAW_ORDER + j))
+        assert np.array_equal(p[i, P_FACTOR:P_FACTOR + 4], [lo[j] + (hi[j] - lo[j]) * u(DRAW_FACTORS + j)
+                                                             for j in range(4)])
+        assert p[i, P_GRAY] == (u(DRAW_GRAY) < spec.grayscale_p)
+        assert p[i, P_BLUR] == (u(DRAW_BLUR) < spec.blur_p)
+        assert p[i, P_SIGMA] == spec.blur_sigma[0] + (spec.blur_sigma[1] - spec.blur_sigma[0]) * u(DRAW_SIGMA)
+    assert np.array_equal(p[:, P_WINDOW], blur_windows(p[:, P_SIGMA], spec.blur_kernel))
+    for col, prob in ((P_FLIP, spec.flip_p), (P_JITTER, spec.jitter_p), (P_GRAY, spec.grayscale_p),
+                      (P_BLUR, spec.blur_p)):
+        assert binomial_ok(int(p[:, col].sum()), n, prob), col
+    order = p[:, P_ORDER:P_ORDER + 4].astype(np.int64)
+    assert (np.sort(order, axis=1) == np.arange(4)).all()  # a permutation in every sample
     for slot in range(4):  # a uniform random order: each adjustment in each slot a quarter of the time
-        assert all(binomial_ok(int(c), n, 0.25) for c in np.bincount(p["order"][:, slot], minlength=4))
-    f = p["factors"]
+        assert all(binomial_ok(int(c), n, 0.25) for c in np.bincount(order[:, slot], minlength=4))
+    f = p[:, P_FACTOR:P_FACTOR + 4]
     assert (f >= lo).all() and (f <= hi).all()
     assert np.allclose(f.mean(0), (lo + hi) / 2, atol=4 * (hi - lo).max() / math.sqrt(12 * n))
+
+
+def test_a_sample_draws_the_same_view_in_any_batch_and_the_two_views_differ():
+    spec = AugmentSpec()
+    idx = np.arange(500)
+    boxes, params = sample_views(spec, 7, 2, idx, 0, 300, 200)
+    sub = np.array([499, 3, 250])
+    b2, p2 = sample_views(spec, 7, 2, sub, 0, 300, 200)
+    assert np.array_equal(b2, boxes[sub]) and np.array_equal(p2, params[sub])
+    b1, p1 = sample_views(spec, 7, 2, idx, 1, 300, 200)
+    assert (b1 != boxes).any(axis=1).mean() > 0.95 and (p1[:, P_FACTOR] != params[:, P_FACTOR]).all()
+    b3, _ = sample_views(spec, 7, 3, idx, 0, 300, 200)
+    assert (b3 != boxes).any(axis=1).mean() > 0.95  # another epoch, other views
 
 
 def test_key_type_does_not_change_the_streams():
@@ -143,7 +177,7 @@ def test_key_type_does_not_change_the_streams():
 
     assert isinstance(view_key(0, 0, 0), np.uint64)
     for key in (5, 2**63 + 5):
-        s = py_mix(key ^ py_mix(3 ^ (SALT_BLUR << 56)))
+        s = py_mix(key ^ py_mix(3 ^ (5 << 56)))
         want = [(py_mix((s + k * GOLDEN) & MASK) >> 11) / 2.0**53 for k in range(3)]
         for typed in ((key, np.int64(key), np.uint64(key)) if key < 2**63 else (np.uint64(key),)):
-            assert [draw(typed, np.int64(3), SALT_BLUR, k) for k in range(3)] == want
+            assert [draw(typed, np.int64(3), 5, k) for k in range(3)] == want

@@ -15,21 +15,15 @@ import torch
 
 pytest.importorskip("ffcv")
 
-from pipelines.augment_params import (  # noqa: E402
-    SALT_CROP,
-    colour_blur_params,
-    crop_boxes,
-    jitter_ranges,
-    view_key,
-)
 from pipelines.ffcv_loader import FfcvTwoViewLoader  # noqa: E402
-from pipelines.ffcv_ops import blur_batch, colour_blur_tail, gray_batch, jitter_batch, write_beton  # noqa: E402
+from pipelines.ffcv_ops import write_beton  # noqa: E402
 from pipelines.sharding import shard_indices  # noqa: E402
 from pipelines.spec import AugmentSpec  # noqa: E402
 from tests.pipelines.augment_stats import (  # noqa: E402
     area_ratio_stats,
     binomial_ok,
     coord_split,
+    drawn,
     noise_split,
     recover_boxes,
     roughness,
@@ -151,8 +145,7 @@ def test_crop_boxes_follow_keys_and_match_torchvision_reference(crop_loader, coo
     batches = run(crop_loader)
     wh = np.concatenate([recover_boxes(to_uint8(b.view1, CROP_SPEC.mean, CROP_SPEC.std), h, w) for b in batches])
     idx = torch.cat([b.index for b in batches]).numpy()
-    drawn = crop_boxes(view_key(3, 0, 0), idx, h, w, SALT_CROP, 0, CROP_SPEC.crop_area, CROP_SPEC.crop_ratio)
-    expect = drawn[:, [3, 2]].astype(float)  # (w, h)
+    expect = drawn(CROP_SPEC, 3, 0, idx, 0, h, w)["box"][:, [3, 2]].astype(float)  # (w, h): the one sampler
     assert np.median(np.abs(wh - expect) / expect) < 0.05
     ref = TorchvisionTwoViewLoader(coord, CROP_SPEC, batch_size=128, seed=3, num_workers=0, shuffle=False,
                                    drop_last=False)
@@ -202,66 +195,7 @@ def test_missing_beton_is_an_error(split):
         FfcvTwoViewLoader(bad, SPEC, batch_size=8)
 
 
-# ---- the torch tail (jitter, grayscale, blur after ToDevice on CUDA) ---------------------------
-
-def _numba_colour_blur(images, idx, key, spec):
-    out = images.copy()
-    lo, hi = jitter_ranges(spec.brightness, spec.contrast, spec.saturation, spec.hue)
-    jitter_batch(out, idx, key, spec.jitter_p, lo, hi)
-    gray_batch(out, idx, key, spec.grayscale_p)
-    if spec.blur_p > 0:
-        blur_batch(out, idx, key, spec.blur_p, spec.blur_kernel, spec.blur_sigma[0], spec.blur_sigma[1])
-    return torch.from_numpy(out).permute(0, 3, 1, 2).double()
-
-
-def test_blur_matches_torchvision_full_kernel():
-    """The numba blur (window cut at 4 sigma) equals torchvision's gaussian_blur with the spec's
-    full kernel to one uint8 level, on the samples that drew it; the others are untouched."""
-    from torchvision.transforms.v2 import functional as tvf
-
-    from pipelines.augment_params import blur_windows
-
-    rng = np.random.default_rng(2)
-    images = np.repeat(np.repeat(rng.integers(0, 256, (24, 56, 56, 3), dtype=np.uint8), 4, 1), 4, 2)
-    spec = AugmentSpec(size=224, blur_p=0.5)
-    idx = np.arange(24, dtype=np.int64)
-    key = view_key(3, 0, 0)
-    out = images.copy()
-    blur_batch(out, idx, key, spec.blur_p, spec.blur_kernel, spec.blur_sigma[0], spec.blur_sigma[1])
-    params = colour_blur_params(spec, key, idx)
-    assert params["blur"].any() and not params["blur"].all()
-    assert (blur_windows(params["sigma"][params["blur"]], spec.blur_kernel) < spec.blur_kernel).any()
-    for i in range(len(idx)):
-        got = torch.from_numpy(out[i]).permute(2, 0, 1).float()
-        base = torch.from_numpy(images[i]).permute(2, 0, 1)
-        if params["blur"][i]:
-            want = tvf.gaussian_blur(base, [spec.blur_kernel] * 2, [float(params["sigma"][i])] * 2).float()
-            assert (got - want).abs().max() <= 1.01
-        else:
-            assert torch.equal(got, base.float())
-
-
-@pytest.mark.parametrize("jitter_strength", [0.5, 1.0])
-def test_colour_blur_tail_matches_numba_ops(jitter_strength):
-    """Same images, same keys: the torch tail reproduces the numba operations up to a level on a
-    few pixels (a sum's order can move a value across a rounding boundary)."""
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (96, 24, 24, 3), dtype=np.uint8)
-    images[:16, :8] = 90  # flat gray patches: hue leaves them alone
-    images[16:32, :, :12] = (200, 30, 30)  # saturated colour: hue and saturation act strongly
-    spec = AugmentSpec(size=24, jitter_strength=jitter_strength, jitter_p=0.8, grayscale_p=0.3, blur_p=0.5)
-    idx = np.arange(96, dtype=np.int64) * 7 + 2
-    key = view_key(11, 4, 1)
-    want = _numba_colour_blur(images, idx, key, spec)
-    params = colour_blur_params(spec, key, idx)
-    assert params["jitter"].any() and params["gray"].any() and params["blur"].any()
-    assert (want != torch.from_numpy(images).permute(0, 3, 1, 2).double()).any((1, 2, 3)).float().mean() > 0.7
-    for dtype, rate in ((torch.float64, 1e-4), (torch.float32, 1e-3)):
-        got = colour_blur_tail(torch.from_numpy(images), params, spec.blur_kernel, dtype=dtype)
-        assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
-        diff = (got.double() - want).abs()
-        assert diff.max() <= 1 and (diff > 0).double().mean() < rate, dtype
-
+# ---- the GPU arrangement: crop in FFCV, the tail in torch after the transfer --------------------
 
 @pytest.fixture(scope="module")
 def tail_loader(split):

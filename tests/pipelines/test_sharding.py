@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.sharding import dropped_per_epoch, epoch_order, sample_seed, shard_indices
+from pipelines.sharding import dropped_per_epoch, epoch_order, shard_indices
 
 # (n, world, batch_size): divisible, not divisible, world 1, world larger than a batch, ...
 CASES = [(64, 2, 8), (100, 4, 8), (101, 3, 7), (37, 1, 5), (1000, 8, 16), (17, 4, 4), (9, 2, 4)]
@@ -106,12 +106,3 @@ def test_dataset_too_small_for_one_batch_per_rank_raises(n, world, batch_size):
 def test_drop_last_without_batch_size_raises():
     with pytest.raises(ValueError):
         shard_indices(100, 0, 2, drop_last=True)
-
-
-def test_sample_seed_is_stable_distinct_and_63_bit():
-    seeds = {(s, e, i): sample_seed(s, e, i) for s in (0, 1) for e in range(4) for i in range(100)}
-    assert len(set(seeds.values())) == len(seeds)  # differs across seeds, epochs and indices
-    assert all(type(v) is int and 0 <= v < 2**63 for v in seeds.values())
-    for key in [(0, 0, 0), (1, 3, 99), (0, 2, 17)]:
-        assert sample_seed(*key) == seeds[key]  # stable across calls
-    assert sample_seed(0, 1, np.int64(5)) == sample_seed(0, 1, 5)  # numpy indices as well as ints

@@ -1,0 +1,149 @@
+"""The GPU renderer of a view's tail: `pipelines.render_cpu`'s maths as batched torch ops.
+
+The same packed parameters (`augment_params.P_*`) and the same torchvision uint8 semantics:
+flip, colour jitter in each sample's random order, grayscale, blur, on pixel values 0..255 held
+in float32 (every intermediate is truncated or rounded to an integer, as torchvision's uint8 path
+does). The DALI and FFCV loaders run it on the GPU after their crop; it runs on CPU tensors too,
+which is how the tests hold it to torchvision's functional ops. Samples are grouped by what they
+apply from the parameters on the host, so nothing waits on the device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines.augment_params import (
+    P_BLUR,
+    P_FACTOR,
+    P_FLIP,
+    P_GRAY,
+    P_JITTER,
+    P_ORDER,
+    P_SIGMA,
+    P_WINDOW,
+)
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's r * 0.2989 + g * 0.587 + b * 0.114, with its own ops (fused where torch fuses). [B, 1, H, W]"""
+    r, g, b = x.unbind(dim=1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
+
+
+def _trunc(y: torch.Tensor) -> torch.Tensor:
+    return y.clamp_(0.0, 255.0).floor_()  # clamp, then .to(uint8) truncates non-negative values
+
+
+def _factor(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.float32, device=like.device).view(-1, 1, 1, 1)
+
+
+def _brightness(x, f):
+    return _trunc(x * _factor(f, x))
+
+
+def _blend(x, f, gray):
+    return _trunc(torch.addcmul(x * _factor(f, x), gray, _factor(1.0 - f, x)))  # one rounding, as add_(alpha=)
+
+
+def _contrast(x, f):
+    return _blend(x, f, _luma(x).floor_().mean(dim=(1, 2, 3), keepdim=True))
+
+
+def _saturation(x, f):
+    return _blend(x, f, _luma(x).floor_())
+
+
+def _hue(x, f):
+    """torchvision's _rgb_to_hsv, hue + f turns (mod 1), _hsv_to_rgb, then x 255.999 truncated."""
+    img = x * (1.0 / 255.0)
+    r, g, _ = img.unbind(dim=1)
+    minc, maxc = torch.aminmax(img, dim=1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    rc, gc, bc = ((maxc.unsqueeze(1) - img) / torch.where(eqc, ones, cr).unsqueeze(1)).unbind(dim=1)
+    neq_r, eq_g = maxc != r, maxc == g
+    hg = rc.add(2.0).sub_(bc).mul_(eq_g & neq_r)
+    hr = bc.sub(gc).mul_(~neq_r)
+    hb = gc.add(4.0).sub_(rc).mul_(neq_r & ~eq_g)
+    h = hr.add_(hg).add_(hb).mul_(1.0 / 6.0).add_(1.0).fmod_(1.0)
+    h = torch.remainder(h + _factor(f, x).view(-1, 1, 1), 1.0)
+    h6 = h * 6.0
+    i = torch.floor(h6)
+    fr = h6 - i
+    sxf = s * fr
+    q = ((1.0 - sxf) * maxc).clamp_(0.0, 1.0)
+    t = ((sxf + (1.0 - s)) * maxc).clamp_(0.0, 1.0)
+    p = ((1.0 - s) * maxc).clamp_(0.0, 1.0)
+    vpqt = torch.stack((maxc, p, q, t), dim=1)  # [B, 4, H, W]
+    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=x.device)
+    sector = torch.remainder(i, 6.0).long()  # [B, H, W]
+    rgb = vpqt.gather(1, select[:, sector].permute(1, 0, 2, 3))  # [B, 3, H, W]
+    return rgb.mul_(255.999).floor_()
+
+
+_ADJUST = (_brightness, _contrast, _saturation, _hue)
+
+
+def _kernels(sigma: np.ndarray, windows: np.ndarray, device) -> torch.Tensor:
+    """torchvision's 1-D kernels (softmax of -(x / sigma)^2, x = linspace(-lim, lim, window)),
+    centred in the batch's largest window and zero outside each sample's own. float32 [B, k]."""
+    k_max = int(windows.max())
+    out = torch.zeros(len(sigma), k_max, dtype=torch.float32)
+    for i, (s, w) in enumerate(zip(sigma, windows)):
+        lim = (w - 1) / (2.0 * math.sqrt(2.0))
+        x = torch.linspace(-lim, lim, steps=int(w), dtype=torch.float32)
+        off = (k_max - w) // 2
+        out[i, off:off + w] = torch.softmax(x.div(float(s)).pow(2).neg(), dim=0)
+    return out.to(device)
+
+
+def _blur(x: torch.Tensor, sigma: np.ndarray, windows: np.ndarray) -> torch.Tensor:
+    """Separable Gaussian per sample, reflect-101 borders, rounded half to even."""
+    b, c, h, w = x.shape
+    k = _kernels(sigma, windows, x.device).repeat_interleave(c, dim=0)  # [B*3, k]: one filter per (sample, channel)
+    r = k.shape[1] // 2
+    y = F.pad(x.reshape(1, b * c, h, w), (r, r, 0, 0), mode="reflect")  # torch's reflect is reflect-101
+    y = F.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c)
+    y = F.pad(y, (0, 0, r, r), mode="reflect")
+    y = F.conv2d(y, k.view(b * c, 1, -1, 1), groups=b * c)
+    return y.view(b, c, h, w).round_().clamp_(0.0, 255.0)
+
+
+def render_batch(images: torch.Tensor, params: np.ndarray) -> torch.Tensor:
+    """The tail of every view of a batch on the batch's device.
+
+    images: uint8 [B, H, W, 3] (the loaders' layout); params: float64 [B, N_P] on the host (the
+    sampler's `sample_views`). Returns pixel values 0..255 as float32 [B, 3, H, W] with
+    channels_last storage.
+    """
+    x = images.permute(0, 3, 1, 2).to(torch.float32)  # NHWC storage = channels_last [B, 3, H, W]
+    dev = x.device
+
+    def rows(mask: np.ndarray):
+        sel = np.flatnonzero(mask)
+        return sel, torch.as_tensor(sel, device=dev)
+
+    sel, idx = rows(params[:, P_FLIP] > 0.5)
+    if len(sel):
+        x[idx] = x[idx].flip(3)
+    jitter = params[:, P_JITTER] > 0.5
+    order = params[:, P_ORDER:P_ORDER + 4].astype(np.int64)
+    for slot in range(4):
+        for op in range(4):
+            sel, idx = rows(jitter & (order[:, slot] == op))
+            if len(sel):
+                x[idx] = _ADJUST[op](x[idx], params[sel, P_FACTOR + op])
+    sel, idx = rows(params[:, P_GRAY] > 0.5)
+    if len(sel):
+        x[idx] = _trunc(_luma(x[idx])).expand(-1, 3, -1, -1)
+    sel, idx = rows(params[:, P_BLUR] > 0.5)
+    if len(sel):
+        x[idx] = _blur(x[idx], params[sel, P_SIGMA], params[sel, P_WINDOW].astype(np.int64))
+    return x

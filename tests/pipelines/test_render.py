@@ -1,0 +1,326 @@
+"""Pixel fidelity: every renderer of a view against torchvision's functional ops, one operation at a
+time and the whole chain, and every backend's views against the torchvision reference loader for
+the same (seed, epoch, index, view) keys.
+
+Bounds are in uint8 levels. An operation alone must match torchvision to float rounding (`EXACT`:
+mean <= 0.02, no value off by more than one level); `wrong operators` shows that bound failing on
+plausible mistakes (DALI's YIQ hue, rounding instead of truncating, another luma, another sigma).
+Whole views also carry the backends' own decoders and resizers, measured and bounded separately.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as tvf
+
+from pipelines import render_cpu, render_gpu
+from pipelines.augment_params import (
+    DRAW_CROP,
+    N_P,
+    P_BLUR,
+    P_FACTOR,
+    P_FLIP,
+    P_GRAY,
+    P_JITTER,
+    P_ORDER,
+    P_SIGMA,
+    P_WINDOW,
+    SALT_VIEW,
+    blur_window,
+    crop_boxes,
+    sample_views,
+    spec_constants,
+    view_key,
+)
+from pipelines.sources import Split
+from pipelines.spec import AugmentSpec
+from pipelines.torchvision_loader import ADJUST, TorchvisionTwoViewLoader, reference_tail
+from tests.pipelines.augment_stats import to_uint8
+
+EXACT = (0.02, 1.0)  # (mean, max) |difference| in uint8 levels for one operation against torchvision
+
+
+def assert_close_levels(got: torch.Tensor, want: torch.Tensor, mean: float, worst: float, what: str = ""):
+    d = (got.float() - want.float()).abs()
+    stats = f"{what}: mean {d.mean():.4f}, max {d.max():.0f} levels"
+    assert d.mean() <= mean and d.max() <= worst + 1e-6, stats
+
+
+def photo_like(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """uint8 [n, h, w, 3]: gradients, a saturated band, a gray patch and mild noise, so every colour
+    operation has flat, gray, saturated and textured pixels to act on."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    out = []
+    for _ in range(n):
+        a, b, c = rng.uniform(0.3, 1.2, 3)
+        img = np.stack([xs * 255 / w * a, ys * 255 / h * b, (xs + ys) * 128 / (h + w) * c + 60], -1)
+        img += rng.normal(0, 8, img.shape)
+        y0 = int(rng.integers(0, h // 2))
+        img[y0:y0 + h // 6] = rng.uniform(0, 255, 3)  # a band of one saturated colour
+        img[: h // 5, : w // 5] = rng.integers(0, 256)  # a gray patch: hue and saturation leave it
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def _imagenet_sample() -> Path:
+    env = os.environ.get("SIMCLR_IMAGENET_SAMPLE")
+    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample"
+
+
+def real_photos(n: int = 16, size: tuple[int, int] = (112, 96)) -> np.ndarray | None:
+    files = sorted(p for p in _imagenet_sample().glob("*") if p.suffix.lower() in (".jpeg", ".jpg"))[:n]
+    if not files:
+        return None
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(f).convert("RGB").resize(size)) for f in files])
+
+
+@pytest.fixture(scope="module", params=["synthetic", "imagenet"])
+def images(request) -> np.ndarray:
+    if request.param == "synthetic":
+        return photo_like(16, 80, 96)
+    real = real_photos()
+    if real is None:
+        pytest.skip(f"no ImageNet sample JPEGs in '{_imagenet_sample()}' (set SIMCLR_IMAGENET_SAMPLE)")
+    return real
+
+
+# ---- one operation at a time ---------------------------------------------------------------------
+
+def _params(op: str, factor: float, n: int) -> np.ndarray:
+    """Packed parameters that apply `op` alone with `factor` (sigma for blur)."""
+    p = np.zeros((n, N_P))
+    p[:, P_ORDER:P_ORDER + 4] = [0, 1, 2, 3]
+    p[:, P_FACTOR:P_FACTOR + 3] = 1.0  # identity brightness, contrast, saturation; hue 0
+    if op == "flip":
+        p[:, P_FLIP] = 1
+    elif op == "grayscale":
+        p[:, P_GRAY] = 1
+    elif op == "blur":
+        p[:, P_BLUR], p[:, P_SIGMA], p[:, P_WINDOW] = 1, factor, blur_window(factor, 23)
+    else:
+        j = ("brightness", "contrast", "saturation", "hue").index(op)
+        p[:, P_JITTER] = 1
+        p[:, P_FACTOR + j] = factor
+    return p
+
+
+def _torchvision_op(op: str, factor: float):
+    if op == "flip":
+        return tvf.horizontal_flip
+    if op == "grayscale":
+        return lambda x: tvf.rgb_to_grayscale(x, num_output_channels=3)
+    if op == "blur":
+        k = blur_window(factor, 23)
+        return lambda x: tvf.gaussian_blur(x, [k, k], [factor, factor])
+    adjust = ADJUST[("brightness", "contrast", "saturation", "hue").index(op)]
+    return lambda x: adjust(x, factor)
+
+
+def render_numba(images: np.ndarray, params: np.ndarray) -> torch.Tensor:
+    out = images.copy()
+    render_cpu.render_batch(out, params)
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+def render_torch(images: np.ndarray, params: np.ndarray) -> torch.Tensor:
+    return render_gpu.render_batch(torch.from_numpy(images), params)
+
+
+RENDERERS = {"numba": render_numba, "torch": render_torch}
+OPS = [("flip", 0.0), ("brightness", 0.6), ("brightness", 1.37), ("contrast", 0.55), ("contrast", 1.42),
+       ("saturation", 0.0), ("saturation", 0.61), ("saturation", 1.5), ("hue", -0.2), ("hue", 0.047),
+       ("hue", 0.5), ("grayscale", 0.0), ("blur", 0.4), ("blur", 1.3), ("blur", 2.0)]
+
+
+@pytest.mark.parametrize("renderer", list(RENDERERS))
+@pytest.mark.parametrize("op,factor", OPS)
+def test_each_operation_is_torchvisions(op, factor, renderer, images):
+    want = torch.stack([_torchvision_op(op, factor)(torch.from_numpy(im).permute(2, 0, 1)) for im in images])
+    got = RENDERERS[renderer](images, _params(op, factor, len(images)))
+    assert_close_levels(got, want, *EXACT, what=f"{renderer} {op}({factor})")
+    if op != "flip" and not (op == "saturation" and factor == 0.0):
+        assert (want.float() != torch.from_numpy(images).permute(0, 3, 1, 2).float()).any()  # the op acted
+
+
+def _yiq_hue(x: torch.Tensor, turns: float) -> torch.Tensor:
+    """A hue 'shift' as a rotation of the chroma plane in YIQ (what DALI's color_twist and hsv do)."""
+    m = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+    a = 2 * np.pi * turns
+    rot = torch.tensor([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]], dtype=torch.float64)
+    t = torch.linalg.inv(m) @ rot @ m
+    y = torch.einsum("ij,jhw->ihw", t, x.double())
+    return y.round().clamp(0, 255).to(torch.uint8)
+
+
+WRONG = {
+    "hue as a YIQ rotation": ("hue", 0.1, lambda x: _yiq_hue(x, 0.1)),
+    "brightness rounded, not truncated": ("brightness", 1.3, lambda x: (x.double() * 1.3).round().clamp(0, 255)),
+    "grayscale as the channel mean": ("grayscale", 0.0, lambda x: x.double().mean(0, keepdim=True).floor().expand(3, -1, -1)),
+    "contrast about mid-gray": ("contrast", 1.4, lambda x: ((x.double() - 127.5) * 1.4 + 127.5).clamp(0, 255).floor()),
+    "blur with 1.2x the sigma": ("blur", 1.0, lambda x: tvf.gaussian_blur(x, [9, 9], [1.2, 1.2])),
+}
+
+
+@pytest.mark.parametrize("name", list(WRONG))
+def test_the_bound_rejects_wrong_operators(name, images):
+    """The per-operation bound is tight enough to fail on each of these plausible mistakes."""
+    op, factor, wrong = WRONG[name]
+    want = torch.stack([_torchvision_op(op, factor)(torch.from_numpy(im).permute(2, 0, 1)) for im in images])
+    got = torch.stack([wrong(torch.from_numpy(im).permute(2, 0, 1)) for im in images])
+    with pytest.raises(AssertionError):
+        assert_close_levels(got, want, *EXACT, what=name)
+
+
+def test_dalis_own_hue_operator_fails_the_bound(images):
+    """DALI's color_twist hue, which the DALI graph used before it rendered with our kernel."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None)
+    def pipe():
+        x = fn.external_source(source=lambda: list(images), batch=True)
+        return fn.color_twist(x, hue=0.1 * 360.0, dtype=types.UINT8)
+
+    p = pipe()
+    p.build()
+    got = torch.from_numpy(np.array(p.run()[0].as_tensor())).permute(0, 3, 1, 2)
+    want = torch.stack([tvf.adjust_hue(torch.from_numpy(im).permute(2, 0, 1), 0.1) for im in images])
+    with pytest.raises(AssertionError):
+        assert_close_levels(got, want, *EXACT, what="DALI color_twist hue")
+
+
+# ---- the whole tail, with drawn parameters --------------------------------------------------------
+
+@pytest.mark.parametrize("renderer", list(RENDERERS))
+def test_whole_tail_is_torchvisions_chain(renderer, images):
+    """Flip, jitter in the drawn order, grayscale and blur as drawn by the sampler, against
+    torchvision's ops applied in that order (the blur with the spec's full kernel)."""
+    spec = AugmentSpec(size=images.shape[1], jitter_strength=1.0, blur_p=0.5, grayscale_p=0.3)
+    n = len(images)
+    got, want = [], []
+    for epoch in range(4):
+        _, params = sample_views(spec, 5, epoch, np.arange(n), 0, images.shape[1], images.shape[2])
+        got.append(RENDERERS[renderer](images, params))
+        for i in range(n):
+            want.append(reference_tail(torch.from_numpy(images[i]).permute(2, 0, 1), params[i], spec))
+    got, want = torch.cat(got), torch.stack(want)
+    assert_close_levels(got, want, 0.02, 1.0, what=f"{renderer} chain")
+
+
+def test_ffcv_compiled_tail_draws_and_renders_what_the_sampler_drew():
+    """FFCV's operation draws each sample's parameters inside numba: the same as `sample_views`,
+    so its output is the numba renderer's on the sampler's parameters, bit for bit."""
+    pytest.importorskip("ffcv")
+    from pipelines.ffcv_ops import tail_batch
+
+    spec = AugmentSpec(size=48, blur_p=0.5)
+    images = photo_like(40, 48, 48, seed=3)
+    idx = np.arange(40, dtype=np.int64) * 3 + 1
+    out = images.copy()
+    tail_batch(out, idx, view_key(9, 2, 1), *spec_constants(spec)[4:])
+    _, params = sample_views(spec, 9, 2, idx, 1, 48, 48)
+    assert torch.equal(torch.from_numpy(out).permute(0, 3, 1, 2), render_numba(images, params))
+    # and the decoder's crop box is the sampler's
+    boxes = crop_boxes(view_key(9, 2, 1), idx, 300, 200, SALT_VIEW, DRAW_CROP, spec.crop_area, spec.crop_ratio)
+    assert np.array_equal(boxes, sample_views(spec, 9, 2, idx, 1, 300, 200)[0])
+
+
+# ---- every backend against the torchvision reference loader ----------------------------------------
+
+def _batches(backend: str, split: Split, spec: AugmentSpec, seed: int = 7) -> list:
+    from pipelines.loader import build_loader
+
+    if backend == "ffcv":
+        from pipelines.ffcv_ops import write_beton
+
+        write_beton(split, Path(split.root) / f"{split.name}.beton")
+    ld = build_loader(backend, split, spec, batch_size=32, seed=seed, num_workers=2, shuffle=True, drop_last=False)
+    for epoch in (0, 1):
+        ld.set_epoch(epoch)
+        yield from ld
+
+
+def _compare(backend: str, split: Split, spec: AugmentSpec):
+    """uint8-level differences of every view against the torchvision reference loader."""
+    ref = TorchvisionTwoViewLoader(split, spec, batch_size=32, seed=7, num_workers=0, shuffle=True, drop_last=False)
+    want = []
+    for epoch in (0, 1):
+        ref.set_epoch(epoch)
+        want += list(ref)
+    diffs = []
+    for a, b in zip(want, _batches(backend, split, spec), strict=True):
+        assert torch.equal(a.index, b.index.cpu())
+        for view in ("view1", "view2"):
+            diffs.append((to_uint8(getattr(a, view), spec.mean, spec.std) -
+                          to_uint8(getattr(b, view), spec.mean, spec.std)).abs().flatten())
+    return torch.cat(diffs)
+
+
+def _stats(d: torch.Tensor) -> str:
+    return f"mean {d.mean():.3f}, p99 {d.quantile(0.99):.1f}, max {d.max():.0f} levels"
+
+
+IDENTITY_CROP = dict(crop_area=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+# Each backend's own resampling (DALI: its bilinear antialiased resize; FFCV: OpenCV's) against
+# torchvision's, on the crop alone; measured on these images, bounds set about 2x above.
+CROP_TOLERANCE = {"dali": (0.5, 4.0), "ffcv": (2.0, 12.0)}
+
+
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+@pytest.mark.parametrize("op", ["flip", "jitter", "grayscale", "blur"])
+def test_backend_renders_each_operation_as_the_reference(backend, op, tmp_path):
+    """Identity crop, one operation always on: a backend's view is the reference loader's."""
+    pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[backend])
+    off = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    on = {"flip": dict(flip_p=1.0), "jitter": dict(jitter_p=1.0), "grayscale": dict(grayscale_p=1.0),
+          "blur": dict(blur_p=1.0)}[op]
+    spec = AugmentSpec(size=48, jitter_strength=1.0, **IDENTITY_CROP, **{**off, **on})
+    split = Split("train", np.arange(64) % 10, images=photo_like(64, 48, 48, seed=4), root=tmp_path)
+    d = _compare(backend, split, spec)
+    assert d.mean() <= 0.02 and d.max() <= 1.01, f"{backend} {op}: {_stats(d)}"  # views: float round trip
+
+
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_backend_whole_views_match_the_reference_on_arrays(backend, tmp_path):
+    """Real crops and every operation at the spec's rates: the same views up to the backend's
+    resampling (its crop-only difference, measured in the same test, with a margin for the colour
+    operations that follow it)."""
+    pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[backend])
+    images = photo_like(64, 72, 88, seed=6)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    crop = _compare(backend, Split("train", np.arange(64) % 10, images=images, root=tmp_path / "a"),
+                    AugmentSpec(size=40, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0))
+    mean, p99 = CROP_TOLERANCE[backend]
+    assert crop.mean() <= mean and crop.quantile(0.99) <= p99, f"{backend} crop alone: {_stats(crop)}"
+    full = _compare(backend, Split("train", np.arange(64) % 10, images=images, root=tmp_path / "b"),
+                    AugmentSpec(size=40, blur_p=0.5, blur_kernel_frac=0.2))
+    assert full.mean() <= 1.5 * mean and full.quantile(0.99) <= 1.5 * p99, f"{backend} whole view: {_stats(full)}"
+
+
+def test_dali_whole_views_match_the_reference_on_real_jpegs(tmp_path):
+    """The same JPEG files through DALI (its decoder) and torchvision (libjpeg-turbo via
+    torchvision.io): crop, flip, jitter, grayscale and blur as drawn, within decode/resize tolerance."""
+    pytest.importorskip("nvidia.dali")
+    real = sorted(p for p in _imagenet_sample().glob("*") if p.suffix.lower() in (".jpeg", ".jpg"))[:64]
+    if not real:
+        files = []
+        from PIL import Image
+
+        for i, im in enumerate(photo_like(48, 120, 160, seed=8)):
+            Image.fromarray(im).save(tmp_path / f"{i}.jpg", quality=92)
+            files.append(str(tmp_path / f"{i}.jpg"))
+    else:
+        files = [str(p) for p in real]
+    split = Split("train", np.zeros(len(files), dtype=np.int64), files=files, root=tmp_path)
+    d = _compare("dali", split, AugmentSpec(size=64))
+    mean, p99 = CROP_TOLERANCE["dali"]
+    assert d.mean() <= 1.5 * mean and d.quantile(0.99) <= 1.5 * p99, f"dali JPEG views: {_stats(d)}"
