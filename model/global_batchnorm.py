@@ -73,6 +73,8 @@ def convert_to_global_bn(module: nn.Module, device: torch.device) -> nn.Module:
         out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                               module.track_running_stats, device=ref.device, dtype=ref.dtype)
         out.load_state_dict(module.state_dict())
+        for name, p in module.named_parameters(recurse=False):  # a frozen shift stays frozen
+            getattr(out, name).requires_grad_(p.requires_grad)
         out.train(module.training)
     for name, child in module.named_children():
         out.add_module(name, convert_to_global_bn(child, device))

@@ -44,6 +44,9 @@ class ModelConfig:
     head_hidden: int = 0  # 0 = the encoder's feature width (2048 for ResNet-50)
     head_out: int = 128  # projection dimension
     head_layers: int = 2  # 2 (SimCLR v1) or 3 (v2)
+    # last head layer: Linear without bias + BatchNorm with scale, no shift, as the official code
+    # (true in the recipes that copy the paper's settings); false: Linear with bias (v1's text)
+    head_out_bn: bool = False
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
 
@@ -52,12 +55,20 @@ class ModelConfig:
 class LossConfig:
     temperature: float = 0.1  # 0.1 ImageNet, 0.5 CIFAR
     impl: str = "auto"  # auto | reference | chunked | triton
+    # the loss optimised is scale x the mean over the 2N anchors (Algorithm 1). The official code
+    # sums the two directions' means, i.e. scale 2: with LARS this doubles the effective weight
+    # decay and halves BatchNorm/bias steps, so recipes that copy its settings use 2.0
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a positive number, got {self.scale}")
 
 
 @dataclass
 class OptimConfig:
     name: str = "lars"  # lars | sgd
-    lr: float = 0.3  # base LR before scaling: 0.3 (linear) or 0.075 (sqrt)
+    lr: float = 0.0  # base LR before scaling; 0 = the paper's for lr_scaling: 0.3 (linear), 0.075 (sqrt)
     lr_scaling: str = "linear"  # linear: lr * B/256; sqrt: lr * sqrt(B)
     momentum: float = 0.9
     weight_decay: float = 1e-6  # 1e-6 with LARS; ~5e-4 with SGD
@@ -94,7 +105,10 @@ class EvalConfig:
     batch_size: int = 512  # feature extraction batch
     max_iter: int = 200  # L-BFGS iterations of the linear classifier
     val_fraction: float = 0.1  # of the train split, held out to pick the L2 penalty
-    l2_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2)  # L2 penalties tried
+    # L2 penalties tried, strongest first, each fit starting from the previous one's solution
+    # (log-spaced over the paper's transfer-protocol range 1e-6..1e5; a warning says when the best
+    # lies on an edge)
+    l2_grid: tuple[float, ...] = (1e5, 1e4, 1e3, 1e2, 1e1, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
 
 @dataclass

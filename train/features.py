@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec
-from pipelines.torchvision_loader import eval_transform, load_image
+from pipelines.torchvision_loader import eval_resize, eval_transform, load_image
 
 
 class _EvalViews(Dataset):
@@ -25,12 +25,12 @@ class _EvalViews(Dataset):
 
 def _array_views(split: Split, spec: AugmentSpec, idx: np.ndarray) -> torch.Tensor:
     """Batched eval views for in-memory uint8 arrays (no per-sample Python work)."""
-    x = torch.from_numpy(np.ascontiguousarray(split.images[idx]))
-    x = x.permute(0, 3, 1, 2).float().div_(255)  # [B, C, H, W]
+    x = torch.from_numpy(np.ascontiguousarray(split.images[idx])).permute(0, 3, 1, 2)  # uint8 [B, C, H, W]
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    if x.shape[-1] != spec.size or x.shape[-2] != spec.size:
-        x = eval_transform(AugmentSpec(size=spec.size, mean=(0, 0, 0), std=(1, 1, 1)))(x)
+    if x.shape[-1] != spec.size or x.shape[-2] != spec.size or spec.size > 32:
+        x = eval_resize(x, spec.size)
+    x = x.float().div_(255)
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
     return (x - mean) / std

@@ -79,7 +79,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     from model.global_batchnorm import convert_to_global_bn
     from model.nt_xent import nt_xent, resolve_impl
     from model.simclr import build_simclr
-    from train.schedule import lr_schedule, scaled_lr, steps_within_budget
+    from train.schedule import base_lr, lr_schedule, scaled_lr, steps_within_budget
 
     cuda = torch.cuda.is_available()
     precision = {"auto": "bf16" if cuda else "no", "fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision)
@@ -101,7 +101,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     steps_per_epoch = len(loader)
     cap_steps = cfg.optim.epochs * steps_per_epoch
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    peak_lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.lr_scaling)
+    peak_lr = scaled_lr(base_lr(cfg.optim.lr, cfg.optim.lr_scaling), cfg.data.batch_size, cfg.optim.lr_scaling)
     budget = cfg.train.time_budget_s
 
     def plan(total: int) -> tuple[list[float], int]:
@@ -187,6 +187,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     log({"event": "start", "step": step, "world": world, "device": str(device), "precision": precision,
          "loss_impl": loss_impl, "backend": cfg.data.backend, "global_batch": cfg.data.batch_size,
          "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "peak_lr": peak_lr,
+         "loss_scale": cfg.loss.scale,
          "dropped_per_epoch": dropped_per_epoch(len(train_split), world, local_batch)})
     acc.print(f"SimCLR {cfg.model.arch} x{cfg.model.width} | {world} process(es) on {device.type} | "
               f"batch {cfg.data.batch_size} | loss {loss_impl} | {cfg.data.backend} loader | "
@@ -221,9 +222,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             with acc.autocast():
                 _, z = model(torch.cat([batch.view1, batch.view2]))  # [2B, D]: both views in one pass
             z1, z2 = z.float().chunk(2)
-            loss = nt_xent(z1, z2, cfg.loss.temperature, impl=loss_impl)
+            loss = nt_xent(z1, z2, cfg.loss.temperature, impl=loss_impl)  # mean over the 2N anchors
             optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss)
+            acc.backward(loss * cfg.loss.scale if cfg.loss.scale != 1.0 else loss)
             optimizer.step()
             step += 1
             tick_images += len(batch.index) * world

@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "SIMCLR_BASE_LR",
+    "base_lr",
     "epochs_to_steps",
     "steps_within_budget",
     "lr_schedule",
@@ -23,6 +24,14 @@ __all__ = [
 
 # Paper defaults for the base learning rate of each scaling rule (LARS, Sec. B.1).
 SIMCLR_BASE_LR = {"linear": 0.3, "sqrt": 0.075}
+
+
+def base_lr(lr: float, rule: str) -> float:
+    """The base learning rate a run uses: `lr` when set (> 0), else the paper's base for `rule`
+    (0.3 for linear scaling, 0.075 for square-root scaling; Sec. B.1)."""
+    if rule not in SIMCLR_BASE_LR:
+        raise ValueError(f"unknown LR scaling rule {rule!r}: use 'linear' or 'sqrt'")
+    return lr if lr > 0 else SIMCLR_BASE_LR[rule]
 
 
 def scaled_lr(base_lr: float, batch_size: int, rule: str = "linear") -> float:

@@ -201,3 +201,32 @@ def test_cuda_bf16_channels_last_forward_and_backward_match_fp32_cpu(small_stem,
     for got, want in ((h, h_ref), (z, z_ref)):
         err = (got.float().cpu() - want).norm() / want.norm()
         assert err < 3e-2, f"relative error {err:.3g}"
+
+
+def test_official_head_ends_in_linear_without_bias_then_batchnorm_without_shift():
+    """model.head_out_bn: the official code's last layer (Dense(use_bias=False) + BatchNorm with
+    center=False): the shift is a zero that never trains, conversions to cross-process BN keep it
+    frozen, and LARS's groups leave it out."""
+    from model.global_batchnorm import convert_to_global_bn
+    from train.lars import LARS, lars_param_groups
+
+    model = SimCLR("resnet18", width=0.125, small_stem=True, head_out=16, head_out_bn=True)
+    lin, bn = model.head[-2], model.head[-1]
+    assert isinstance(lin, nn.Linear) and lin.bias is None and isinstance(bn, nn.BatchNorm1d)
+    assert bn.weight.requires_grad and not bn.bias.requires_grad
+    in_groups = {id(p) for g in lars_param_groups(model, 1e-6) for p in g["params"]}
+    assert id(bn.bias) not in in_groups and id(bn.weight) in in_groups
+    opt = LARS(lars_param_groups(model, 1e-6), lr=1.0)
+    _, z = model(torch.randn(8, 3, 16, 16))
+    (z[:, 0] * torch.arange(8.0)).sum().backward()
+    opt.step()
+    assert torch.equal(bn.bias, torch.zeros(16)) and not torch.equal(bn.weight, torch.ones(16))
+    # per-feature standardisation times the scale: mean 0 over the batch in train mode
+    _, z = model(torch.randn(8, 3, 16, 16))
+    assert z.mean(0).abs().max() < 1e-5
+    g = convert_to_global_bn(model, torch.device("cpu"))
+    assert not g.head[-1].bias.requires_grad and g.head[-1].weight.requires_grad
+    s = nn.SyncBatchNorm.convert_sync_batchnorm(SimCLR("resnet18", width=0.125, head_out=16, head_out_bn=True))
+    assert not s.head[-1].bias.requires_grad
+    v1 = SimCLR("resnet18", width=0.125, head_out=16)
+    assert isinstance(v1.head[-1], nn.Linear) and v1.head[-1].bias is not None

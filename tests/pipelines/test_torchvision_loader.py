@@ -371,3 +371,27 @@ def test_cuda_batches_are_the_cpu_batches_on_the_device(dtype):
         assert torch.equal(a.index, b.index.cpu()) and torch.equal(a.label, b.label.cpu())
         for view in ("view1", "view2"):
             torch.testing.assert_close(getattr(b, view).cpu().float(), getattr(a, view).to(dtype).float())
+
+
+def test_eval_view_is_the_official_centre_crop_above_32_pixels():
+    """Above 32 px: the centred 0.875 of the short side (offsets rounded up, as the official
+    `_compute_crop_shape` + crop), resized bicubically; at 32 px and below: the whole short side."""
+    from pipelines.torchvision_loader import eval_resize
+
+    ys, xs = torch.meshgrid(torch.arange(50.0), torch.arange(73.0), indexing="ij")
+    img = torch.stack([xs * 3.4, ys * 5, (xs + ys) * 2]).round().to(torch.uint8)  # smooth: no clipping
+    side = round(0.875 * 50)  # 44
+    top, left = (50 - side + 1) // 2, (73 - side + 1) // 2  # 3, 15 (round-half-even would give 14)
+    want = F.interpolate(img[None, :, top:top + side, left:left + side].float(), size=(64, 64), mode="bicubic",
+                         align_corners=False).round().clamp(0, 255)[0]
+    got = eval_resize(img, 64).float()
+    assert (got - want).abs().max() <= 1  # torch's uint8 bicubic rounds like this float path, to a level
+    small = eval_resize(img, 32)  # CIFAR-sized: no 0.875 crop
+    assert small.shape == (3, 32, 32)
+    assert torch.equal(small, tvf_center_crop(img))
+
+
+def tvf_center_crop(img):
+    from torchvision.transforms.v2 import functional as tvf
+
+    return tvf.center_crop(tvf.resize(img, 32, antialias=True), [32, 32])

@@ -39,6 +39,34 @@ def test_probe_reaches_the_bayes_accuracy_of_two_gaussians():
     assert abs(r["top1"] - bayes) < 4 * sigma + 0.005, (r["top1"], bayes)
 
 
+def test_warm_started_fit_reaches_the_same_optimum_as_a_cold_one():
+    """The penalised objective is strictly convex: starting from another penalty's solution ends
+    at the same stationary point."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(500, 6, generator=g)
+    y = (x @ torch.randn(6, 4, generator=g)).argmax(1)
+    cold = fit_logistic(x, y, 4, l2=1e-2, max_iter=500)
+    warm = fit_logistic(x, y, 4, l2=1e-2, max_iter=500, init=fit_logistic(x, y, 4, l2=10.0, max_iter=500))
+    torch.testing.assert_close(warm.weight, cold.weight, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(warm.bias, cold.bias, rtol=1e-3, atol=1e-4)
+
+
+def test_probe_flags_a_best_penalty_on_the_grids_edge():
+    """Imbalanced classes: a heavy penalty shrinks the weights until the bias (the majority class)
+    decides, so accuracy rises as the penalty falls and a grid of heavy penalties peaks on its edge."""
+    g = torch.Generator().manual_seed(4)
+    n = 2000
+    y = (torch.rand(2 * n, generator=g) < 0.3).long()
+    x = torch.randn(2 * n, 5, generator=g) + 1.5 * (2 * y[:, None] - 1)
+    too_strong = linear_probe(x[:n], y[:n], x[n:], y[n:], l2_grid=(0.5, 2.0, 8.0), val_fraction=0.2, max_iter=100)
+    assert too_strong["l2"] == 0.5 and too_strong["l2_at_edge"]
+    assert too_strong["val_top1_by_l2"]["8.0"] < too_strong["val_top1_by_l2"]["2.0"] < too_strong["val_top1_by_l2"]["0.5"]
+    wide = linear_probe(x[:n], y[:n], x[n:], y[n:], l2_grid=(1e3, 1e1, 1e-1, 1e-3, 1e-5), val_fraction=0.2,
+                        max_iter=100)
+    assert not wide["l2_at_edge"] and wide["top1"] >= too_strong["top1"] - 0.005
+    assert list(wide["val_top1_by_l2"]) == ["1e-05", "0.001", "0.1", "10.0", "1000.0"]
+
+
 def test_topk_accuracy_counts_by_hand():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5]])
     y = torch.tensor([1, 2, 0])
@@ -60,10 +88,16 @@ def test_linear_eval_command_on_a_pretrained_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert (r["train_count"], r["eval_count"]) == (512, 256)
-    assert r["encoder"]["feature_dim"] == 64 and r["raw_pixels"]["feature_dim"] == 28 * 28
-    for m in (r["encoder"], r["raw_pixels"]):
+    assert r["encoder"]["feature_dim"] == r["random_init"]["feature_dim"] == 64
+    assert r["raw_pixels"]["feature_dim"] == 28 * 28
+    for m in (r["encoder"], r["random_init"], r["raw_pixels"]):
         assert 0.1 < m["top1"] <= m["top5"] <= 1.0  # ten balanced-ish classes: far above chance
-    assert "raw pixels (baseline)" in proc.stdout and "SimCLR encoder" in proc.stdout
+        assert set(m["val_top1_by_l2"]) == {str(v) for v in sorted((1e5, 1e4, 1e3, 1e2, 1e1, 1.0, 1e-1, 1e-2,
+                                                                    1e-3, 1e-4, 1e-5, 1e-6))}
+        assert isinstance(m["l2_at_edge"], bool)
+    assert r["encoder"] != r["random_init"]  # trained weights, not the random initialisation
+    for row in ("SimCLR encoder", "random-init encoder (baseline)", "raw pixels (baseline)"):
+        assert row in proc.stdout
 
     # --train-samples / --eval-samples: a seeded subset, the same on every run
     sub = [tmp_path / "s1.json", tmp_path / "s2.json"]
@@ -73,7 +107,8 @@ def test_linear_eval_command_on_a_pretrained_checkpoint(tmp_path):
                               cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = (json.loads(p.read_text()) for p in sub)
-    assert (a["train_count"], a["eval_count"]) == (200, 100) and "raw_pixels" not in a
+    assert (a["train_count"], a["eval_count"]) == (200, 100)
+    assert "raw_pixels" not in a and "random_init" not in a
     assert a["encoder"] == b["encoder"]
 
 

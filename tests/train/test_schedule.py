@@ -103,3 +103,16 @@ def test_epochs_and_steps():
         epochs_to_steps(-1, 97)
     with pytest.raises(ValueError, match="steps_per_epoch"):
         epochs_to_steps(1, 0)
+
+
+def test_base_lr_defaults_to_the_papers_for_each_rule_and_an_explicit_lr_wins():
+    from train.config import load_config
+    from train.schedule import base_lr
+
+    for rule, paper in (("linear", 0.3), ("sqrt", 0.075)):
+        cfg = load_config(None, [f"--optim.lr_scaling={rule}"])
+        assert cfg.optim.lr == 0.0 and base_lr(cfg.optim.lr, rule) == paper
+        assert base_lr(0.5, rule) == 0.5
+    assert scaled_lr(base_lr(0.0, "sqrt"), 4096, "sqrt") == pytest.approx(0.075 * 64)  # 4.8, as linear at 0.3
+    with pytest.raises(ValueError, match="rule"):
+        base_lr(0.0, "log")
