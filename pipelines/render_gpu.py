@@ -5,7 +5,8 @@ flip, colour jitter in each sample's random order, grayscale, blur, on pixel val
 in float32 (every intermediate is truncated or rounded to an integer, as torchvision's uint8 path
 does). The DALI and FFCV loaders run it on the GPU after their crop; it runs on CPU tensors too,
 which is how the tests hold it to torchvision's functional ops. Samples are grouped by what they
-apply from the parameters on the host, so nothing waits on the device.
+apply from the parameters on the host, and every host array reaches the GPU through pinned memory
+without blocking, so the loader never waits for the training step queued before it.
 """
 
 from __future__ import annotations
@@ -38,8 +39,20 @@ def _trunc(y: torch.Tensor) -> torch.Tensor:
     return y.clamp_(0.0, 255.0).floor_()  # clamp, then .to(uint8) truncates non-negative values
 
 
+def _to(values, dtype, device) -> torch.Tensor:
+    """A host array on `device`; to a GPU through (cached) pinned memory, without a host sync."""
+    t = torch.as_tensor(np.ascontiguousarray(values)).to(dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 def _factor(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=torch.float32, device=like.device).view(-1, 1, 1, 1)
+    return _to(values, torch.float32, like.device).view(-1, 1, 1, 1)
+
+
+# HSV sector -> the (v, p, q, t) index of each output channel, torchvision's _hsv_to_rgb table
+_SECTORS = np.array([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], dtype=np.int64)
 
 
 def _brightness(x, f):
@@ -82,7 +95,7 @@ def _hue(x, f):
     t = ((sxf + (1.0 - s)) * maxc).clamp_(0.0, 1.0)
     p = ((1.0 - s) * maxc).clamp_(0.0, 1.0)
     vpqt = torch.stack((maxc, p, q, t), dim=1)  # [B, 4, H, W]
-    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=x.device)
+    select = _to(_SECTORS, torch.int64, x.device)
     sector = torch.remainder(i, 6.0).long()  # [B, H, W]
     rgb = vpqt.gather(1, select[:, sector].permute(1, 0, 2, 3))  # [B, 3, H, W]
     return rgb.mul_(255.999).floor_()
@@ -101,7 +114,7 @@ def _kernels(sigma: np.ndarray, windows: np.ndarray, device) -> torch.Tensor:
         x = torch.linspace(-lim, lim, steps=int(w), dtype=torch.float32)
         off = (k_max - w) // 2
         out[i, off:off + w] = torch.softmax(x.div(float(s)).pow(2).neg(), dim=0)
-    return out.to(device)
+    return out.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else out
 
 
 def _blur(x: torch.Tensor, sigma: np.ndarray, windows: np.ndarray) -> torch.Tensor:
@@ -128,7 +141,7 @@ def render_batch(images: torch.Tensor, params: np.ndarray) -> torch.Tensor:
 
     def rows(mask: np.ndarray):
         sel = np.flatnonzero(mask)
-        return sel, torch.as_tensor(sel, device=dev)
+        return sel, _to(sel, torch.int64, dev)
 
     sel, idx = rows(params[:, P_FLIP] > 0.5)
     if len(sel):

@@ -324,3 +324,23 @@ def test_dali_whole_views_match_the_reference_on_real_jpegs(tmp_path):
     d = _compare("dali", split, AugmentSpec(size=64))
     mean, p99 = CROP_TOLERANCE["dali"]
     assert d.mean() <= 1.5 * mean and d.quantile(0.99) <= 1.5 * p99, f"dali JPEG views: {_stats(d)}"
+
+
+@pytest.mark.gpu
+def test_gpu_renderer_on_cuda_matches_cpu_and_never_waits_for_the_device():
+    """On a GPU the torch renderer equals its CPU run (to a level, where CUDA fuses differently) and
+    enqueues its work without one host synchronisation (the training step before it keeps running)."""
+    spec = AugmentSpec(size=64, jitter_strength=1.0, blur_p=0.5, grayscale_p=0.3)
+    images = photo_like(48, 64, 64, seed=9)
+    _, params = sample_views(spec, 2, 0, np.arange(48), 0, 64, 64)
+    want = render_torch(images, params)
+    x = torch.from_numpy(images).cuda()
+    render_gpu.render_batch(x, params)  # warm-up: kernels, pinned blocks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = render_gpu.render_batch(x, params)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert got.is_cuda and got.is_contiguous(memory_format=torch.channels_last)
+    assert_close_levels(got.cpu(), want, 0.02, 1.0, what="cuda vs cpu torch renderer")
