@@ -25,6 +25,7 @@ import torch
 
 from pipelines.augment_params import sample_views
 from pipelines.dali_ops import simclr_view, view_inputs
+from pipelines.loader import to_device
 from pipelines.sharding import ShardedEpochs, shard_indices
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec, TwoViewBatch
@@ -214,8 +215,8 @@ class DaliTwoViewLoader(ShardedEpochs):
                     raise RuntimeError(f"DALI pipeline ended after {b} of {n_batches} batches in epoch {epoch}") from None
                 idx = np.array(index.as_tensor()).reshape(-1)
                 batch = TwoViewBatch(self._to_torch(v1, idx, 0, epoch), self._to_torch(v2, idx, 1, epoch),
-                                     torch.from_numpy(np.array(labels.as_tensor())).to(self.device).view(-1),
-                                     torch.from_numpy(idx).to(self.device))
+                                     to_device(torch.from_numpy(np.array(labels.as_tensor())).view(-1), self.device),
+                                     to_device(torch.from_numpy(idx), self.device))
                 self._batch = b + 1
                 yield batch
             try:  # the feed is exhausted: this reaches the end of the epoch, so reset() may follow

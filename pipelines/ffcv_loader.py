@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pipelines.ffcv_ops import write_beton  # noqa: F401  (tools.convert writes .beton files through this module)
+from pipelines.loader import to_device
 from pipelines.sharding import ShardedEpochs
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec, TwoViewBatch
@@ -152,8 +153,8 @@ class FfcvTwoViewLoader(ShardedEpochs):
                 # FFCV reuses its buffers: normalising copies the views; copy labels and indices.
                 idx = index.reshape(-1).numpy().astype(np.int64) if self.colour_on_device else None
                 batch = TwoViewBatch(self._view(img1, idx, 0, epoch), self._view(img2, idx, 1, epoch),
-                                     label.reshape(-1).to(self.device, torch.int64, copy=True),
-                                     index.reshape(-1).to(self.device, torch.int64, copy=True))
+                                     to_device(label.reshape(-1).to(torch.int64), self.device),
+                                     to_device(index.reshape(-1).to(torch.int64), self.device))
                 self._batch = b + 1
                 yield batch
         finally:

@@ -38,6 +38,14 @@ _NEEDS = {"dali": ("nvidia.dali", "nvidia-dali-cuda130"), "ffcv": ("ffcv", "ffcv
                                                                    "libopencv-dev libturbojpeg0-dev)")}
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, copied: to a GPU through (cached) pinned memory and without
+    blocking, so the loader never waits for the training step queued before it."""
+    if device.type == "cuda":
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return t.clone()
+
+
 class BackendUnavailable(RuntimeError):
     """A loader backend whose library does not import here; the message says what to do."""
 

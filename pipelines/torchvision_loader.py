@@ -179,5 +179,6 @@ class TorchvisionTwoViewLoader(ShardedEpochs):
         self._batch = self._start_batch
         for v1, v2_, label, index in self._dl:
             self._batch += 1
-            yield TwoViewBatch(self._to_device(v1), self._to_device(v2_), label.to(self.device), index.to(self.device))
+            yield TwoViewBatch(self._to_device(v1), self._to_device(v2_), label.to(self.device, non_blocking=True),
+                               index.to(self.device, non_blocking=True))
         self._start_batch = 0
