@@ -306,10 +306,17 @@ def test_backend_whole_views_match_the_reference_on_arrays(backend, tmp_path):
     assert full.mean() <= 1.5 * mean and full.quantile(0.99) <= 1.5 * p99, f"{backend} whole view: {_stats(full)}"
 
 
-def test_dali_whole_views_match_the_reference_on_real_jpegs(tmp_path):
-    """The same JPEG files through DALI (its decoder) and torchvision (libjpeg-turbo via
+# On the same JPEG files: DALI decodes them itself; FFCV decodes its own re-encoding (quality 90)
+# and resizes with OpenCV. Measured on 64 ImageNet JPEGs at 64 px: DALI mean 0.16 / p99 2 levels,
+# FFCV mean 2.6 / p99 14 (crop alone); bounds about 1.5x above.
+JPEG_TOLERANCE = {"dali": (0.75, 6.0), "ffcv": (4.0, 21.0)}
+
+
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_whole_views_match_the_reference_on_real_jpegs(backend, tmp_path):
+    """The same JPEG files through a backend and through torchvision (libjpeg-turbo via
     torchvision.io): crop, flip, jitter, grayscale and blur as drawn, within decode/resize tolerance."""
-    pytest.importorskip("nvidia.dali")
+    pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[backend])
     real = sorted(p for p in _imagenet_sample().glob("*") if p.suffix.lower() in (".jpeg", ".jpg"))[:64]
     if not real:
         files = []
@@ -321,9 +328,9 @@ def test_dali_whole_views_match_the_reference_on_real_jpegs(tmp_path):
     else:
         files = [str(p) for p in real]
     split = Split("train", np.zeros(len(files), dtype=np.int64), files=files, root=tmp_path)
-    d = _compare("dali", split, AugmentSpec(size=64))
-    mean, p99 = CROP_TOLERANCE["dali"]
-    assert d.mean() <= 1.5 * mean and d.quantile(0.99) <= 1.5 * p99, f"dali JPEG views: {_stats(d)}"
+    d = _compare(backend, split, AugmentSpec(size=64))
+    mean, p99 = JPEG_TOLERANCE[backend]
+    assert d.mean() <= mean and d.quantile(0.99) <= p99, f"{backend} JPEG views: {_stats(d)}"
 
 
 @pytest.mark.gpu
