@@ -12,8 +12,9 @@ step by step and in float32 like torchvision:
 * blur: Gaussian of odd window ``P_WINDOW`` (the sampler's +-4 sigma cut), reflect-101 borders,
   rounded half to even.
 
-FFCV calls `render_batch` inside its compiled pipeline; DALI runs `render_tail` per sample inside
-its graph (`dali_tail`). On a GPU the same maths runs as batched torch ops (`pipelines.render_gpu`).
+FFCV's compiled pipeline calls `render_tail` per sample (`ffcv_ops.tail_batch`); DALI runs it per
+sample inside its CPU graph (`dali_tail`); `render_batch` serves host code. On a GPU the same maths
+runs as batched torch ops (`pipelines.render_gpu`).
 """
 
 from __future__ import annotations
