@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from model.encoder import ARCHS
 from pipelines.spec import AugmentSpec
 
 
@@ -60,10 +61,6 @@ class LossConfig:
     # decay and halves BatchNorm/bias steps, so recipes that copy its settings use 2.0
     scale: float = 1.0
 
-    def __post_init__(self):
-        if not (math.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"scale must be a positive number, got {self.scale}")
-
 
 @dataclass
 class OptimConfig:
@@ -85,7 +82,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     sync_bn: bool = True  # global BatchNorm across processes
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the end and on SIGTERM
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0 = keep all
     log_every: int = 10  # steps
     max_steps: int = 0  # stop after this many steps of the schedule (0 = run it all)
     # seconds of training (0 = no limit): the first steps are timed, then the warmup+cosine
@@ -94,10 +91,6 @@ class TrainConfig:
     knn_every: int = 0  # epochs between kNN-monitor evaluations (0 = only at the end, -1 = never)
     knn_k: int = 200
     knn_train_samples: int = 10000  # bank size drawn from the train split
-
-    def __post_init__(self):
-        if not (math.isfinite(self.time_budget_s) and self.time_budget_s >= 0):
-            raise ValueError(f"time_budget_s must be >= 0 seconds (0 = no limit), got {self.time_budget_s}")
 
 
 @dataclass
@@ -124,12 +117,89 @@ class Config:
 
 CHOICES = {
     "data.backend": ("torchvision", "dali", "ffcv"),
+    "model.arch": tuple(ARCHS),
     "loss.impl": ("auto", "reference", "chunked", "triton"),
     "optim.name": ("lars", "sgd"),
     "optim.lr_scaling": ("linear", "sqrt"),
     "optim.lars_strategy": ("auto", "numba", "gram", "materialize"),
     "train.mixed_precision": ("auto", "fp32", "bf16"),
 }
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: lo/hi bounds (None = unbounded), each closed unless *_open."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v) -> bool:
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def __str__(self) -> str:
+        def num(x) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {num(self.hi)}"
+        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+# Every int and float key has a range here (a test keeps it so), checked before any work starts.
+# The augmentation spec checks its own values (pipelines/spec.py); its floats must be finite.
+RANGES = {
+    "data.batch_size": Range(2),  # NT-Xent needs another image in the batch for negatives
+    "data.num_workers": Range(0),
+    "model.width": Range(0, lo_open=True),
+    "model.head_hidden": Range(0),  # 0 = the encoder's feature width
+    "model.head_out": Range(1),
+    "model.head_layers": Range(1),
+    "loss.temperature": Range(0, lo_open=True),
+    "loss.scale": Range(0, lo_open=True),
+    "optim.lr": Range(0),  # 0 = the paper's base LR for the scaling rule
+    "optim.momentum": Range(0, 1, hi_open=True),
+    "optim.weight_decay": Range(0),
+    "optim.eta": Range(0, lo_open=True),
+    "optim.warmup_epochs": Range(0),
+    "optim.epochs": Range(1),
+    "train.seed": Range(0, 2**32 - 1),
+    "train.checkpoint_every": Range(0),  # 0 = only at the end and on a signal
+    "train.keep_checkpoints": Range(0),  # 0 = keep every checkpoint
+    "train.log_every": Range(1),
+    "train.max_steps": Range(0),  # 0 = the whole schedule
+    "train.time_budget_s": Range(0),  # 0 = no limit
+    "train.knn_every": Range(-1),  # -1 = never, 0 = only at the end
+    "train.knn_k": Range(1),
+    "train.knn_train_samples": Range(1),
+    "eval.batch_size": Range(1),
+    "eval.max_iter": Range(1),
+    "eval.val_fraction": Range(0, 1, lo_open=True, hi_open=True),
+    "eval.l2_grid": Range(0, lo_open=True),  # each value
+}
+NON_EMPTY = ("data.path", "data.train_split", "data.eval_split", "train.out_dir", "eval.l2_grid")
+
+
+def _check_value(key: str, value) -> None:
+    """Raise a one-line ConfigError if `value` is outside the key's choices or range."""
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"config: '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if key in NON_EMPTY and len(value) == 0:
+        raise ConfigError(f"config: '{key}' must not be empty")
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config: '{key}' must be a finite number, got {v}")
+        if key in RANGES and v not in RANGES[key]:
+            each = "every value of " if isinstance(value, tuple) else ""
+            raise ConfigError(f"config: {each}'{key}' must be {RANGES[key]}, got {value!r}")
 
 
 def _coerce(key: str, value, tp):
@@ -183,8 +253,7 @@ def _build(cls, values: dict, prefix: str):
             kwargs[key] = _build(tp, value, f"{dotted}.")
         else:
             kwargs[key] = _coerce(dotted, value, tp)
-            if dotted in CHOICES and kwargs[key] not in CHOICES[dotted]:
-                raise ConfigError(f"config: '{dotted}' must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
+            _check_value(dotted, kwargs[key])
     try:
         return cls(**kwargs)
     except ValueError as e:  # a section's own validation (e.g. AugmentSpec)

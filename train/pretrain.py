@@ -96,11 +96,18 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     train_split = ds.split(cfg.data.train_split)
     spec = cfg.augment
     local_batch = cfg.data.batch_size // world
+    if len(train_split) // world < local_batch:
+        raise ConfigError(f"config: 'data.batch_size' {cfg.data.batch_size} exceeds the {len(train_split)} "
+                          f"images of split '{cfg.data.train_split}' in '{cfg.data.path}': lower it")
     loader = build_loader(cfg.data.backend, train_split, spec, batch_size=local_batch, rank=rank, world=world,
                           seed=cfg.train.seed, device=device, num_workers=cfg.data.num_workers, drop_last=True)
     steps_per_epoch = len(loader)
     cap_steps = cfg.optim.epochs * steps_per_epoch
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    if warmup_steps > cap_steps:
+        acc.print(f"warning: optim.warmup_epochs ({cfg.optim.warmup_epochs:g}) exceeds optim.epochs "
+                  f"({cfg.optim.epochs}): the warmup takes the whole run", file=sys.stderr)
+        warmup_steps = cap_steps
     peak_lr = scaled_lr(base_lr(cfg.optim.lr, cfg.optim.lr_scaling), cfg.data.batch_size, cfg.optim.lr_scaling)
     budget = cfg.train.time_budget_s
 

@@ -11,6 +11,7 @@ import yaml
 from pipelines.spec import AugmentSpec
 from train.config import (
     CHOICES,
+    RANGES,
     Config,
     ConfigError,
     DataConfig,
@@ -18,6 +19,7 @@ from train.config import (
     LossConfig,
     ModelConfig,
     OptimConfig,
+    Range,
     TrainConfig,
     build_config,
     load_config,
@@ -206,6 +208,108 @@ def test_augment_spec_validation_surfaces_as_config_error(arg, field):
         AugmentSpec(**parse_overrides([arg])["augment"])
     msg = _one_line_error([arg])  # ...and the config reports it as a ConfigError naming the section
     assert "augment" in msg and field in msg
+
+
+# --- value ranges -----------------------------------------------------------------------------
+
+# Written out by hand from what each value means, not read from RANGES: (override, key, wording).
+OUT_OF_RANGE = [
+    ("--data.batch_size=0", "data.batch_size", ">= 2"),
+    ("--data.batch_size=-8", "data.batch_size", ">= 2"),
+    ("--data.batch_size=1", "data.batch_size", ">= 2"),  # one image has no negatives
+    ("--data.num_workers=-1", "data.num_workers", ">= 0"),
+    ("--data.path=", "data.path", "empty"),
+    ("--model.arch=resnet9", "model.arch", "resnet18"),
+    ("--model.width=0", "model.width", "> 0"),
+    ("--model.width=-1", "model.width", "> 0"),
+    ("--model.head_out=0", "model.head_out", ">= 1"),
+    ("--model.head_hidden=-1", "model.head_hidden", ">= 0"),
+    ("--model.head_layers=0", "model.head_layers", ">= 1"),
+    ("--loss.temperature=0", "loss.temperature", "> 0"),
+    ("--loss.temperature=-0.5", "loss.temperature", "> 0"),
+    ("--loss.temperature=.inf", "loss.temperature", "finite"),
+    ("--loss.scale=0", "loss.scale", "> 0"),
+    ("--optim.lr=.nan", "optim.lr", "finite"),
+    ("--optim.lr=nan", "optim.lr", "finite"),  # the string 'nan' parses as a float too
+    ("--optim.lr=-0.1", "optim.lr", ">= 0"),
+    ("--optim.momentum=1", "optim.momentum", "[0, 1)"),
+    ("--optim.weight_decay=-1e-6", "optim.weight_decay", ">= 0"),
+    ("--optim.eta=0", "optim.eta", "> 0"),
+    ("--optim.warmup_epochs=-1", "optim.warmup_epochs", ">= 0"),
+    ("--optim.epochs=0", "optim.epochs", ">= 1"),
+    ("--train.seed=-1", "train.seed", "[0, 4294967295]"),
+    ("--train.checkpoint_every=-5", "train.checkpoint_every", ">= 0"),
+    ("--train.keep_checkpoints=-1", "train.keep_checkpoints", ">= 0"),
+    ("--train.log_every=0", "train.log_every", ">= 1"),
+    ("--train.max_steps=-1", "train.max_steps", ">= 0"),
+    ("--train.time_budget_s=-1", "train.time_budget_s", ">= 0"),
+    ("--train.time_budget_s=.nan", "train.time_budget_s", "finite"),
+    ("--train.knn_every=-2", "train.knn_every", ">= -1"),
+    ("--train.knn_k=0", "train.knn_k", ">= 1"),
+    ("--train.knn_train_samples=0", "train.knn_train_samples", ">= 1"),
+    ("--eval.batch_size=0", "eval.batch_size", ">= 1"),
+    ("--eval.max_iter=0", "eval.max_iter", ">= 1"),
+    ("--eval.val_fraction=0", "eval.val_fraction", "(0, 1)"),
+    ("--eval.val_fraction=1", "eval.val_fraction", "(0, 1)"),
+    ("--eval.l2_grid=[]", "eval.l2_grid", "empty"),
+    ("--eval.l2_grid=[1.0, 0]", "eval.l2_grid", "> 0"),
+    ("--augment.mean=[.nan, 0.5, 0.5]", "augment.mean", "finite"),
+]
+
+
+@pytest.mark.parametrize("arg,key,wording", OUT_OF_RANGE, ids=[a for a, _, _ in OUT_OF_RANGE])
+def test_out_of_range_value_is_a_one_line_error_naming_key_and_range(arg, key, wording):
+    msg = _one_line_error([arg])
+    assert f"'{key}'" in msg and wording in msg, msg
+
+
+IN_RANGE = [  # the edges each meaning allows, and the documented sentinels
+    "--data.batch_size=2", "--data.num_workers=0", "--model.width=0.01", "--model.head_hidden=0",
+    "--model.head_layers=1", "--loss.temperature=0.001", "--optim.lr=0", "--optim.momentum=0",
+    "--optim.weight_decay=0", "--optim.warmup_epochs=0", "--optim.epochs=1", "--train.seed=0",
+    "--train.seed=4294967295", "--train.checkpoint_every=0", "--train.keep_checkpoints=0",
+    "--train.max_steps=0", "--train.time_budget_s=0", "--train.knn_every=-1", "--train.knn_k=1",
+    "--eval.val_fraction=0.5", "--eval.l2_grid=[1e-9]",
+]
+
+
+@pytest.mark.parametrize("arg", IN_RANGE)
+def test_values_at_the_edge_of_their_range_are_accepted(arg):
+    key, _, raw = arg[2:].partition("=")
+    cfg = load_config(None, [arg])
+    section, name = key.split(".")
+    got = getattr(getattr(cfg, section), name)
+    want = tuple(float(v) for v in yaml.safe_load(raw)) if raw.startswith("[") else float(raw)
+    assert got == want
+
+
+def test_every_number_in_the_config_has_a_range_and_the_defaults_are_inside_it():
+    numeric = {k: v for k, v in _leaves(Config()).items() if not k.startswith("augment.")
+               and (isinstance(v, (int, float)) and not isinstance(v, bool)
+                    or isinstance(v, tuple) and all(isinstance(x, float) for x in v))}
+    assert set(numeric) <= set(RANGES), sorted(set(numeric) - set(RANGES))
+    for key, value in numeric.items():
+        assert all(v in RANGES[key] for v in (value if isinstance(value, tuple) else (value,))), key
+
+
+def test_range_text_reads_as_its_bounds():
+    assert str(Range(2)) == ">= 2" and str(Range(0, lo_open=True)) == "> 0"
+    assert str(Range(0, 1, hi_open=True)) == "in [0, 1)" and str(Range(0.5, 2.5)) == "in [0.5, 2.5]"
+    assert 0 not in Range(0, lo_open=True) and 1e-300 in Range(0, lo_open=True)
+    assert float("nan") not in Range() and float("inf") not in Range(0)
+
+
+@pytest.mark.parametrize("arg", ["--data.batch_size=0", "--loss.temperature=-1", "--train.knn_k=0",
+                                 "--model.arch=resnet9", "--optim.lr=.nan"])
+def test_pretrain_rejects_a_bad_value_before_creating_the_run(tmp_path, capsys, arg):
+    from train.pretrain import main
+
+    run = tmp_path / "run"
+    assert main(["--config", str(REPO / "train/configs/fashion_mnist_demo.yaml"),
+                 f"--train.out_dir={run}", f"--data.path={tmp_path / 'no-data'}", arg]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and arg[2:].split("=")[0] in err, err
+    assert not run.exists()
 
 
 # --- YAML files -------------------------------------------------------------------------------

@@ -261,3 +261,27 @@ def test_cuda_run_bf16_triton_channels_last_reports_mfu_and_resumes(dataset, tmp
     assert starts == [0, 6]
     w = weights(tmp_path)
     assert all(torch.isfinite(t.float()).all() for t in w.values())
+
+
+@pytest.mark.timeout(300)
+def test_warmup_longer_than_the_run_warms_up_over_the_whole_run(dataset, tmp_path):
+    """2 epochs of 8 steps with a 5-epoch warmup: a warning, then LR = peak * (s + 1) / 16."""
+    out = tmp_path / "run"
+    proc = run([*TINY, f"--data.path={dataset}", "--optim.warmup_epochs=5", "--optim.lr=0.5",
+                "--optim.lr_scaling=linear", f"--train.out_dir={out}"])
+    assert "optim.warmup_epochs (5) exceeds optim.epochs (2)" in proc.stderr
+    lrs = {r["step"]: r["lr"] for r in records(out) if "lr" in r}
+    peak = 0.5 * 32 / 256
+    assert lrs and all(lr == pytest.approx(peak * s / 16, rel=1e-9) for s, lr in lrs.items()), lrs
+    assert lrs[16] == pytest.approx(peak)
+
+
+@pytest.mark.timeout(300)
+def test_batch_larger_than_the_dataset_is_one_line_before_the_run_starts(dataset, tmp_path):
+    out = tmp_path / "run"
+    proc = run([*TINY, f"--data.path={dataset}", "--data.batch_size=512", f"--train.out_dir={out}"],
+               check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'data.batch_size' 512 exceeds the 256 images" in lines[0], lines
+    assert not out.exists()
