@@ -28,6 +28,7 @@ import torch
 from pipelines.loader import build_loader
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec
+from tools.cli import at_least
 
 IMPLS = ("torchvision", "dali", "ffcv")
 BASELINE = "torchvision"
@@ -44,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="write results as JSON here")
     p.add_argument("--images", type=Path, default=None,
                    help="folder of JPEGs for case (a) (default: $SIMCLR_IMAGENET_SAMPLE or ../shared/data/imagenet-sample)")
-    p.add_argument("--workers", type=int, default=2, help="CPU workers for every backend (default 2)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 64 (JPEG) / 256 (arrays); 32 / 128 with --quick")
-    p.add_argument("--repeat", type=int, default=None, help="passes over the JPEG list per timed run (default 2, 1 with --quick)")
+    p.add_argument("--workers", type=at_least(1), default=2, help="CPU workers for every backend (default 2)")
+    p.add_argument("--batch-size", type=at_least(2), default=None, help="default 64 (JPEG) / 256 (arrays); 32 / 128 with --quick")
+    p.add_argument("--repeat", type=at_least(1), default=None, help="passes over the JPEG list per timed run (default 2, 1 with --quick)")
     return p
 
 

@@ -34,16 +34,10 @@ from collections.abc import Callable
 import torch
 
 from model.nt_xent import default_block, nt_xent, nt_xent_reference
+from tools.cli import above, at_least
 
 BASELINE = "reference"
 IMPLS = ("reference", "chunked", "triton", "peer")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,22 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="small sizes and one timed repeat (under a minute on 2 CPU cores)")
     p.add_argument("--json", default=None, metavar="PATH", help="write results as JSON to PATH")
-    p.add_argument("--sizes", type=_positive_int, nargs="+", default=None, metavar="2N",
+    p.add_argument("--sizes", type=at_least(1), nargs="+", default=None, metavar="2N",
                    help="batch sizes 2N (even; default: 1024 doubling up to --max-size)")
-    p.add_argument("--max-size", type=_positive_int, default=None, metavar="2N",
+    p.add_argument("--max-size", type=at_least(1), default=None, metavar="2N",
                    help="largest 2N tried (default: 32768 on cpu, 1048576 on cuda)")
-    p.add_argument("--dim", type=_positive_int, default=128, help="projection width D (default: 128)")
+    p.add_argument("--dim", type=at_least(1), default=128, help="projection width D (default: 128)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of z1, z2 (default: float32)")
-    p.add_argument("--temperature", type=float, default=0.5, help="tau (default: 0.5)")
-    p.add_argument("--block", type=_positive_int, default=None,
+    p.add_argument("--temperature", type=above(0.0), default=0.5, help="tau (default: 0.5)")
+    p.add_argument("--block", type=at_least(1), default=None,
                    help="chunked row block (default: model.nt_xent.default_block)")
-    p.add_argument("--repeats", type=_positive_int, default=3,
+    p.add_argument("--repeats", type=at_least(1), default=3,
                    help="timed steps per size after one warm-up; median reported (default: 3; "
                         "1 for steps over 5 s)")
-    p.add_argument("--max-seconds", type=float, default=60.0,
+    p.add_argument("--max-seconds", type=above(0.0), default=60.0,
                    help="skip a size whose extrapolated step time exceeds this (default: 60)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+    p.add_argument("--time-budget", type=above(0.0), default=None, metavar="S",
                    help="stop growing 2N before a size whose extrapolated steps (every impl still "
                         "running, warm-up and repeats) would end the run past S seconds")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from tools.cli import at_least
 from train.lars import LARS, LARSReference, lars_param_groups
 
 BASELINE = "sgd_foreach"
@@ -66,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
     p.add_argument("--models", default="resnet18,resnet50",
                    help="comma-separated torchvision model names (default: resnet18,resnet50)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=at_least(1), default=None,
                    help="torch intra-op threads on CPU (default: torch's current setting)")
-    p.add_argument("--rounds", type=int, default=None,
+    p.add_argument("--rounds", type=at_least(1), default=None,
                    help="timed rounds per case (default: 30, or 3 with --quick)")
-    p.add_argument("--warmup", type=int, default=None,
+    p.add_argument("--warmup", type=at_least(0), default=None,
                    help="untimed steps per implementation first (default: 5, or 1 with --quick)")
     return p
 

@@ -56,6 +56,7 @@ from model.simclr import SimCLR
 from pipelines.loader import BACKENDS, build_loader
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec, TwoViewBatch
+from tools.cli import above, at_least
 from train.lars import LARS, lars_param_groups
 from train.schedule import lr_schedule, scaled_lr
 
@@ -93,17 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--archs", default=None, help="comma-separated encoders (default resnet18,resnet50)")
     p.add_argument("--sizes", default=None, help="comma-separated image sides: up to 64 from random "
                    "arrays (small stem), above from JPEGs (default 32,224)")
-    p.add_argument("--width", type=float, default=1.0,
+    p.add_argument("--width", type=above(0.0), default=1.0,
                    help="encoder channel multiplier (default 1.0, torchvision's widths; smaller for smoke runs)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=at_least(2), default=None,
                    help="images per step, each two views (default: CPU 32 at size <= 64, 8 above; "
                         "CUDA 512 / 256)")
     p.add_argument("--backends", default=None,
                    help=f"comma-separated data sources among {','.join(IMPLS)} (default: all); "
                         f"'{BASELINE}' is always run, as the baseline")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default CPU 10, CUDA 50)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default CPU 2, CUDA 10)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--steps", type=at_least(1), default=None, help="timed steps per run (default CPU 10, CUDA 50)")
+    p.add_argument("--warmup", type=at_least(0), default=None, help="untimed steps first (default CPU 2, CUDA 10)")
+    p.add_argument("--workers", type=at_least(0), default=None,
                    help="loader workers / threads for every backend (default: CPU cores, at most 16)")
     p.add_argument("--images", type=Path, default=None,
                    help="folder of JPEGs for size 224 (default: $SIMCLR_IMAGENET_SAMPLE or "

@@ -48,6 +48,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.cli import above, at_least
+
 ROOT = Path(__file__).resolve().parent.parent
 STATUSES = ("pass", "fail", "timeout", "skip")
 OPTIONAL = {"dali": "nvidia.dali", "ffcv": "ffcv", "lightly": "lightly"}
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="cuda (default when a GPU is visible) or cpu")
     p.add_argument("--quick", action="store_true", help="toy sizes for every step")
-    p.add_argument("--budget-s", type=float, default=420.0,
+    p.add_argument("--budget-s", type=above(0.0), default=420.0,
                    help="seconds for the whole run, shared among the steps (default 420)")
     p.add_argument("--data", type=Path, default=None,
                    help="folder with the four Fashion-MNIST .gz files (default: $SIMCLR_DATA, the folder "
@@ -83,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for step logs, step JSON and the quality run (default runs/gpu-check)")
     p.add_argument("--steps", default=None,
                    help="comma-separated steps to run (default: all): " + ",".join(STEP_NAMES))
-    p.add_argument("--workers", type=int, default=None, help="loader workers (default: every CPU core, at most 16)")
+    p.add_argument("--workers", type=at_least(1), default=None, help="loader workers (default: every CPU core, at most 16)")
     # hidden entry points of the child processes
     p.add_argument("--env-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--quality-child", type=float, default=None, help=argparse.SUPPRESS)
@@ -738,10 +740,6 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(_clean(result), indent=1) + "\n")
         print(f"[quality] {headline_quality(result)}")
         return 0
-    if not args.budget_s > 0:
-        print("gpu_check: error: --budget-s must be > 0", file=sys.stderr)
-        return 2
-
     report = run_all(args)
     print_table(report["steps"])
     path = args.json or args.out / "gpu_check.json"
