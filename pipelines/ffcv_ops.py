@@ -330,7 +330,11 @@ def _page_size(split, max_resolution: int | None) -> int:
         scale = np.minimum(1.0, (max_resolution or np.inf) / longest)
         pixels = np.ceil(h * scale + 1) * np.ceil(w * scale + 1)
         wanted = int(pixels.max()) * 3 + (1 << 16)  # + JPEG headers
-    return 1 << max(21, int(np.ceil(np.log2(max(wanted, 1)))))
+    page = 1 << max(21, int(np.ceil(np.log2(max(wanted, 1)))))
+    if page >= 1 << 32:  # FFCV's limit (uint32 offsets)
+        raise BetonWriteError(f"the largest image needs {wanted} bytes, more than an FFCV page "
+                              f"can hold (4 GiB)")
+    return page
 
 
 def write_beton(split, path: pathlib.Path, *, max_resolution: int | None = None) -> None:
