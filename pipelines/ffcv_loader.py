@@ -23,7 +23,7 @@ import torch
 from pipelines.ffcv_ops import write_beton  # noqa: F401  (tools.convert writes .beton files through this module)
 from pipelines.loader import to_device
 from pipelines.sharding import ShardedEpochs
-from pipelines.sources import Split
+from pipelines.sources import DatasetError, Split, check_artefact
 from pipelines.spec import AugmentSpec, TwoViewBatch
 
 
@@ -33,8 +33,8 @@ def beton_path(split: Split) -> Path:
                          f"pipelines.sources.open_dataset(...).split(...)")
     path = Path(split.root) / f"{split.name}.beton"
     if not path.is_file():
-        raise FileNotFoundError(f"no FFCV file '{path}': write it with 'python -m tools.convert ... {split.root} --to ffcv'")
-    return path
+        raise DatasetError(f"no FFCV file '{path}': write it with 'python -m tools.convert ... {split.root} --to ffcv'")
+    return check_artefact(Path(split.root), path.name, split.artefacts)  # truncated: DatasetError
 
 
 def view_pipeline(spec: AugmentSpec, key, device: torch.device, colour_on_device: bool = False) -> list:
