@@ -55,6 +55,9 @@ class FormatError(ValueError):
         self.problem = problem
         self.fix = fix
 
+    def __reduce__(self):  # raised in worker processes: must unpickle with both arguments
+        return type(self), (self.problem, self.fix)
+
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()

@@ -40,6 +40,8 @@ import signal
 import sys
 import tempfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -321,18 +323,27 @@ def _quiet_worker() -> None:
 
 
 def _map(fn, items: list, workers: int, desc: str) -> list:
+    """[fn(item) for item in items], in `workers` processes where that pays.
+
+    A multiprocessing.Pool replaces a worker killed by a signal (the OOM killer, say) and waits
+    forever for the task it lost; a ProcessPoolExecutor raises BrokenProcessPool instead.
+    """
     bar = dict(total=len(items), desc=desc, unit="img", disable=None, leave=False)
     if workers <= 1 or len(items) < 2 * workers:
         return [fn(p) for p in tqdm(items, **bar)]
     chunk = max(1, min(64, len(items) // (workers * 8)))
-    pool = multiprocessing.get_context().Pool(workers, initializer=_quiet_worker)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(),
+                               initializer=_quiet_worker)
     try:
-        results = list(tqdm(pool.imap(fn, items, chunksize=chunk), **bar))
-        pool.close()
-        return results
+        return list(tqdm(pool.map(fn, items, chunksize=chunk), **bar))
+    except BrokenProcessPool:
+        raise ConvertError(f"a process {desc} died (killed by a signal: out of memory?)",
+                           "convert again, with fewer --workers if memory is short") from None
     finally:
-        pool.terminate()
-        pool.join()
+        for process in list((pool._processes or {}).values()):  # Ctrl-C: stop mid-task ones too
+            if process.is_alive():
+                process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def read_folder_dataset(src: Path, name: str | None, workers: int) -> Converted:

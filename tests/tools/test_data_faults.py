@@ -264,6 +264,27 @@ def test_beton_worker_failure_ends_convert_with_one_line_and_no_output(tmp_path,
     _nothing_left(out)
 
 
+def _inspect_or_die(path):
+    """inspect_image, but the process decoding 3.jpg is killed (as by the OOM killer)."""
+    if Path(path).name == "3.jpg":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return formats_mod.inspect_image(path)
+
+
+@pytest.mark.timeout(120)
+def test_killed_decoding_worker_ends_convert_with_one_line_and_no_output(tmp_path, capsys,
+                                                                         monkeypatch):
+    """A sibling of the writer's hang: multiprocessing.Pool waits forever for a killed worker."""
+    import tools.convert as convert_mod
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    _jpeg_folder(src, 8)
+    monkeypatch.setattr(convert_mod, "inspect_image", _inspect_or_die)
+    code = main([str(src), str(out), "--workers", "2"])
+    _one_line(code, capsys.readouterr().err, "decoding train died", "--workers")
+    _nothing_left(out)
+
+
 def test_overwrite_replaces_only_a_directory_tools_convert_wrote(tmp_path, capsys):
     src = tmp_path / "src"
     _jpeg_folder(src, 2)
@@ -322,6 +343,8 @@ def test_any_file_name_round_trips_and_trains(tmp_path, capsys):
                                       oracle(_encoded(Image.fromarray(_smooth(j)), "JPEG", quality=90)))
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(os.fsencode(k) for k in manifest["inputs"]) == sorted(ODD_NAMES)
+    capsys.readouterr()
+    assert main(["--verify", str(out)]) == 0, capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- --verify
