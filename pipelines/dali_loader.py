@@ -108,8 +108,8 @@ def _two_view_pipeline(feed, spec: AugmentSpec, kind: str, device: str, out_dtyp
         if kind == "files":
             # EXIF orientation is not applied, as torchvision's decode_image does not: tools.convert
             # stores EXIF-rotated images upright as PNGs, so no file read here is rotated
-            image = fn.decoders.image(data, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
-                                      adjust_orientation=False)
+            image = fn.decoders.image(data, device="mixed" if device == "gpu" else "cpu",
+                                      output_type=types.RGB, adjust_orientation=False)
         else:
             image = data.gpu() if device == "gpu" else data
         # 2. two independent views of the same decoded image

@@ -221,10 +221,10 @@ def _guarded_writer_class():
     allocation list per worker: a worker that raises or is killed leaves it waiting forever.
     Here each worker reports its exception, and the parent watches every worker's exit code.
     """
+    import ctypes
     from multiprocessing import Process, Queue, Value
     from queue import Empty
 
-    import ctypes
     from ffcv.writer import DatasetWriter
     from tqdm import tqdm
 
@@ -357,7 +357,8 @@ def write_beton(split, path: pathlib.Path, *, max_resolution: int | None = None)
     try:
         writer = _guarded_writer_class()(
             str(tmp), {"image": field, "label": IntField(), "index": IntField()},
-            page_size=_page_size(split, max_resolution), num_workers=max(1, min(4, os.cpu_count() or 1)))
+            page_size=_page_size(split, max_resolution),
+            num_workers=max(1, min(4, os.cpu_count() or 1)))
         # The writer forks its workers. An object left for the garbage collector (a DALI pipeline
         # in a reference cycle, say) must not be destroyed in a child: DALI's destructor hangs
         # there. So collect now and freeze what remains out of the children's collections.

@@ -198,11 +198,14 @@ def decode_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarra
 
     from pipelines.sources import show_path
 
-    name = show_path(name if name is not None else "<bytes>" if isinstance(source, bytes) else source)
+    if name is None:
+        name = "<bytes>" if isinstance(source, bytes) else source
+    name = show_path(name)
     try:
         raw = source if isinstance(source, bytes) else Path(source).read_bytes()
     except OSError as e:
-        raise FormatError(f"cannot read image '{name}' ({e.strerror or e})", "re-run tools.convert") from None
+        raise FormatError(f"cannot read image '{name}' ({e.strerror or e})",
+                          "re-run tools.convert") from None
     try:
         with Image.open(io.BytesIO(raw)) as im:
             im.load()

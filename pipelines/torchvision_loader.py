@@ -105,7 +105,8 @@ def load_image(split: Split, index: int) -> torch.Tensor:
         return img.expand(3, -1, -1) if img.shape[0] == 1 else img
     data = split.file_bytes(index)  # DatasetError naming the file if it is gone or changed
     try:
-        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        img = decode_image(raw, mode=ImageReadMode.RGB)
     except (RuntimeError, OSError) as e:
         raise DatasetError(f"cannot decode image '{show_path(split.files[index])}' "
                            f"({' '.join(str(e).split())}): re-run tools.convert") from None

@@ -50,12 +50,12 @@ from tqdm import tqdm
 
 from pipelines.formats import (
     DIGIT_CLASSES,
-    decode_rgb,
     FASHION_MNIST_CLASSES,
     IMAGE_SUFFIXES,
     FormatError,
     ImageCheck,
     cifar_rows_to_hwc,
+    decode_rgb,
     inspect_image,
     read_cifar_pickle,
     read_idx,
@@ -372,7 +372,8 @@ def read_folder_dataset(src: Path, name: str | None, workers: int) -> Converted:
         if items and not good:
             raise ConvertError(f"none of the {len(items)} images in split '{split}' of '{src}' decode "
                                f"(first: {show_path(skipped[-bad]['path'])}: "
-                               f"{skipped[-bad]['reason']})", "check that the files are intact images")
+                               f"{skipped[-bad]['reason']})",
+                               "check that the files are intact images")
         labels = np.array([label for _, label in good], dtype=np.int64)
         wh = np.array(sizes or [(0, 0)])
         extra = {"skipped": bad, "modes": dict(sorted(modes.items())),
@@ -392,7 +393,9 @@ NORMALISED = "normalised"
 
 
 def _normalise(job: tuple[str, str]) -> tuple[int, int, int]:
-    """Decode `src` with `decode_rgb` into the lossless 8-bit RGB PNG `dst`: (height, width, bytes)."""
+    """Decode `src` with `decode_rgb` into the lossless 8-bit RGB PNG `dst`.
+
+    Returns (height, width, bytes written)."""
     from PIL import Image
 
     src, dst = job
@@ -409,8 +412,8 @@ def _normalise_files(data: SplitData, root: Path, split: str, workers: int) -> N
     folder = root / NORMALISED / split
     folder.mkdir(parents=True)
     rel = [f"{NORMALISED}/{split}/{k:08d}.png" for k in todo]
-    done = _map(_normalise, [(data.files[k], str(root / r)) for k, r in zip(todo, rel, strict=True)],
-                workers, f"normalising {split}")
+    jobs = [(data.files[k], str(root / r)) for k, r in zip(todo, rel, strict=True)]
+    done = _map(_normalise, jobs, workers, f"normalising {split}")
     for k, r, dims in zip(todo, rel, done, strict=True):
         data.files[k], data.sizes[k] = r, dims
 
@@ -435,7 +438,8 @@ def write_dataset(conv: Converted, root: Path, src: Path, workers: int = 1) -> d
         else:
             _normalise_files(data, root, split, workers)
             write_file_list(root / f"{split}_files.nul", data.files)
-            np.save(root / f"{split}_sizes.npy", np.array(data.sizes, dtype=np.int64).reshape(-1, 3))
+            sizes = np.array(data.sizes, dtype=np.int64).reshape(-1, 3)
+            np.save(root / f"{split}_sizes.npy", sizes)
             shape = None
         manifest_splits[split] = {"count": len(data.labels), "image_shape": shape,
                                   "labelled": bool(len(data.labels) and (data.labels >= 0).all()),
@@ -477,7 +481,8 @@ def write_betons(root: Path, manifest: dict, max_resolution: int | None) -> dict
     dataset = open_dataset(root)
     for split in tqdm(dataset.splits, desc="writing .beton", disable=None, leave=False):
         try:
-            write_beton(dataset.split(split), root / f"{split}.beton", max_resolution=max_resolution)
+            write_beton(dataset.split(split), root / f"{split}.beton",
+                        max_resolution=max_resolution)
         except BetonWriteError as e:
             raise ConvertError(f"writing {split}.beton failed: {e}",
                                "fix or remove that image (or pass --max-resolution) and "
@@ -653,7 +658,8 @@ def verify(root: str | Path, file=None) -> list[str]:
             counts[kind]["ok"] += 1
     rows = [("files", "checked", "ok", "changed", "missing")]
     for kind, c in counts.items():
-        rows.append((kind, str(sum(c.values())), str(c["ok"]), str(c["changed"]), str(c["missing"])))
+        rows.append((kind, str(sum(c.values())),
+                     *(str(c[k]) for k in ("ok", "changed", "missing"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
         print("  ".join(c.ljust(w) if j == 0 else c.rjust(w)
@@ -680,7 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(JPEG, PNG; BMP, GIF, TIFF, WebP are stored as PNGs) into a dataset directory "
                     "(manifest.json + numpy artefacts, optionally .beton); or, with --verify DIR, "
                     "check a dataset directory against the checksums its manifest records.",
-        usage="python -m tools.convert SRC OUT [options]\n       python -m tools.convert --verify DIR",
+        usage="python -m tools.convert SRC OUT [options]\n"
+              "       python -m tools.convert --verify DIR",
     )
     p.add_argument("src", metavar="SRC", nargs="?", help="directory holding the raw dataset")
     p.add_argument("out", metavar="OUT", nargs="?", help="dataset directory to create")
@@ -693,7 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset name for the manifest (default: from SRC; 'fashion-mnist' picks "
                         "Fashion-MNIST class names for IDX input)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing OUT that tools.convert wrote (never another directory)")
+                   help="replace an existing OUT that tools.convert wrote "
+                        "(never another directory)")
     p.add_argument("--to", choices=TARGETS, default="numpy",
                    help="numpy: manifest + .npy/.txt only; ffcv: also <split>.beton (default: numpy)")
     p.add_argument("--workers", type=_positive_int, default=None, metavar="N",

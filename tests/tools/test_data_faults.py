@@ -52,7 +52,8 @@ def _smooth(seed: int, channels: int = 3, dtype=np.uint8) -> np.ndarray:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:SIDE, 0:SIDE] / (SIDE - 1)
     top = np.iinfo(dtype).max
-    planes = [(a * x + b * y * y + c) / (a + b + c) for a, b, c in rng.uniform(0.2, 1.0, (channels, 3))]
+    weights = rng.uniform(0.2, 1.0, (channels, 3))
+    planes = [(a * x + b * y * y + c) / (a + b + c) for a, b, c in weights]
     return np.clip(np.rint(np.stack(planes, -1) * top), 0, top).astype(dtype)
 
 
@@ -80,8 +81,10 @@ def _exif_rotated() -> bytes:
 # name -> (file name, bytes); every case SIDE x SIDE
 FORMATS = {
     "jpeg_rgb": ("rgb.jpg", lambda: _encoded(Image.fromarray(_smooth(1)), "JPEG", quality=95)),
-    "jpeg_gray": ("gray.jpg", lambda: _encoded(Image.fromarray(_smooth(2, 1)[..., 0]), "JPEG", quality=95)),
-    "jpeg_cmyk": ("cmyk.jpg", lambda: _encoded(Image.fromarray(_smooth(3, 4), "CMYK"), "JPEG", quality=95)),
+    "jpeg_gray": ("gray.jpg",
+                  lambda: _encoded(Image.fromarray(_smooth(2, 1)[..., 0]), "JPEG", quality=95)),
+    "jpeg_cmyk": ("cmyk.jpg",
+                  lambda: _encoded(Image.fromarray(_smooth(3, 4), "CMYK"), "JPEG", quality=95)),
     "jpeg_exif_rotated": ("rotated.jpg", _exif_rotated),
     "png_rgb8": ("rgb8.png", lambda: _encoded(Image.fromarray(_smooth(4)), "PNG")),
     "png_gray8": ("gray8.png", lambda: _encoded(Image.fromarray(_smooth(5, 1)[..., 0]), "PNG")),
@@ -89,7 +92,8 @@ FORMATS = {
     "png_rgb16": ("rgb16.png", lambda: _png16(_smooth(7, 3, np.uint16))),
     "png_rgba": ("rgba.png", lambda: _encoded(Image.fromarray(_smooth(8, 4)), "PNG")),
     "png_la": ("la.png", lambda: _encoded(Image.fromarray(_smooth(10, 2), "LA"), "PNG")),
-    "png_palette": ("palette.png", lambda: _encoded(Image.fromarray(_smooth(11)).quantize(64), "PNG")),
+    "png_palette": ("palette.png",
+                    lambda: _encoded(Image.fromarray(_smooth(11)).quantize(64), "PNG")),
     "png_named_jpg": ("png_inside.jpg", lambda: _encoded(Image.fromarray(_smooth(12)), "PNG")),
     "bmp": ("bitmap.bmp", lambda: _encoded(Image.fromarray(_smooth(13)), "BMP")),
     "gif": ("anim.gif", lambda: _encoded(Image.fromarray(_smooth(14)).quantize(64), "GIF")),
@@ -105,8 +109,8 @@ def oracle(data: bytes) -> np.ndarray:
     from torchvision.transforms.v2 import functional as F
 
     try:
-        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                           apply_exif_orientation=True)
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        img = decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError:  # BMP, TIFF: not torchvision formats; PIL defines their pixels
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB"))
@@ -154,7 +158,8 @@ def backend_views(backend: str, split) -> np.ndarray:
                           shuffle=False, drop_last=False)
         (batch,) = list(ld)  # trains: one batch of every image
         assert batch.index.tolist() == list(range(len(split)))
-        _views[backend] = to_uint8(batch.view1, IDENTITY.mean, IDENTITY.std).permute(0, 2, 3, 1).numpy()
+        pixels = to_uint8(batch.view1, IDENTITY.mean, IDENTITY.std)
+        _views[backend] = pixels.permute(0, 2, 3, 1).numpy()
     return _views[backend]
 
 
@@ -260,7 +265,10 @@ def test_beton_worker_failure_ends_convert_with_one_line_and_no_output(tmp_path,
     monkeypatch.setattr(formats_mod, "decode_rgb", _failing_decode("3.jpg", how))  # forked workers
     code = main([str(src), str(out), "--to", "ffcv", "--workers", "1"])
     line = _one_line(code, capsys.readouterr().err, "train.beton")
-    assert ("3.jpg" in line and "Tried allocating" in line) if how == "raise" else "signal 9" in line
+    if how == "raise":
+        assert "3.jpg" in line and "Tried allocating" in line
+    else:
+        assert "signal 9" in line
     _nothing_left(out)
 
 
@@ -297,7 +305,8 @@ def test_overwrite_replaces_only_a_directory_tools_convert_wrote(tmp_path, capsy
     assert (webapp / "index.html").read_text() == "<html></html>"
     # a manifest that claims the tool but has no format_version is not ours either
     (webapp / "manifest.json").write_text(json.dumps({"tool": "tools.convert"}))
-    _one_line(main([str(src), str(webapp), "--overwrite"]), capsys.readouterr().err, "not a converted")
+    code = main([str(src), str(webapp), "--overwrite"])
+    _one_line(code, capsys.readouterr().err, "not a converted")
     assert (webapp / "index.html").is_file()
     # a dataset this tool wrote, even of an older format version, is replaced
     out = tmp_path / "out"
@@ -318,7 +327,8 @@ def test_old_format_version_is_a_one_line_reconvert_error(tmp_path):
         open_dataset(out)
 
 
-ODD_NAMES = [b"new\nline.jpg", "para\u2028sep.jpg".encode(), b"latin1-\xe9t\xe9.jpg", b"tab\there.jpg"]
+ODD_NAMES = [b"new\nline.jpg", "para\u2028sep.jpg".encode(), b"latin1-\xe9t\xe9.jpg",
+             b"tab\there.jpg"]
 
 
 @pytest.mark.timeout(120)
@@ -339,8 +349,8 @@ def test_any_file_name_round_trips_and_trains(tmp_path, capsys):
 
     for i, f in enumerate(split.files):
         j = ODD_NAMES.index(os.fsencode(Path(f).name))
-        np.testing.assert_array_equal(load_image(split, i).permute(1, 2, 0).numpy(),
-                                      oracle(_encoded(Image.fromarray(_smooth(j)), "JPEG", quality=90)))
+        want = oracle(_encoded(Image.fromarray(_smooth(j)), "JPEG", quality=90))
+        np.testing.assert_array_equal(load_image(split, i).permute(1, 2, 0).numpy(), want)
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(os.fsencode(k) for k in manifest["inputs"]) == sorted(ODD_NAMES)
     capsys.readouterr()
@@ -386,7 +396,7 @@ def test_verify_of_a_directory_not_written_by_convert(tmp_path, capsys):
     _one_line(2, capsys.readouterr().err, str(tmp_path), "not a dataset directory")
 
 
-# ---------------------------------------------------------------- dataset files damaged after conversion
+# ---------------------------------------------------------------- dataset files damaged later
 
 
 @pytest.fixture(scope="module")
