@@ -491,3 +491,17 @@ def test_undecodable_image_of_the_converted_length_is_named(converted, tmp_path,
         _first_batch(backend, out)
     message = str(info.value)
     assert len(message.splitlines()) == 1 and f"cannot decode image '{path}'" in message, message
+
+
+@pytest.mark.timeout(120)
+def test_evaluation_views_of_a_removed_image_are_one_line_naming_it(converted, tmp_path):
+    """The kNN monitor and linear evaluation read files through their own DataLoader."""
+    from train.features import eval_views
+
+    out = _copy(converted, "folder", tmp_path)
+    split = open_dataset(out).split("train")
+    Path(split.files[5]).unlink()
+    with pytest.raises(DatasetError) as info:
+        list(eval_views(split, IDENTITY, np.arange(len(split)), batch_size=4, num_workers=1))
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and f"'{split.files[5]}' is unreadable" in message, message
