@@ -1,9 +1,11 @@
 """DALI two-view loader: decode and augment on the GPU (or the same graph on CPU operators).
 
 The host side decides everything random (see `pipelines.dali_ops`): it walks the rank's
-`shard_indices` for the epoch, reads the batch's JPEG bytes or array images, draws each
-view's parameters with the one sampler from (seed, epoch, index, view) and feeds all of it
-through one batch-mode `external_source`. The graph, read top to bottom in
+`shard_indices` for the epoch, reads the batch's file bytes (8-bit JPEG or PNG: tools.convert
+normalised everything else; sizes and lengths from `<split>_sizes.npy`) or array images, draws
+each view's parameters with the one sampler from (seed, epoch, index, view) and feeds all of it
+through one batch-mode `external_source`. A damaged file, or one DALI cannot decode, is a
+one-line `DatasetError` naming it. The graph, read top to bottom in
 `dali_ops.simclr_view`, decodes (nvJPEG "mixed" on a GPU, libjpeg-turbo on CPU) and crops; on the
 CPU it also renders the tail (flip, jitter in random order, grayscale, blur) and normalises. On a
 GPU the loader renders the tail with `pipelines.render_gpu` and normalises in torch.
@@ -100,7 +102,7 @@ def _two_view_pipeline(feed, spec: AugmentSpec, kind: str, device: str, out_dtyp
 
     @pipeline_def(**pipe_kwargs)
     def pipe():
-        # 0. host feed: images (JPEG bytes or HWC uint8), two views' parameters, label, index;
+        # 0. host feed: images (JPEG/PNG bytes or HWC uint8), two views' parameters, label, index;
         #    every output is consumed below (an unused one makes DALI warn)
         outs = fn.external_source(source=feed, num_outputs=3 + 2 * n_view, batch=True, no_copy=False)
         data, labels, index = outs[0], outs[-2], outs[-1]

@@ -703,9 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing OUT that tools.convert wrote "
                         "(never another directory)")
     p.add_argument("--to", choices=TARGETS, default="numpy",
-                   help="numpy: manifest + .npy/.txt only; ffcv: also <split>.beton (default: numpy)")
+                   help="numpy: manifest, .npy, file lists and normalised PNGs only; ffcv: also "
+                        "<split>.beton (default: numpy)")
     p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
-                   help="processes decoding folder images (default: min(4, CPUs))")
+                   help="processes decoding and normalising folder images (default: min(4, CPUs))")
     p.add_argument("--max-resolution", type=_positive_int, default=None, metavar="PX",
                    help="--to ffcv only: longest side stored in the .beton (recommended 256 for "
                         "ImageNet at 224; default: keep full size)")
