@@ -59,6 +59,14 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     raise ValueError("JPEG has no start-of-frame header")
 
 
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of a JPEG or PNG from its header, without decoding."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        w, h = struct.unpack(">II", data[16:24])
+        return h, w
+    return jpeg_size(data)
+
+
 class _EpochFeed:
     """Batch-mode external_source callback: one call per batch, in shard order, then StopIteration."""
 
@@ -160,10 +168,10 @@ class DaliTwoViewLoader(ShardedEpochs):
         heights, widths = [], []
         for i, blob in zip(idx, blobs, strict=True):
             try:
-                h, w = jpeg_size(blob.tobytes())
+                h, w = image_size(blob.tobytes())
             except (ValueError, struct.error) as e:
-                raise DatasetError(f"cannot read JPEG '{show_path(self.split.files[i])}' ({e}): "
-                                   f"re-run tools.convert") from None
+                raise DatasetError(f"cannot read the size of '{show_path(self.split.files[i])}' "
+                                   f"({e}): re-run tools.convert") from None
             heights.append(h)
             widths.append(w)
         return blobs, np.array(heights), np.array(widths)
