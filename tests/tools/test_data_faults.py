@@ -171,10 +171,10 @@ def test_every_format_trains_with_the_same_pixels_on_every_backend(formats_datas
     split, expected, index = formats_dataset
     got = backend_views(backend, split)[index[case]]
     diff = np.abs(got - expected[case].astype(np.float64))
-    if backend == "ffcv":  # the .beton holds a quality-90 JPEG of the pixels
-        assert diff.mean() < 2.5 and diff.max() < 24, (case, diff.mean(), diff.max())
+    if backend == "ffcv":  # the .beton holds a quality-90 JPEG of the pixels (measured: max 8)
+        assert diff.mean() < 2.5 and diff.max() < 12, (case, diff.mean(), diff.max())
     elif backend == "dali" and case in JPEG_CONTENT and index[case] not in _normalised(split):
-        assert diff.max() <= 2.6, (case, diff.max())  # libjpeg builds may round differently
+        assert diff.max() < 1.02, (case, diff.max())  # libjpeg builds may round differently
     else:  # exact pixels (the normalisation undone in float leaves < 0.01)
         assert diff.max() < 0.02, (case, diff.max())
 
