@@ -1,9 +1,11 @@
 """DALI two-view loader: decode and augment on the GPU (or the same graph on CPU operators).
 
 The host side decides everything random (see `pipelines.dali_ops`): it walks the rank's
-`shard_indices` for the epoch, reads the batch's JPEG bytes or array images, draws each
-view's parameters with the one sampler from (seed, epoch, index, view) and feeds all of it
-through one batch-mode `external_source`. The graph, read top to bottom in
+`shard_indices` for the epoch, reads the batch's file bytes (8-bit JPEG or PNG: tools.convert
+normalised everything else; sizes and lengths from `<split>_sizes.npy`) or array images, draws
+each view's parameters with the one sampler from (seed, epoch, index, view) and feeds all of it
+through one batch-mode `external_source`. A damaged file, or one DALI cannot decode, is a
+one-line `DatasetError` naming it. The graph, read top to bottom in
 `dali_ops.simclr_view`, decodes (nvJPEG "mixed" on a GPU, libjpeg-turbo on CPU) and crops; on the
 CPU it also renders the tail (flip, jitter in random order, grayscale, blur) and normalises. On a
 GPU the loader renders the tail with `pipelines.render_gpu` and normalises in torch.
@@ -27,7 +29,7 @@ from pipelines.augment_params import sample_views
 from pipelines.dali_ops import simclr_view, view_inputs
 from pipelines.loader import to_device
 from pipelines.sharding import ShardedEpochs, shard_indices
-from pipelines.sources import Split
+from pipelines.sources import DatasetError, Split, show_path
 from pipelines.spec import AugmentSpec, TwoViewBatch
 
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -55,6 +57,14 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
             return h, w
         pos += 2 + seg_len
     raise ValueError("JPEG has no start-of-frame header")
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of a JPEG or PNG from its header, without decoding."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        w, h = struct.unpack(">II", data[16:24])
+        return h, w
+    return jpeg_size(data)
 
 
 class _EpochFeed:
@@ -100,13 +110,16 @@ def _two_view_pipeline(feed, spec: AugmentSpec, kind: str, device: str, out_dtyp
 
     @pipeline_def(**pipe_kwargs)
     def pipe():
-        # 0. host feed: images (JPEG bytes or HWC uint8), two views' parameters, label, index;
+        # 0. host feed: images (JPEG/PNG bytes or HWC uint8), two views' parameters, label, index;
         #    every output is consumed below (an unused one makes DALI warn)
         outs = fn.external_source(source=feed, num_outputs=3 + 2 * n_view, batch=True, no_copy=False)
         data, labels, index = outs[0], outs[-2], outs[-1]
         # 1. decode (nvJPEG on the GPU via "mixed"), or copy the arrays to the device
         if kind == "files":
-            image = fn.decoders.image(data, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+            # EXIF orientation is not applied, as torchvision's decode_image does not: tools.convert
+            # stores EXIF-rotated images upright as PNGs, so no file read here is rotated
+            image = fn.decoders.image(data, device="mixed" if device == "gpu" else "cpu",
+                                      output_type=types.RGB, adjust_orientation=False)
         else:
             image = data.gpu() if device == "gpu" else data
         # 2. two independent views of the same decoded image
@@ -149,19 +162,37 @@ class DaliTwoViewLoader(ShardedEpochs):
                 imgs = np.repeat(imgs, 3, axis=-1)
             n, h, w = imgs.shape[:3]
             return imgs, np.full(n, h), np.full(n, w)
-        blobs, heights, widths = [], [], []
-        for i in idx:
-            path = self.split.files[i]
-            with open(path, "rb") as f:
-                data = f.read()
+        blobs = [np.frombuffer(self.split.file_bytes(i), dtype=np.uint8) for i in idx]
+        if self.split.sizes is not None:  # recorded at conversion: JPEG and PNG alike
+            return blobs, self.split.sizes[idx, 0], self.split.sizes[idx, 1]
+        heights, widths = [], []
+        for i, blob in zip(idx, blobs, strict=True):
             try:
-                h, w = jpeg_size(data)
+                h, w = image_size(blob.tobytes())
             except (ValueError, struct.error) as e:
-                raise RuntimeError(f"cannot read JPEG '{path}' ({e}): re-run tools.convert to drop unreadable files") from None
-            blobs.append(np.frombuffer(data, dtype=np.uint8))
+                raise DatasetError(f"cannot read the size of '{show_path(self.split.files[i])}' "
+                                   f"({e}): re-run tools.convert") from None
             heights.append(h)
             widths.append(w)
         return blobs, np.array(heights), np.array(widths)
+
+    def _culprit(self, epoch: int, b: int, error: Exception) -> DatasetError:
+        """A one-line error for DALI's failure on batch `b`, naming the file it could not decode."""
+        from pipelines.formats import FormatError, decode_rgb
+
+        brief = " ".join(str(error).split())[:200]
+        if self.kind == "files":
+            # the batch DALI failed on, or one it had prefetched
+            idx = self.indices(epoch)[b * self.batch_size:(b + 1 + self.prefetch) * self.batch_size]
+            for i in idx:
+                try:
+                    decode_rgb(self.split.file_bytes(i), name=self.split.files[i])
+                except (FormatError, DatasetError) as e:
+                    return DatasetError(str(e))
+            names = ", ".join(f"'{show_path(self.split.files[i])}'" for i in idx[:3])
+            return DatasetError(f"DALI failed on batch {b} of epoch {epoch} ({names}...): {brief}")
+        return DatasetError(f"DALI failed on batch {b} of epoch {epoch} of split "
+                            f"'{self.split.name}': {brief}")
 
     # ---- iteration ------------------------------------------------------------------------
     def _build(self, feed: _EpochFeed):
@@ -213,6 +244,10 @@ class DaliTwoViewLoader(ShardedEpochs):
                     v1, v2, labels, index = pipe.run()
                 except StopIteration:
                     raise RuntimeError(f"DALI pipeline ended after {b} of {n_batches} batches in epoch {epoch}") from None
+                except DatasetError:
+                    raise
+                except Exception as e:  # DALI's decode error names no file: find it on the host
+                    raise self._culprit(epoch, b, e) from None
                 idx = np.array(index.as_tensor()).reshape(-1)
                 batch = TwoViewBatch(self._to_torch(v1, idx, 0, epoch), self._to_torch(v2, idx, 1, epoch),
                                      to_device(torch.from_numpy(np.array(labels.as_tensor())).view(-1), self.device),

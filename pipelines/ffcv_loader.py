@@ -23,7 +23,7 @@ import torch
 from pipelines.ffcv_ops import write_beton  # noqa: F401  (tools.convert writes .beton files through this module)
 from pipelines.loader import to_device
 from pipelines.sharding import ShardedEpochs
-from pipelines.sources import Split
+from pipelines.sources import DatasetError, Split, check_artefact
 from pipelines.spec import AugmentSpec, TwoViewBatch
 
 
@@ -33,8 +33,9 @@ def beton_path(split: Split) -> Path:
                          f"pipelines.sources.open_dataset(...).split(...)")
     path = Path(split.root) / f"{split.name}.beton"
     if not path.is_file():
-        raise FileNotFoundError(f"no FFCV file '{path}': write it with 'python -m tools.convert ... {split.root} --to ffcv'")
-    return path
+        raise DatasetError(f"no FFCV file '{path}': write it with "
+                           f"'python -m tools.convert ... {split.root} --to ffcv'")
+    return check_artefact(Path(split.root), path.name, split.artefacts)  # truncated: DatasetError
 
 
 def view_pipeline(spec: AugmentSpec, key, device: torch.device, colour_on_device: bool = False) -> list:
@@ -170,8 +171,11 @@ class FfcvTwoViewLoader(ShardedEpochs):
                 break
             except queue.Empty:
                 if not it.is_alive():
-                    raise RuntimeError(f"FFCV loader thread died at batch {b} of epoch {epoch} of '{self.path}' "
-                                       f"(its traceback is printed above)") from None
+                    raise DatasetError(
+                        f"FFCV loader thread died at batch {b} of epoch {epoch} of '{self.path}' "
+                        f"(its traceback is printed above): check the file with 'python -m "
+                        f"tools.convert --verify {self.path.parent}' or re-run tools.convert"
+                    ) from None
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"FFCV loader produced no batch in {self.timeout_s:.0f} s "
                                        f"(batch {b} of epoch {epoch} of '{self.path}')") from None

@@ -3,7 +3,9 @@
     read_idx(path)            IDX files (MNIST, Fashion-MNIST), gzipped or not -> ndarray
     read_cifar_pickle(path)   one CIFAR-10/100 python pickle -> dict with str keys
     cifar_rows_to_hwc(rows)   uint8 [N, 3072] (CHW rows, as stored) -> uint8 [N, 32, 32, 3]
-    inspect_image(path)       fully decode one JPEG/PNG file: sha256, mode, size or the error
+    inspect_image(path)       fully decode one image file: sha256, mode, size, whether it is
+                              served as is (`ImageCheck.plain`) or the error
+    decode_rgb(path or bytes) the pixels of an image file, uint8 [H, W, 3], for every backend
 
 Every reader raises `FormatError` with a one-line "<problem>: <fix>" message that names the
 file, never a bare struct/pickle/zlib exception.
@@ -38,7 +40,11 @@ FASHION_MNIST_CLASSES = (
 )
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+# Suffixes `tools.convert` reads (any case). The content decides the format: a PNG named .jpg is a
+# PNG. Files other than 8-bit RGB/grayscale JPEG or PNG are normalised at conversion (`decode_rgb`
+# into a lossless 8-bit RGB PNG), so every backend's decoder reads only those two kinds.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+EXIF_ORIENTATION = 0x0112
 
 
 class FormatError(ValueError):
@@ -48,6 +54,9 @@ class FormatError(ValueError):
         super().__init__(f"{problem}: {fix}")
         self.problem = problem
         self.fix = fix
+
+    def __reduce__(self):  # raised in worker processes: must unpickle with both arguments
+        return type(self), (self.problem, self.fix)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -142,6 +151,72 @@ def cifar_rows_to_hwc(rows: np.ndarray, side: int = 32) -> np.ndarray:
     return np.ascontiguousarray(rows.reshape(n, 3, side, side).transpose(0, 2, 3, 1))
 
 
+def _png_header(raw: bytes) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR chunk, or None if `raw` is not a PNG."""
+    if raw[:8] != b"\x89PNG\r\n\x1a\n" or raw[12:16] != b"IHDR" or len(raw) < 26:
+        return None
+    return raw[24], raw[25]
+
+
+def _is_plain(raw: bytes, im) -> bool:
+    """True where every backend's decoder renders the file exactly as `decode_rgb` does: an
+    8-bit RGB or grayscale JPEG, or an 8-bit RGB/gray PNG without transparency, neither rotated
+    by an EXIF orientation tag. Anything else is normalised to a PNG at conversion."""
+    if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        return False
+    if im.format == "JPEG":
+        return im.mode in ("RGB", "L")
+    if im.format == "PNG":
+        header = _png_header(raw)
+        idat = raw.find(b"IDAT")
+        return header in ((8, 0), (8, 2)) and raw.find(b"tRNS", 0, max(idat, 0)) < 0
+    return False
+
+
+def _to_rgb(im) -> np.ndarray:
+    """uint8 [H, W, 3] of a loaded PIL image, as torchvision's decode_image(mode=RGB) renders it:
+    alpha dropped (not composited), palette looked up, CMYK inverted as PIL does, 16-bit samples
+    scaled to 8 bits by keeping the high byte (torchvision's to_dtype(uint8, scale=True))."""
+    from PIL import ImageOps
+
+    im = ImageOps.exif_transpose(im)  # upright, as a viewer shows it; DALI would rotate too
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit grayscale (PNG, TIFF)
+        gray = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=-1))
+    if im.mode == "F":  # float TIFF: values taken as 0..255
+        gray = np.clip(np.rint(np.asarray(im)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=-1))
+    return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+
+
+def decode_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+    """The pixels of an image file, uint8 [H, W, 3]: what every backend trains on.
+
+    Raises `FormatError` naming the file (`name`, for bytes) when it cannot be decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from pipelines.sources import show_path
+
+    if name is None:
+        name = "<bytes>" if isinstance(source, bytes) else source
+    name = show_path(name)
+    try:
+        raw = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as e:
+        raise FormatError(f"cannot read image '{name}' ({e.strerror or e})",
+                          "re-run tools.convert") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()
+            return _to_rgb(im)
+    except UnidentifiedImageError:  # its message names the BytesIO, not the file
+        why = "not an image format PIL recognises"
+    except Exception as e:  # noqa: BLE001  PIL raises OSError, SyntaxError, ValueError, ...
+        why = " ".join(f"{type(e).__name__}: {e}".split())
+    raise FormatError(f"cannot decode image '{name}' ({why})", "re-run tools.convert")
+
+
 @dataclass(frozen=True, slots=True)  # one per image: keep it small for ImageNet-sized folders
 class ImageCheck:
     """What decoding one image file found; `error` is None when it decoded completely."""
@@ -151,6 +226,8 @@ class ImageCheck:
     mode: str | None = None  # PIL mode: "RGB", "L", "CMYK", ...
     size: tuple[int, int] | None = None  # (width, height)
     format: str | None = None  # "JPEG", "PNG", ... (by content, not by suffix)
+    nbytes: int = 0  # the file's length
+    plain: bool = False  # served as is; otherwise normalised to a PNG at conversion (`_is_plain`)
 
 
 def inspect_image(path: str | Path) -> ImageCheck:
@@ -165,7 +242,11 @@ def inspect_image(path: str | Path) -> ImageCheck:
     try:
         with Image.open(io.BytesIO(raw)) as im:
             im.load()
-            return ImageCheck(digest, mode=im.mode, size=im.size, format=im.format)
+            plain = _is_plain(raw, im)
+            turned = im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn
+            size = im.size[::-1] if turned else im.size
+            return ImageCheck(digest, mode=im.mode, size=size, format=im.format,
+                              nbytes=len(raw), plain=plain)
     except UnidentifiedImageError:  # its message names the BytesIO, not the file
         return ImageCheck(digest, error="not an image format PIL recognises")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...

@@ -28,7 +28,7 @@ from pipelines.augment_params import (
     sample_views,
 )
 from pipelines.sharding import ShardedEpochs
-from pipelines.sources import Split
+from pipelines.sources import DatasetError, Split, show_path
 from pipelines.spec import AugmentSpec, TwoViewBatch
 
 # torchvision's four ColorJitter adjustments, in the sampler's numbering (P_ORDER)
@@ -103,11 +103,16 @@ def load_image(split: Split, index: int) -> torch.Tensor:
     if split.images is not None:
         img = torch.from_numpy(np.array(split.images[index])).permute(2, 0, 1)  # [C, H, W]
         return img.expand(3, -1, -1) if img.shape[0] == 1 else img
-    path = split.files[index]
+    data = split.file_bytes(index)  # DatasetError naming the file if it is gone or changed
     try:
-        return decode_image(path, mode=ImageReadMode.RGB)
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        img = decode_image(raw, mode=ImageReadMode.RGB)
     except (RuntimeError, OSError) as e:
-        raise RuntimeError(f"cannot decode image '{path}' ({e}): re-run tools.convert to drop unreadable files") from None
+        raise DatasetError(f"cannot decode image '{show_path(split.files[index])}' "
+                           f"({' '.join(str(e).split())}): re-run tools.convert") from None
+    if img.dtype != torch.uint8:  # 16-bit PNG: convert stores these as 8-bit PNGs, but be safe
+        img = F.to_dtype(img, torch.uint8, scale=True)
+    return img
 
 
 class TwoViewDataset(Dataset):
@@ -177,7 +182,14 @@ class TorchvisionTwoViewLoader(ShardedEpochs):
 
     def __iter__(self):
         self._batch = self._start_batch
-        for v1, v2_, label, index in self._dl:
+        batches = iter(self._dl)
+        while True:
+            try:
+                v1, v2_, label, index = next(batches)
+            except StopIteration:
+                break
+            except DatasetError as e:  # from a worker: its message carries the worker's traceback
+                raise DatasetError.from_worker(e) from None
             self._batch += 1
             yield TwoViewBatch(self._to_device(v1), self._to_device(v2_), label.to(self.device, non_blocking=True),
                                index.to(self.device, non_blocking=True))

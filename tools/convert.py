@@ -8,13 +8,20 @@ Inputs (--format auto detects them from SRC):
     idx     MNIST / Fashion-MNIST: {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] -> train, test
     cifar   cifar-10-batches-py (data_batch_1..5, test_batch, batches.meta) or
             cifar-100-python (train, test, meta; fine labels) -> train, test
-    folder  JPEG/PNG folders: SRC/train/<class>/*, SRC/val/<class>/* -> train, val;
+    folder  image folders: SRC/train/<class>/*, SRC/val/<class>/* -> train, val;
             SRC/<class>/* -> train; SRC/*.jpg -> train, unlabelled (label -1);
-            loose images inside train/ or val/ are unlabelled too (raw ImageNet val)
+            loose images inside train/ or val/ are unlabelled too (raw ImageNet val).
+            Files named *.jpg, *.jpeg, *.png, *.bmp, *.gif, *.tif, *.tiff, *.webp (any case).
 
 The output layout is described in pipelines/sources.py. Every folder image is fully decoded
-first; unreadable ones are skipped and listed in the manifest, never abort the run. The output
-is built in a temporary directory next to OUT and renamed into place only when complete.
+first; unreadable ones are skipped and listed in the manifest, never abort the run. 8-bit RGB or
+grayscale JPEGs and PNGs are used in place; every other image (16-bit, CMYK, palette, alpha,
+EXIF-rotated, BMP, GIF, TIFF, WebP) is decoded once by `pipelines.formats.decode_rgb` and stored
+as a lossless 8-bit RGB PNG in the dataset directory, so that every backend sees the same pixels.
+The output is built in a temporary directory next to OUT and renamed into place only when
+complete; the manifest records the sha256 of every input and artefact.
+
+    python -m tools.convert --verify data/imagenet    # re-hash inputs and artefacts
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ import signal
 import sys
 import tempfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,13 +55,23 @@ from pipelines.formats import (
     FormatError,
     ImageCheck,
     cifar_rows_to_hwc,
+    decode_rgb,
     inspect_image,
     read_cifar_pickle,
     read_idx,
     sha256_file,
 )
-from pipelines.sources import FORMAT_VERSION, MANIFEST, DatasetError, open_dataset
+from pipelines.sources import (
+    FORMAT_VERSION,
+    MANIFEST,
+    BetonWriteError,
+    DatasetError,
+    open_dataset,
+    show_path,
+    write_file_list,
+)
 
+TOOL = "tools.convert"  # the manifest's "tool": --overwrite replaces only what this tool wrote
 FORMATS = ("auto", "idx", "cifar", "folder")
 TARGETS = ("numpy", "ffcv")
 IDX_NAME = re.compile(r"^(train|t10k)-(images|labels)[-.]idx([13])-ubyte(\.gz)?$")
@@ -74,6 +93,8 @@ class SplitData:
     labels: np.ndarray  # int64 [N], -1 where unlabelled
     images: np.ndarray | None = None  # uint8 [N, H, W, C]
     files: list[str] | None = None  # absolute paths
+    plain: list[bool] | None = None  # per file: used in place (else normalised to a PNG)
+    sizes: list[tuple[int, int, int]] | None = None  # per file: height, width, bytes
     extra: dict = field(default_factory=dict)  # more manifest fields for this split
 
 
@@ -129,7 +150,7 @@ def detect_format(src: Path) -> str:
     ):
         return "folder"
     raise ConvertError(
-        f"unrecognised dataset format in '{src}' (no IDX files, CIFAR pickles or JPEG/PNG images)",
+        f"unrecognised dataset format in '{src}' (no IDX files, CIFAR pickles or images)",
         "point SRC at the directory holding the files, or pass --format idx|cifar|folder",
     )
 
@@ -301,19 +322,28 @@ def _quiet_worker() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # how Pool.terminate() stops a worker
 
 
-def _inspect_all(paths: list[Path], workers: int, desc: str) -> list[ImageCheck]:
-    bar = dict(total=len(paths), desc=desc, unit="img", disable=None, leave=False)
-    if workers <= 1 or len(paths) < 2 * workers:
-        return [inspect_image(p) for p in tqdm(paths, **bar)]
-    chunk = max(1, min(64, len(paths) // (workers * 8)))
-    pool = multiprocessing.get_context().Pool(workers, initializer=_quiet_worker)
+def _map(fn, items: list, workers: int, desc: str) -> list:
+    """[fn(item) for item in items], in `workers` processes where that pays.
+
+    A multiprocessing.Pool replaces a worker killed by a signal (the OOM killer, say) and waits
+    forever for the task it lost; a ProcessPoolExecutor raises BrokenProcessPool instead.
+    """
+    bar = dict(total=len(items), desc=desc, unit="img", disable=None, leave=False)
+    if workers <= 1 or len(items) < 2 * workers:
+        return [fn(p) for p in tqdm(items, **bar)]
+    chunk = max(1, min(64, len(items) // (workers * 8)))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(),
+                               initializer=_quiet_worker)
     try:
-        results = list(tqdm(pool.imap(inspect_image, paths, chunksize=chunk), **bar))
-        pool.close()
-        return results
+        return list(tqdm(pool.map(fn, items, chunksize=chunk), **bar))
+    except BrokenProcessPool:
+        raise ConvertError(f"a process {desc} died (killed by a signal: out of memory?)",
+                           "convert again, with fewer --workers if memory is short") from None
     finally:
-        pool.terminate()
-        pool.join()
+        for process in list((pool._processes or {}).values()):  # Ctrl-C: stop mid-task ones too
+            if process.is_alive():
+                process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def read_folder_dataset(src: Path, name: str | None, workers: int) -> Converted:
@@ -323,8 +353,9 @@ def read_folder_dataset(src: Path, name: str | None, workers: int) -> Converted:
                            "point SRC at a folder of images, class folders or train/ and val/")
     splits, inputs, skipped = {}, {}, []
     for split, items in layout.items():
-        checks = _inspect_all([p for p, _ in items], workers, f"decoding {split}")
-        good, modes, sizes, bad = [], Counter(), [], 0
+        checks: list[ImageCheck] = _map(inspect_image, [p for p, _ in items], workers,
+                                         f"decoding {split}")
+        good, modes, sizes, plain, dims, bad = [], Counter(), [], [], [], 0
         for (path, label), check in zip(items, checks, strict=True):
             rel = str(path.relative_to(src))
             if check.sha256 is not None:
@@ -336,24 +367,67 @@ def read_folder_dataset(src: Path, name: str | None, workers: int) -> Converted:
             good.append((str(path), label))
             modes[check.mode] += 1
             sizes.append(check.size)
+            plain.append(check.plain)
+            dims.append((check.size[1], check.size[0], check.nbytes))
         if items and not good:
             raise ConvertError(f"none of the {len(items)} images in split '{split}' of '{src}' decode "
-                               f"(first: {skipped[-bad]['path']}: {skipped[-bad]['reason']})",
-                               "check that the files are intact JPEG/PNG images")
+                               f"(first: {show_path(skipped[-bad]['path'])}: "
+                               f"{skipped[-bad]['reason']})",
+                               "check that the files are intact images")
         labels = np.array([label for _, label in good], dtype=np.int64)
         wh = np.array(sizes or [(0, 0)])
         extra = {"skipped": bad, "modes": dict(sorted(modes.items())),
+                 "normalised": plain.count(False),
                  "min_size": wh.min(axis=0).tolist(), "max_size": wh.max(axis=0).tolist()}
         if classes:
             extra["class_counts"] = _class_counts(labels, len(classes))
-        splits[split] = SplitData(labels, files=[f for f, _ in good], extra=extra)
+        splits[split] = SplitData(labels, files=[f for f, _ in good], plain=plain,
+                                  sizes=dims, extra=extra)
     return Converted("folder", name or src.name, "files", classes, splits, inputs, skipped)
 
 
 # ---------------------------------------------------------------- writing
 
 
-def write_dataset(conv: Converted, root: Path, src: Path) -> dict:
+NORMALISED = "normalised"
+
+
+def _normalise(job: tuple[str, str]) -> tuple[int, int, int]:
+    """Decode `src` with `decode_rgb` into the lossless 8-bit RGB PNG `dst`.
+
+    Returns (height, width, bytes written)."""
+    from PIL import Image
+
+    src, dst = job
+    pixels = decode_rgb(src)
+    Image.fromarray(pixels).save(dst, format="PNG", compress_level=3)
+    return pixels.shape[0], pixels.shape[1], os.path.getsize(dst)
+
+
+def _normalise_files(data: SplitData, root: Path, split: str, workers: int) -> None:
+    """Replace `data`'s files that not every backend decodes alike by PNGs under `root`."""
+    todo = [k for k, plain in enumerate(data.plain) if not plain]
+    if not todo:
+        return
+    folder = root / NORMALISED / split
+    folder.mkdir(parents=True)
+    rel = [f"{NORMALISED}/{split}/{k:08d}.png" for k in todo]
+    jobs = [(data.files[k], str(root / r)) for k, r in zip(todo, rel, strict=True)]
+    done = _map(_normalise, jobs, workers, f"normalising {split}")
+    for k, r, dims in zip(todo, rel, done, strict=True):
+        data.files[k], data.sizes[k] = r, dims
+
+
+def artefact_records(root: Path) -> dict[str, dict]:
+    """{path relative to root: {"bytes", "sha256"}} for every file under root but the manifest."""
+    records = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+        records[path.relative_to(root).as_posix()] = {"bytes": path.stat().st_size,
+                                                      "sha256": sha256_file(path)}
+    return records
+
+
+def write_dataset(conv: Converted, root: Path, src: Path, workers: int = 1) -> dict:
     """Write the numpy artefacts and manifest.json of `conv` into the (empty) directory `root`."""
     manifest_splits = {}
     for split, data in conv.splits.items():
@@ -362,7 +436,10 @@ def write_dataset(conv: Converted, root: Path, src: Path) -> dict:
             np.save(root / f"{split}_images.npy", np.ascontiguousarray(data.images, dtype=np.uint8))
             shape = list(data.images.shape[1:])
         else:
-            (root / f"{split}_files.txt").write_text("".join(f + "\n" for f in data.files))
+            _normalise_files(data, root, split, workers)
+            write_file_list(root / f"{split}_files.nul", data.files)
+            sizes = np.array(data.sizes, dtype=np.int64).reshape(-1, 3)
+            np.save(root / f"{split}_sizes.npy", sizes)
             shape = None
         manifest_splits[split] = {"count": len(data.labels), "image_shape": shape,
                                   "labelled": bool(len(data.labels) and (data.labels >= 0).all()),
@@ -377,12 +454,17 @@ def write_dataset(conv: Converted, root: Path, src: Path) -> dict:
         "splits": manifest_splits,
         "inputs": conv.inputs,
         "skipped": conv.skipped,
-        "artefacts": sorted(p.name for p in root.iterdir()) + [MANIFEST],
+        "artefacts": artefact_records(root),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "tool": "tools.convert",
+        "tool": TOOL,
     }
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _write_manifest(root, manifest)
     return manifest
+
+
+def _write_manifest(root: Path, manifest: dict) -> None:
+    # ensure_ascii (the default) keeps names with undecodable bytes (lone surrogates) writable
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _load_write_beton():
@@ -398,9 +480,15 @@ def write_betons(root: Path, manifest: dict, max_resolution: int | None) -> dict
     write_beton = _load_write_beton()
     dataset = open_dataset(root)
     for split in tqdm(dataset.splits, desc="writing .beton", disable=None, leave=False):
-        write_beton(dataset.split(split), root / f"{split}.beton", max_resolution=max_resolution)
-    manifest["artefacts"] = sorted(p.name for p in root.iterdir())
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        try:
+            write_beton(dataset.split(split), root / f"{split}.beton",
+                        max_resolution=max_resolution)
+        except BetonWriteError as e:
+            raise ConvertError(f"writing {split}.beton failed: {e}",
+                               "fix or remove that image (or pass --max-resolution) and "
+                               "convert again") from None
+    manifest["artefacts"] = artefact_records(root)
+    _write_manifest(root, manifest)
     return manifest
 
 
@@ -443,10 +531,21 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
         raise ConvertError(f"output '{out}' already exists", "pass --overwrite to replace it, or choose another OUT")
     if not out.is_dir() or out.is_symlink():
         raise ConvertError(f"output '{out}' exists and is not a directory", "remove it yourself or choose another OUT")
-    if any(out.iterdir()) and not (out / MANIFEST).is_file():
+    if any(out.iterdir()) and not _written_by_us(out):
         # --overwrite deletes OUT: only ever a dataset directory this tool wrote, or an empty one.
-        raise ConvertError(f"output '{out}' is not a converted dataset (no {MANIFEST})",
+        raise ConvertError(f"output '{out}' is not a converted dataset (no {MANIFEST} with "
+                           f"\"tool\": \"{TOOL}\" and a format_version)",
                            "choose another OUT or remove it yourself")
+
+
+def _written_by_us(out: Path) -> bool:
+    """Whether `out` holds a manifest that tools.convert wrote (of any format version)."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and manifest.get("tool") == TOOL
+            and type(manifest.get("format_version")) is int)
 
 
 # ---------------------------------------------------------------- entry points
@@ -486,7 +585,7 @@ def convert(src: str | Path, out: str | Path, *, fmt: str = "auto", name: str | 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        manifest = write_dataset(conv, tmp, src)
+        manifest = write_dataset(conv, tmp, src, workers)
         if to == "ffcv":
             manifest = write_betons(tmp, manifest, max_resolution)
         _check_out(src, out, overwrite)  # OUT may have appeared while we worked
@@ -512,10 +611,65 @@ def print_summary(manifest: dict, out: Path, file=None) -> None:
         if i == 0:
             print("  ".join("-" * w for w in widths), file=file)
     for s in manifest["skipped"][:5]:
-        print(f"skipped {s['path']}: {s['reason']}", file=file)
+        print(f"skipped {show_path(s['path'])}: {s['reason']}", file=file)
     if len(manifest["skipped"]) > 5:
         print(f"... and {len(manifest['skipped']) - 5} more (see {MANIFEST})", file=file)
-    print(f"{manifest['name']} ({manifest['source_format']}) -> {out}", file=file)
+    normalised = sum(info.get("normalised", 0) for info in manifest["splits"].values())
+    if normalised:
+        print(f"{normalised} image(s) not 8-bit RGB/gray JPEG or PNG stored as 8-bit RGB PNGs "
+              f"under {out / 'normalised'}", file=file)
+    print(f"{manifest['name']} ({manifest['source_format']}) -> {show_path(out)}", file=file)
+
+
+# ---------------------------------------------------------------- --verify
+
+
+def verify(root: str | Path, file=None) -> list[str]:
+    """Re-hash the inputs and artefacts that DIR's manifest lists; print a summary table to
+    `file` and return one line per mismatch (empty when everything matches)."""
+    file = file or sys.stdout
+    root = Path(os.path.abspath(root))
+    if not _written_by_us(root):
+        raise ConvertError(f"'{root}' is not a dataset directory written by {TOOL} (no readable "
+                           f"{MANIFEST} with \"tool\": \"{TOOL}\")", "pass the OUT of a conversion")
+    manifest = json.loads((root / MANIFEST).read_text())
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ConvertError(f"'{root}' has format_version {manifest['format_version']}, this tool "
+                           f"writes {FORMAT_VERSION}", "convert it again")
+    source = Path(manifest["source"])
+    checks = [("inputs", source / rel, {"sha256": sha}) for rel, sha in manifest["inputs"].items()]
+    checks += [("artefacts", root / rel, want) for rel, want in manifest["artefacts"].items()]
+    counts = {kind: Counter() for kind in ("inputs", "artefacts")}
+    problems = []
+    for kind, path, want in tqdm(checks, desc="verifying", unit="file", disable=None, leave=False):
+        try:
+            size = path.stat().st_size
+            found = None if "bytes" in want and size != want["bytes"] else sha256_file(path)
+        except OSError as e:
+            counts[kind]["missing"] += 1
+            problems.append(f"missing: '{show_path(path)}' ({e.strerror})")
+            continue
+        if found != want["sha256"]:
+            counts[kind]["changed"] += 1
+            why = (f"{size} bytes, {want['bytes']} when converted" if found is None
+                   else "sha256 differs from the manifest")
+            problems.append(f"changed: '{show_path(path)}' ({why})")
+        else:
+            counts[kind]["ok"] += 1
+    rows = [("files", "checked", "ok", "changed", "missing")]
+    for kind, c in counts.items():
+        rows.append((kind, str(sum(c.values())),
+                     *(str(c[k]) for k in ("ok", "changed", "missing"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w)
+                        for j, (c, w) in enumerate(zip(row, widths, strict=True))), file=file)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=file)
+    return problems
+
+
+# ---------------------------------------------------------------- command line
 
 
 def _positive_int(text: str) -> int:
@@ -528,21 +682,31 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tools.convert",
-        description="Convert IDX (MNIST, Fashion-MNIST), CIFAR-10/100 pickles or JPEG/PNG folders "
-                    "into a dataset directory (manifest.json + numpy artefacts, optionally .beton).",
+        description="Convert IDX (MNIST, Fashion-MNIST), CIFAR-10/100 pickles or image folders "
+                    "(JPEG, PNG; BMP, GIF, TIFF, WebP are stored as PNGs) into a dataset directory "
+                    "(manifest.json + numpy artefacts, optionally .beton); or, with --verify DIR, "
+                    "check a dataset directory against the checksums its manifest records.",
+        usage="python -m tools.convert SRC OUT [options]\n"
+              "       python -m tools.convert --verify DIR",
     )
-    p.add_argument("src", metavar="SRC", help="directory holding the raw dataset")
-    p.add_argument("out", metavar="OUT", help="dataset directory to create")
+    p.add_argument("src", metavar="SRC", nargs="?", help="directory holding the raw dataset")
+    p.add_argument("out", metavar="OUT", nargs="?", help="dataset directory to create")
+    p.add_argument("--verify", metavar="DIR", default=None,
+                   help="re-hash every input and artefact listed in DIR/manifest.json; print a "
+                        "table and one line per changed or missing file; exit 0 only if all match")
     p.add_argument("--format", dest="fmt", choices=FORMATS, default="auto",
                    help="input format (default: detect from SRC)")
     p.add_argument("--name", default=None,
                    help="dataset name for the manifest (default: from SRC; 'fashion-mnist' picks "
                         "Fashion-MNIST class names for IDX input)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT dataset")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT that tools.convert wrote "
+                        "(never another directory)")
     p.add_argument("--to", choices=TARGETS, default="numpy",
-                   help="numpy: manifest + .npy/.txt only; ffcv: also <split>.beton (default: numpy)")
+                   help="numpy: manifest, .npy, file lists and normalised PNGs only; ffcv: also "
+                        "<split>.beton (default: numpy)")
     p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
-                   help="processes decoding folder images (default: min(4, CPUs))")
+                   help="processes decoding and normalising folder images (default: min(4, CPUs))")
     p.add_argument("--max-resolution", type=_positive_int, default=None, metavar="PX",
                    help="--to ffcv only: longest side stored in the .beton (recommended 256 for "
                         "ImageNet at 224; default: keep full size)")
@@ -553,8 +717,34 @@ def _terminate_as_interrupt(signum, frame):
     raise KeyboardInterrupt  # so `kill` also removes the temporary directory
 
 
+def _main_verify(root: str) -> int:
+    try:
+        problems = verify(root)
+    except ConvertError as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("convert: interrupted", file=sys.stderr)
+        return 130
+    for line in problems:
+        print(f"verify: {line}", file=sys.stderr)
+    if problems:
+        print(f"verify: {len(problems)} file(s) differ from '{show_path(root)}/{MANIFEST}': "
+              f"re-run tools.convert (or restore the files)", file=sys.stderr)
+        return 1
+    print(f"verify: every input and artefact of '{show_path(root)}' matches its manifest")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verify is not None:
+        if args.src is not None or args.out is not None:
+            parser.error("--verify DIR takes no SRC or OUT")
+        return _main_verify(args.verify)
+    if args.src is None or args.out is None:
+        parser.error("the following arguments are required: SRC OUT (or --verify DIR)")
     if __name__ == "__main__":
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     if args.max_resolution is not None and args.to != "ffcv":

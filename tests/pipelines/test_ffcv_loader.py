@@ -188,10 +188,10 @@ def test_resume(loader):
 
 
 def test_missing_beton_is_an_error(split):
-    from pipelines.sources import Split
+    from pipelines.sources import DatasetError, Split
 
     bad = Split("val", split.labels, images=split.images, root=split.root)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DatasetError, match="no FFCV file .*val.beton.*--to ffcv"):
         FfcvTwoViewLoader(bad, SPEC, batch_size=8)
 
 

@@ -113,7 +113,7 @@ def test_idx_round_trip(tmp_path, gz):
         assert manifest["splits"][split]["image_shape"] == [5, 5, 1]
         assert manifest["splits"][split]["count"] == len(s)
     assert manifest["source_format"] == "idx" and manifest["tool"] == "tools.convert"
-    assert manifest["format_version"] == 1 and manifest["source"] == str(src)
+    assert manifest["format_version"] == 2 and manifest["source"] == str(src)
     for rel, digest in manifest["inputs"].items():
         assert hashlib.sha256((src / rel).read_bytes()).hexdigest() == digest
     assert len(manifest["inputs"]) == 4
