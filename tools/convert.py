@@ -70,6 +70,7 @@ from pipelines.sources import (
     show_path,
     write_file_list,
 )
+from tools.cli import at_least
 
 TOOL = "tools.convert"  # the manifest's "tool": --overwrite replaces only what this tool wrote
 FORMATS = ("auto", "idx", "cifar", "folder")
@@ -672,13 +673,6 @@ def verify(root: str | Path, file=None) -> list[str]:
 # ---------------------------------------------------------------- command line
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tools.convert",
@@ -705,9 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=TARGETS, default="numpy",
                    help="numpy: manifest, .npy, file lists and normalised PNGs only; ffcv: also "
                         "<split>.beton (default: numpy)")
-    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--workers", type=at_least(1), default=None, metavar="N",
                    help="processes decoding and normalising folder images (default: min(4, CPUs))")
-    p.add_argument("--max-resolution", type=_positive_int, default=None, metavar="PX",
+    p.add_argument("--max-resolution", type=at_least(1), default=None, metavar="PX",
                    help="--to ffcv only: longest side stored in the .beton (recommended 256 for "
                         "ImageNet at 224; default: keep full size)")
     return p

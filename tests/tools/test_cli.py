@@ -55,3 +55,13 @@ GOOD = [
 def test_values_at_the_edge_of_the_range_parse(tool, args, want):
     ns = importlib.import_module(f"tools.{tool}").build_parser().parse_args(args)
     assert {k: getattr(ns, k) for k in want} == want
+
+
+@pytest.mark.parametrize("args,option", [(["--workers", "0"], "--workers"),
+                                         (["--max-resolution", "-1"], "--max-resolution")])
+def test_convert_rejects_out_of_range_options(capsys, args, option):
+    from tools.convert import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["src", "out", *args])
+    assert info.value.code == 2 and f"argument {option}" in capsys.readouterr().err
