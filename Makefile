@@ -18,7 +18,8 @@ setup:
 	@bash tools/setup.sh
 
 demo: setup
-	@[ -f $(DEMO_DATA)/train.beton ] || $(PY) -m tools.convert "$$(cat data/.fashion-mnist-path)" $(DEMO_DATA) --to ffcv --overwrite
+	@$(PY) -c "from pipelines.sources import open_dataset as o; o('$(DEMO_DATA)').beton('train')" 2>/dev/null || \
+		$(PY) -m tools.convert "$$(cat data/.fashion-mnist-path)" $(DEMO_DATA) --to ffcv --overwrite
 	$(ACCELERATE) -m train.pretrain --config $(DEMO_CONFIG) --train.out_dir=$(DEMO_RUN) --resume auto $(ARGS)
 	$(PY) -m train.linear_eval --checkpoint $(DEMO_RUN)
 
