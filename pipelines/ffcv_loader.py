@@ -177,10 +177,13 @@ class FfcvTwoViewLoader(ShardedEpochs):
                         f"tools.convert --verify {self.path.parent}' or re-run tools.convert"
                     ) from None
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"FFCV loader produced no batch in {self.timeout_s:.0f} s "
-                                       f"(batch {b} of epoch {epoch} of '{self.path}')") from None
+                    raise DatasetError(
+                        f"FFCV loader produced no batch in {self.timeout_s:.0f} s (batch {b} of epoch "
+                        f"{epoch} of '{self.path}'): check the file with 'python -m tools.convert "
+                        f"--verify {self.path.parent}', or try data.backend=torchvision") from None
         if item is None:
-            raise RuntimeError(f"FFCV epoch ended early at batch {b} of epoch {epoch} of '{self.path}'")
+            raise DatasetError(f"FFCV epoch ended early at batch {b} of epoch {epoch} of '{self.path}': "
+                               f"check it with 'python -m tools.convert --verify {self.path.parent}'")
         slot, result = item
         if self.device.type == "cuda":
             it.current_stream.wait_stream(it.cuda_streams[slot])

@@ -294,3 +294,29 @@ def test_importing_the_ffcv_backend_keeps_torch_threads():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=__import__("pathlib").Path(__file__).resolve().parents[2])
     assert out.stdout.strip().splitlines()[-1] == "2"
+
+
+class _SilentEpoch:
+    """An FFCV epoch iterator whose thread is alive but never delivers (or ends at once)."""
+
+    def __init__(self, items=()):
+        import queue
+
+        self.output_queue = queue.Queue()
+        for item in items:
+            self.output_queue.put(item)
+
+    def is_alive(self):
+        return True
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("items,wording", [((), "produced no batch in 1 s"), ((None,), "ended early")])
+def test_a_stalled_or_short_epoch_is_a_one_line_dataset_error(split, items, wording):
+    from pipelines.sources import DatasetError
+
+    ld = FfcvTwoViewLoader(split, AugmentSpec(size=16), batch_size=8, num_workers=1, timeout_s=1.0)
+    with pytest.raises(DatasetError) as info:
+        ld._next(_SilentEpoch(items), epoch=3, b=5)
+    msg = str(info.value)
+    assert "\n" not in msg and wording in msg and "batch 5 of epoch 3" in msg and "--verify" in msg
