@@ -276,7 +276,6 @@ def config_to_dict(cfg) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved settings as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    from train.atomic import write_atomic
+
+    write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
