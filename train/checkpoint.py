@@ -2,12 +2,17 @@
 trainer's own state (step, loader position) and the resolved config.
 
 A checkpoint is written into a hidden temp directory and renamed into place only when
-complete; `latest` is a small text file replaced atomically. A checkpoint that already exists
-for the same step is swapped out (an atomic exchange where the system has one, else renamed
-aside) and deleted only once its replacement is in place, and rotation never deletes the
-checkpoint just written. A kill at any moment therefore leaves every complete checkpoint but
-at most the one being replaced, and `latest_checkpoint` falls back to the newest complete one
-when `latest` names none.
+complete; `latest` is a small text file replaced atomically after it. A checkpoint that
+already exists for the same step is swapped out (an atomic exchange where the system has one,
+else renamed aside) and deleted only once its replacement is in place, and rotation never
+deletes the checkpoint just written. A kill at any moment therefore leaves every complete
+checkpoint in place (a replaced one is gone only once its successor is complete).
+
+Resolving a run directory or checkpoints/ folder gives its complete checkpoint with the highest
+step: the one `latest` names, or a newer one a kill kept `latest` from naming, or, where
+`latest` names a missing one, the newest that is there. train.pretrain keeps the highest step
+the current one: resuming from an earlier checkpoint moves the later ones into an abandoned-*
+folder.
 """
 
 from __future__ import annotations
@@ -73,16 +78,29 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
     except CheckpointError:
         raise
     except Exception as e:  # safetensors, torch and the OS raise many different types
+        full = _disk_full(e, ckpt_root)
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(_save_failure(e, final, ckpt_root)) from None
+        raise CheckpointError(_save_failure(e, full, final, ckpt_root)) from None
     accelerator.wait_for_everyone()
     return final
 
 
-def _save_failure(e: Exception, final: Path, ckpt_root: Path) -> str:
+def _disk_full(e: Exception, ckpt_root: Path) -> bool:
+    """ENOSPC by errno or in the message (safetensors, torch's zip writer), or under 1 MiB free."""
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(s in str(e) for s in ("No space left", "StorageFull", "Disk quota")):
+        return True
+    try:
+        st = os.statvfs(ckpt_root)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
+
+
+def _save_failure(e: Exception, full: bool, final: Path, ckpt_root: Path) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "StorageFull" in str(e)
     reason = "the disk is full" if full else f"{type(e).__name__}: {text[:160]}"
     prev = latest_checkpoint_or_none(ckpt_root)
     kept = f"'{prev}' is intact" if prev is not None else "there is no earlier one"
@@ -121,14 +139,12 @@ def _move_into_place(tmp: Path, final: Path, step: int) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from itself, a checkpoints/ folder, or a run directory. In a
-    folder whose `latest` names no complete checkpoint, the newest complete one (by step)."""
+    """A checkpoint directory from itself, or the newest complete checkpoint (highest step) of
+    a checkpoints/ folder or a run directory."""
     p = Path(path)
     for root in (p, p / "checkpoints"):
         if (root / LATEST).is_file() or step_dirs(root):
             named = root / (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
-            if named is not None and _complete(named):
-                return named
             complete = [d for _, d in step_dirs(root) if _complete(d)]
             if complete:
                 return complete[-1]

@@ -45,7 +45,6 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
     final = save(tmp_path, 2)
     assert final.is_dir() and (final / "trainer_state.json").is_file()
     assert (tmp_path / "latest").read_text().strip() == "step-00000002"
-    assert resolve_checkpoint(tmp_path) == final
     assert steps_on_disk(tmp_path) == ["latest", "step-00000002", "step-00000010"]  # keep=2: the oldest went
 
 
@@ -92,6 +91,14 @@ def test_latest_naming_a_missing_checkpoint_falls_back_to_the_newest_complete_on
     assert latest_checkpoint(tmp_path) == tmp_path / "step-00000004"
     assert resolve_checkpoint(tmp_path.parent / tmp_path.name) == tmp_path / "step-00000004"
     (tmp_path / "latest").unlink()  # a kill after the first rename, before `latest` was written
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000004"
+
+
+def test_a_checkpoint_completed_after_latest_was_written_is_the_one_resumed(tmp_path):
+    """A kill after the rename, before `latest` is replaced: the newer complete checkpoint wins."""
+    save(tmp_path, 2)
+    save(tmp_path, 4)
+    (tmp_path / "latest").write_text("step-00000002\n")
     assert latest_checkpoint(tmp_path) == tmp_path / "step-00000004"
 
 

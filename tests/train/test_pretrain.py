@@ -261,3 +261,73 @@ def test_cuda_run_bf16_triton_channels_last_reports_mfu_and_resumes(dataset, tmp
     assert starts == [0, 6]
     w = weights(tmp_path)
     assert all(torch.isfinite(t.float()).all() for t in w.values())
+
+
+# ---------------------------------------------------------------- run directories (issue 11)
+
+def _ckpt_names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+@pytest.mark.timeout(600)
+def test_a_new_run_in_a_run_directory_is_refused_and_overwrite_replaces_it(dataset, tmp_path):
+    """Without --resume a finished run's directory is refused (it used to be trained into: the
+    new, lower-step checkpoints were rotated away as soon as written and the logs mixed), its
+    checkpoints untouched; --overwrite replaces the whole earlier run."""
+    common = [*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}"]
+    run([*common, "--train.max_steps=6"])
+    before = weights(tmp_path)
+    proc = run([*common, "--train.max_steps=2"], check=False)
+    _one_line_error(proc, str(tmp_path), "--resume", "--overwrite")
+    assert _ckpt_names(tmp_path) == ["latest", "step-00000004", "step-00000006"]
+    after = weights(tmp_path)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    run([*common, "--train.max_steps=2", "--overwrite"])
+    assert _ckpt_names(tmp_path) == ["latest", "step-00000002"]
+    assert resolve_checkpoint(tmp_path).name == "step-00000002"
+    assert [r["step"] for r in records(tmp_path) if r.get("event") == "start"] == [0]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+    assert not list(tmp_path.glob(".overwritten-*"))
+
+
+@pytest.mark.timeout(600)
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(dataset, tmp_path):
+    """An explicit --resume of step 2 in a run that reached step 6: the new checkpoints of the
+    continued run are not rotated away by the later ones, which are kept in abandoned-*."""
+    common = [*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}", "--train.keep_checkpoints=0"]
+    run([*common, "--train.max_steps=6"])
+    run([*common, "--train.max_steps=4", f"--resume={tmp_path / 'checkpoints' / 'step-00000002'}"])
+    names = _ckpt_names(tmp_path)
+    assert names[:1] == ["abandoned-after-00000002-" + names[0].split("-")[-1]]
+    assert names[1:] == ["latest", "step-00000002", "step-00000004"]
+    kept = sorted(p.name for p in (tmp_path / "checkpoints" / names[0]).iterdir())
+    assert kept == ["step-00000004", "step-00000006"]
+    assert resolve_checkpoint(tmp_path).name == "step-00000004"
+
+
+@pytest.mark.timeout(600)
+def test_resume_with_another_model_width_names_the_key_in_one_short_line(dataset, tmp_path):
+    common = [*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}", "--train.max_steps=2"]
+    run(common)
+    proc = run([*common, "--model.width=0.25", "--resume"], check=False)
+    _one_line_error(proc, "model.width", "0.125", "0.25", "--overwrite")
+    assert len(proc.stderr) < 400, f"{len(proc.stderr)} characters: {proc.stderr[:500]}"
+
+
+def test_out_dir_that_is_a_file_is_a_one_line_error(dataset, tmp_path):
+    (tmp_path / "f").write_text("not a directory")
+    proc = run([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path / 'f'}"], check=False)
+    _one_line_error(proc, "train.out_dir", "existing file")
+    assert (tmp_path / "f").read_text() == "not a directory"
+
+
+@pytest.mark.timeout(600)
+def test_knn_without_the_eval_split_says_so_once_and_records_why(dataset, tmp_path):
+    proc = run([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}", "--train.max_steps=2",
+                "--train.knn_every=0", "--data.eval_split=nope"])
+    warnings = [ln for ln in proc.stderr.splitlines() if "kNN" in ln]
+    assert len(warnings) == 1 and "'nope'" in warnings[0], proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["knn_top1"] is None and "'nope'" in summary["knn_skipped"]
+    assert [r["event"] for r in records(tmp_path) if r.get("event") == "knn_skipped"] == ["knn_skipped"]
