@@ -50,7 +50,8 @@ def write_atomic(path: str | Path, data: str | bytes, *, fault: str | None = Non
     a mix; `fault` names the fault point between the temp file's fsync and the rename."""
     path = Path(path)
     raw = data.encode() if isinstance(data, str) else data
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     tmp = temp_name(path)
     fd = os.open(tmp, flags, 0o666)
     try:

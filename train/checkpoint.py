@@ -144,14 +144,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     for root in (p, p / "checkpoints"):
         if (root / LATEST).is_file() or step_dirs(root):
-            named = root / (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+            named = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
             complete = [d for _, d in step_dirs(root) if _complete(d)]
             if complete:
                 return complete[-1]
             raise CheckpointError(
-                f"no complete checkpoint under '{root}' (`latest` names "
-                f"{named.name if named else 'nothing'}, no step-* directory holds a readable "
-                f"{TRAINER_STATE}): pass another checkpoint with --resume, or --overwrite to start afresh"
+                f"no complete checkpoint under '{root}' (`latest` names {named or 'nothing'}, "
+                f"no step-* directory holds a readable {TRAINER_STATE}): pass another "
+                f"checkpoint with --resume, or --overwrite to start afresh"
             )
     if not (p / TRAINER_STATE).is_file():
         raise CheckpointError(

@@ -30,7 +30,8 @@ class FakeAccelerator:
 
 
 def save(root: Path, step: int, payload: bytes = b"w", keep: int = 2) -> Path:
-    return save_checkpoint(FakeAccelerator(payload), root, step, {"step": step}, "model: {}\n", keep=keep)
+    acc = FakeAccelerator(payload)
+    return save_checkpoint(acc, root, step, {"step": step}, "model: {}\n", keep=keep)
 
 
 def steps_on_disk(root: Path) -> list[str]:
@@ -45,7 +46,8 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
     final = save(tmp_path, 2)
     assert final.is_dir() and (final / "trainer_state.json").is_file()
     assert (tmp_path / "latest").read_text().strip() == "step-00000002"
-    assert steps_on_disk(tmp_path) == ["latest", "step-00000002", "step-00000010"]  # keep=2: the oldest went
+    # keep=2: the new one and the newest other; the oldest went
+    assert steps_on_disk(tmp_path) == ["latest", "step-00000002", "step-00000010"]
 
 
 def test_rotation_orders_by_step_number_not_name(tmp_path):
@@ -124,9 +126,11 @@ def test_disk_full_during_state_save_is_one_line_and_leaves_no_temp(tmp_path):
     with pytest.raises(CheckpointError) as e:
         save_checkpoint(FullDisk(), tmp_path, 4, {"step": 4}, "model: {}\n")
     msg = str(e.value)
-    assert "\n" not in msg and "disk is full" in msg and "step-00000002" in msg and "--resume" in msg
+    assert "\n" not in msg and "disk is full" in msg
+    assert "step-00000002" in msg and "--resume" in msg
     assert steps_on_disk(tmp_path) == ["latest", "step-00000002"]
-    assert resolve_checkpoint(tmp_path) == prev and (prev / "model.safetensors").read_bytes() == b"good"
+    assert resolve_checkpoint(tmp_path) == prev
+    assert (prev / "model.safetensors").read_bytes() == b"good"
 
 
 # ---------------------------------------------------------------- atomic writes vs symlinks

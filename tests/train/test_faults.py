@@ -87,7 +87,8 @@ def test_kill_9_in_state_save_after_rename_latest_replace_resave_resume_from_new
             monkeypatch.setenv("SIMCLR_FAULT", phase)
         else:
             monkeypatch.delenv("SIMCLR_FAULT")
-        proc = run([*common(dataset, tmp_path), *(["--resume", "auto"] if start else [])], check=False)
+        resume = ["--resume", "auto"] if start else []
+        proc = run([*common(dataset, tmp_path), *resume], check=False)
         if start is not None:
             assert resumed_at(proc) == start, phase
         if phase:
@@ -162,7 +163,8 @@ def _assert_disk_full_handled(proc, out: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("pretrain: error:")]
-    assert len(lines) == 1 and "disk is full" in lines[0] and "step-00000002" in lines[0], proc.stderr[-2000:]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "disk is full" in lines[0] and "step-00000002" in lines[0], lines[0]
     assert len(lines[0]) < 400
     root = out / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002"]  # no .tmp-* left
@@ -179,14 +181,15 @@ def test_disk_full_in_the_state_save_is_one_line_no_temp_previous_intact(dataset
 
 
 @pytest.mark.timeout(300)
-def test_disk_full_on_a_small_tmpfs_is_one_line_no_temp_previous_intact(dataset, reference_dir, tmp_path):
+def test_disk_full_on_a_small_tmpfs_is_one_line_no_temp_previous_intact(dataset, reference_dir,
+                                                                        tmp_path):
     """A real full disk: a tmpfs with room for one checkpoint (needs root to mount it)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
     one = sum(f.stat().st_size for f in resolve_checkpoint(reference_dir).iterdir())
-    size_kb = (one * 3 // 2 + 256 * 1024) // 1024  # the first checkpoint and the logs fit, a second does not
+    size_kb = (one * 3 // 2 + 256 * 1024) // 1024  # one checkpoint and the logs fit, two do not
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
