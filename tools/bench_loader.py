@@ -28,6 +28,7 @@ import torch
 from pipelines.loader import build_loader
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec
+from train.atomic import write_atomic
 
 IMPLS = ("torchvision", "dali", "ffcv")
 BASELINE = "torchvision"
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
         print(f"{r['case']:<10} {r['impl']:<12} {r['value']:>10.0f} {r['ratio']:>15.2f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -48,6 +48,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from train.atomic import write_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 STATUSES = ("pass", "fail", "timeout", "skip")
 OPTIONAL = {"dali": "nvidia.dali", "ffcv": "ffcv", "lightly": "lightly"}
@@ -735,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quality_child is not None:
         result = quality(args, args.quality_child)
         path = args.json or (args.out / "quality.json")
-        path.write_text(json.dumps(_clean(result), indent=1) + "\n")
+        write_atomic(path, json.dumps(_clean(result), indent=1) + "\n")
         print(f"[quality] {headline_quality(result)}")
         return 0
     if not args.budget_s > 0:
@@ -746,9 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(report["steps"])
     path = args.json or args.out / "gpu_check.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(report, indent=1, allow_nan=False) + "\n")
     c = report["counts"]
     print(f"\n{c['pass']} passed, {c['fail']} failed, {c['timeout']} timed out, {c['skip']} skipped "
           f"in {report['seconds']:.0f} s; report: {path}")
