@@ -189,7 +189,8 @@ def read_trainer_state(ckpt: Path) -> dict:
     try:
         return json.loads((ckpt / TRAINER_STATE).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint '{ckpt}' is unreadable ({e}): pass another with --resume or start afresh") from None
+        raise CheckpointError(f"checkpoint '{ckpt}' is unreadable ({e}): pass another with "
+                              f"--resume, or start afresh with --overwrite") from None
 
 
 def load_model_weights(ckpt: Path) -> dict:

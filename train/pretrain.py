@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML recipe (train/configs/*.yaml); defaults apply to keys it omits")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a checkpoint: 'auto' (the run's latest, if any) or a checkpoint/run path")
+                   help="continue from a checkpoint: 'auto' (the run's newest complete one, if "
+                   "any) or a checkpoint/run path")
     p.add_argument("--overwrite", action="store_true",
                    help="train.out_dir holds an earlier run: delete its config, logs, checkpoints "
                    "and summary first (without this or --resume such a directory is refused)")
@@ -254,8 +255,9 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
             acc.print(f"no checkpoint under {ckpt_root}: starting afresh")
 
     if step >= last_step and (out / "summary.json").is_file():
-        acc.print(f"run '{out}' already finished ({step} steps): nothing to do; start a new one with "
-                  f"another --train.out_dir or raise optim.epochs / train.max_steps")
+        acc.print(f"run '{out}' already finished ({step} steps): nothing to do; start a new one "
+                  f"with --overwrite or another --train.out_dir, or raise optim.epochs / "
+                  f"train.max_steps")
         return json.loads((out / "summary.json").read_text())
 
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
@@ -282,13 +284,16 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
     stop = {"now": False, "signal": None}
 
     def on_signal(signum, frame):
-        """SIGTERM / first SIGINT: stop after this step and checkpoint; a second SIGINT aborts."""
+        """SIGTERM / first SIGINT: stop after this step and checkpoint; a second SIGINT aborts.
+        Several processes stop together at the next logged step (a signal may reach them at
+        different steps, and one that stopped alone would leave the others waiting)."""
         if stop["signal"] is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        stop.update(now=True, signal=signal.Signals(signum).name)
-        if acc.is_main_process:
-            tqdm.write(f"pretrain: {stop['signal']}: finishing this step and writing a checkpoint "
-                       f"(Ctrl-C again aborts)", file=sys.stderr)
+        stop["signal"] = signal.Signals(signum).name
+        stop["now"] = stop["now"] or world == 1
+        where = "this step" if world == 1 else "the next logged step"
+        tqdm.write(f"pretrain: {stop['signal']}: stopping after {where} and writing a checkpoint "
+                   f"(Ctrl-C again aborts)", file=sys.stderr)
 
     previous_handlers = {sig: signal.signal(sig, on_signal)
                          for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -364,6 +369,9 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
                          "step_s": step_s, "planned_steps": total_steps,
                          "planned_epochs": total_steps / steps_per_epoch})
             if step % cfg.train.log_every == 0 or step == last_step:
+                if world > 1 and not stop["now"]:  # a signal stops every process at this step
+                    (asked,) = _agree_max(device, world, 1.0 if stop["signal"] else 0.0)
+                    stop["now"] = asked > 0
                 loss_value = acc.reduce(loss.detach(), reduction="mean").item()  # the only host sync, once per log interval
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"loss became {loss_value} at step {step}: lower optim.lr "

@@ -159,8 +159,8 @@ def test_linear_eval_writes_beside_the_run_that_owns_the_checkpoint(tmp_path):
     quick = ["--train-samples", "64", "--eval-samples", "32", "--no-baseline", "--device", "cpu"]
 
     def linear_eval(ckpt):
-        proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(ckpt), *quick],
-                              cwd=REPO, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(ckpt),
+                               *quick], cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
 
     step_dir = run / "checkpoints" / "step-00000002"
@@ -184,6 +184,7 @@ def test_linear_eval_writes_beside_the_run_that_owns_the_checkpoint(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(run),
                                "--device", "cuda"], cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert proc.stderr.startswith("linear_eval: error: --device cuda") and "--device cpu" in proc.stderr
+        assert proc.stderr.startswith("linear_eval: error: --device cuda")
+        assert "--device cpu" in proc.stderr
         assert len(proc.stderr.splitlines()) == 1
 

@@ -333,3 +333,44 @@ def test_knn_without_the_eval_split_says_so_once_and_records_why(dataset, tmp_pa
     assert summary["knn_top1"] is None and "'nope'" in summary["knn_skipped"]
     skipped = [r for r in records(tmp_path) if r.get("event") == "knn_skipped"]
     assert len(skipped) == 1 and "'nope'" in skipped[0]["reason"]
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(dataset, tmp_path):
+    """A signal that reaches one process only (or the processes at different steps): every
+    process stops at the next logged step, together, and the run checkpoints and exits 0. One
+    process used to stop alone and leave the other waiting in a collective."""
+    psutil = pytest.importorskip("psutil")
+    args = [*TINY, f"--data.path={dataset}", "--train.max_steps=16", "--optim.epochs=4",
+            "--train.log_every=2", f"--train.out_dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "-m", "train.pretrain", *args]
+    launcher = subprocess.Popen(two, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    deadline, sent = time.time() + 200, False
+    while time.time() < deadline and launcher.poll() is None and not sent:
+        if (tmp_path / "log.jsonl").is_file() and any(r.get("step", 0) >= 3 and "loss" in r
+                                                      for r in records(tmp_path)):
+            for child in psutil.Process(launcher.pid).children(recursive=True):
+                try:
+                    rank = child.environ().get("LOCAL_RANK")
+                    if rank == "1" and "train.pretrain" in child.cmdline():
+                        child.send_signal(signal.SIGTERM)
+                        sent = True
+                except psutil.Error:
+                    pass
+        time.sleep(0.02)
+    try:
+        _, err = launcher.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            child.kill()
+        launcher.kill()
+        pytest.fail("the processes did not stop together: the run hung after a signal to one")
+    assert sent and launcher.returncode == 0, err[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["interrupted"] and summary["world"] == 2 and summary["steps"] < 16, summary
+    assert summary["steps"] % 2 == 0  # a logged step, the same for both
+    from train.checkpoint import read_trainer_state
+
+    assert read_trainer_state(resolve_checkpoint(tmp_path))["step"] == summary["steps"]
