@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from a checkpoint: 'auto' (the run's newest complete one, if "
                    "any) or a checkpoint/run path")
     p.add_argument("--overwrite", action="store_true",
-                   help="train.out_dir holds an earlier run: delete its config, logs, checkpoints "
-                   "and summary first (without this or --resume such a directory is refused)")
+                   help="replace the earlier run in train.out_dir: its config, logs, checkpoints "
+                   "and summary are moved aside, and deleted once this run writes its first "
+                   "checkpoint (without this or --resume such a directory is refused)")
     return p
 
 
@@ -72,13 +73,21 @@ def _earlier_run(out: Path) -> str | None:
     return None
 
 
-def _remove_earlier_run(out: Path) -> None:
-    """Move the earlier run's artefacts into one hidden directory (renames: the new run never
-    sees a mix), then delete it; one left by a killed --overwrite is deleted too."""
+def _set_aside_earlier_run(out: Path) -> Path | None:
+    """--overwrite: move the earlier run's artefacts into one hidden .overwritten-* directory
+    (renames: the new run never sees a mix of two). They are deleted by
+    `_delete_earlier_runs` once the new run has written its first checkpoint, so a new run
+    that fails before that leaves the earlier one recoverable."""
+    names = [n for n in RUN_ARTEFACTS if (out / n).exists() or (out / n).is_symlink()]
+    if not names:
+        return None
     trash = Path(tempfile.mkdtemp(prefix=".overwritten-", dir=out))
-    for name in RUN_ARTEFACTS:
-        if (out / name).exists() or (out / name).is_symlink():
-            (out / name).rename(trash / name)
+    for name in names:
+        (out / name).rename(trash / name)
+    return trash
+
+
+def _delete_earlier_runs(out: Path) -> None:
     for old in out.glob(".overwritten-*"):
         shutil.rmtree(old, ignore_errors=True)
 
@@ -178,8 +187,6 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
                               f"with --resume, replace it with --overwrite, or choose another "
                               f"--train.out_dir")
     acc.wait_for_everyone()  # every process has looked before the earlier run is moved away
-    if earlier and acc.is_main_process:
-        _remove_earlier_run(out)
 
     ds = open_dataset(cfg.data.path)
     train_split = ds.split(cfg.data.train_split)
@@ -261,6 +268,11 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
         return json.loads((out / "summary.json").read_text())
 
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    if overwrite and acc.is_main_process and out.is_dir():  # after the settings proved usable
+        trash = _set_aside_earlier_run(out)
+        if trash is not None:
+            print(f"pretrain: --overwrite: the earlier run in '{out}' was moved to {trash.name}, "
+                  f"deleted once this run writes its first checkpoint", file=sys.stderr)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -279,7 +291,11 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
         state = {"step": step, "loader": loader.state_dict(), "world": world, "steps_per_epoch": steps_per_epoch,
                  "train_seconds": seconds_before + time.perf_counter() - t_start,
                  "planned_steps": total_steps if budget > 0 and planned else None}
-        return save_checkpoint(acc, ckpt_root, step, state, config_yaml, keep=cfg.train.keep_checkpoints)
+        keep = cfg.train.keep_checkpoints
+        saved = save_checkpoint(acc, ckpt_root, step, state, config_yaml, keep=keep)
+        if overwrite and acc.is_main_process:  # the new run has a checkpoint: the old one can go
+            _delete_earlier_runs(out)
+        return saved
 
     stop = {"now": False, "signal": None}
 

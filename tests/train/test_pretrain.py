@@ -283,6 +283,12 @@ def test_a_new_run_in_a_run_directory_is_refused_and_overwrite_replaces_it(datas
     after = weights(tmp_path)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
+    # --overwrite with settings that fail before training: the earlier run is not touched
+    proc = run([*TINY, f"--data.path={tmp_path / 'none'}", f"--train.out_dir={tmp_path}",
+                "--overwrite"], check=False)
+    _one_line_error(proc, "none")
+    assert _ckpt_names(tmp_path) == ["latest", "step-00000004", "step-00000006"]
+
     run([*common, "--train.max_steps=2", "--overwrite"])
     assert _ckpt_names(tmp_path) == ["latest", "step-00000002"]
     assert resolve_checkpoint(tmp_path).name == "step-00000002"
