@@ -69,6 +69,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
             fault_point("in-state-save", step)
             write_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1))
             write_atomic(tmp / "config.yaml", config_yaml)
+            _fsync_files(tmp)  # on disk before it is named: a power loss cannot tear it either
             _move_into_place(tmp, final, step)
             fault_point("after-rename", step)
             write_atomic(ckpt_root / LATEST, final.name + "\n", fault="latest-replace", step=step)
@@ -107,6 +108,17 @@ def _save_failure(e: Exception, full: bool, final: Path, ckpt_root: Path) -> str
     fix = "free disk space" if full else "fix the cause"
     return (f"could not write checkpoint '{final}' ({reason}); the last checkpoint {kept}: "
             f"{fix}, then continue with --resume")
+
+
+def _fsync_files(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(folder)
 
 
 def _exchange(a: Path, b: Path) -> bool:
