@@ -62,6 +62,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
             ckpt_root.mkdir(parents=True, exist_ok=True)
             for stale in ckpt_root.glob(".tmp-step-*"):  # left by a killed save
                 shutil.rmtree(stale, ignore_errors=True)
+            _restore_set_aside(ckpt_root)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))  # every process writes its RNG state
         accelerator.wait_for_everyone()
@@ -150,6 +151,17 @@ def _move_into_place(tmp: Path, final: Path, step: int) -> None:
     fsync_dir(final.parent)
 
 
+def _restore_set_aside(ckpt_root: Path) -> None:
+    """A re-save killed between its two renames (systems without an atomic exchange) leaves the
+    old checkpoint at .old-step-N and no step-N: rename it back; delete it where step-N exists."""
+    for old in ckpt_root.glob(".old-step-*"):
+        final = old.with_name(old.name.removeprefix(".old-"))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, final)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from itself, or the newest complete checkpoint (highest step) of
     a checkpoints/ folder or a run directory."""
@@ -158,6 +170,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if (root / LATEST).is_file() or step_dirs(root):
             named = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
             complete = [d for _, d in step_dirs(root) if _complete(d)]
+            for old in root.glob(".old-step-*"):  # see _restore_set_aside
+                name = old.name.removeprefix(".old-")
+                if _STEP_DIR.fullmatch(name) and not (root / name).exists() and _complete(old):
+                    complete.append(old)
+            complete.sort(key=lambda d: int(d.name.rsplit("-", 1)[1]))
             if complete:
                 return complete[-1]
             raise CheckpointError(

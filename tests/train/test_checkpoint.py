@@ -79,6 +79,36 @@ def test_resave_of_a_step_failing_midway_keeps_the_old_checkpoint(tmp_path, monk
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
+def test_resave_killed_between_its_renames_without_exchange_keeps_the_old_one(tmp_path,
+                                                                             monkeypatch):
+    """Where the system has no atomic exchange (NFS, Lustre), the old checkpoint is renamed to
+    .old-step-N before the new one takes its name: a kill between the two renames leaves it
+    there, it is what resolves, and the next save renames it back."""
+    save(tmp_path, 2)
+    save(tmp_path, 4, b"old")
+    import train.checkpoint as ck
+
+    real_rename, renames = os.rename, []
+
+    def killed_after_the_first(a, b):
+        renames.append((a, b))
+        if len(renames) == 2:  # the new checkpoint's rename never happens
+            raise KeyboardInterrupt
+        real_rename(a, b)
+
+    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(ck.os, "rename", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 4, b"new")
+    monkeypatch.undo()
+    assert not (tmp_path / "step-00000004").exists()
+    got = latest_checkpoint(tmp_path)
+    assert got.name == ".old-step-00000004" and (got / "model.safetensors").read_bytes() == b"old"
+    save(tmp_path, 6)
+    assert steps_on_disk(tmp_path) == ["latest", "step-00000004", "step-00000006"]
+    assert (tmp_path / "step-00000004" / "model.safetensors").read_bytes() == b"old"
+
+
 def test_resave_of_a_step_replaces_it(tmp_path):
     save(tmp_path, 2, b"old")
     final = save(tmp_path, 2, b"new")
