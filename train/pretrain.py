@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -298,11 +299,14 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
         return saved
 
     stop = {"now": False, "signal": None}
+    trainer_pid = os.getpid()
 
     def on_signal(signum, frame):
         """SIGTERM / first SIGINT: stop after this step and checkpoint; a second SIGINT aborts.
         Several processes stop together at the next logged step (a signal may reach them at
         different steps, and one that stopped alone would leave the others waiting)."""
+        if os.getpid() != trainer_pid:  # a forked loader worker: it keeps serving batches
+            return
         if stop["signal"] is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop["signal"] = signal.Signals(signum).name
