@@ -60,8 +60,8 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
     try:
         if accelerator.is_main_process:
             ckpt_root.mkdir(parents=True, exist_ok=True)
-            for stale in ckpt_root.glob(".tmp-step-*"):  # left by a killed save
-                shutil.rmtree(stale, ignore_errors=True)
+            for stale in [*ckpt_root.glob(".tmp-step-*"), *ckpt_root.glob(".del-step-*")]:
+                shutil.rmtree(stale, ignore_errors=True)  # left by a killed save or rotation
             _restore_set_aside(ckpt_root)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))  # every process writes its RNG state
@@ -76,7 +76,9 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
             write_atomic(ckpt_root / LATEST, final.name + "\n", fault="latest-replace", step=step)
             others = [p for _, p in step_dirs(ckpt_root) if p != final]
             for old in others[: max(0, len(others) - (keep - 1))] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+                gone = old.with_name(f".del-{old.name}")  # out of sight at once, then deleted:
+                os.rename(old, gone)  # a kill never leaves a half-deleted step-* behind
+                shutil.rmtree(gone, ignore_errors=True)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors, torch and the OS raise many different types

@@ -109,6 +109,28 @@ def test_resave_killed_between_its_renames_without_exchange_keeps_the_old_one(tm
     assert (tmp_path / "step-00000004" / "model.safetensors").read_bytes() == b"old"
 
 
+def test_a_kill_during_rotation_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """Rotation deletes file by file: killed midway, what is left under a step-* name must still
+    be a whole checkpoint (the half-deleted one is out of sight and removed by the next save)."""
+    save(tmp_path, 2)
+    save(tmp_path, 4)
+    import train.checkpoint as ck
+
+    def killed_midway(path, ignore_errors=False):
+        (Path(path) / "model.safetensors").unlink()  # the first file goes, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 6)
+    monkeypatch.undo()
+    for d in tmp_path.glob("step-*"):
+        assert (d / "model.safetensors").is_file(), f"{d.name} is half deleted"
+    assert latest_checkpoint(tmp_path).name == "step-00000006"
+    save(tmp_path, 8)
+    assert steps_on_disk(tmp_path) == ["latest", "step-00000006", "step-00000008"]
+
+
 def test_resave_of_a_step_replaces_it(tmp_path):
     save(tmp_path, 2, b"old")
     final = save(tmp_path, 2, b"new")
