@@ -29,6 +29,7 @@ from pipelines.loader import build_loader
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec
 from tools.cli import at_least
+from train.atomic import write_atomic
 
 IMPLS = ("torchvision", "dali", "ffcv")
 BASELINE = "torchvision"
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
         print(f"{r['case']:<10} {r['impl']:<12} {r['value']:>10.0f} {r['ratio']:>15.2f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -35,6 +35,7 @@ import torch
 
 from model.nt_xent import default_block, nt_xent, nt_xent_reference
 from tools.cli import above, at_least
+from train.atomic import write_atomic
 
 BASELINE = "reference"
 IMPLS = ("reference", "chunked", "triton", "peer")
@@ -471,9 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args, argv)
     _print_table(report)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2, allow_nan=False)
-            f.write("\n")
+        write_atomic(args.json, json.dumps(report, indent=2, allow_nan=False) + "\n")
         print(f"wrote {args.json}")
     return 0
 

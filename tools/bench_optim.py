@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from tools.cli import at_least
+from train.atomic import write_atomic
 from train.lars import LARS, LARSReference, lars_param_groups
 
 BASELINE = "sgd_foreach"
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_atomic(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

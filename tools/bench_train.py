@@ -57,6 +57,7 @@ from pipelines.loader import BACKENDS, build_loader
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec, TwoViewBatch
 from tools.cli import above, at_least
+from train.atomic import write_atomic
 from train.lars import LARS, lars_param_groups
 from train.schedule import lr_schedule, scaled_lr
 
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
           f"on {os.cpu_count()} CPU cores")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

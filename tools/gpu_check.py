@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools.cli import above, at_least
+from train.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 STATUSES = ("pass", "fail", "timeout", "skip")
@@ -737,16 +738,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.quality_child is not None:
         result = quality(args, args.quality_child)
         path = args.json or (args.out / "quality.json")
-        path.write_text(json.dumps(_clean(result), indent=1) + "\n")
+        write_atomic(path, json.dumps(_clean(result), indent=1) + "\n")
         print(f"[quality] {headline_quality(result)}")
         return 0
     report = run_all(args)
     print_table(report["steps"])
     path = args.json or args.out / "gpu_check.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(report, indent=1, allow_nan=False) + "\n")
     c = report["counts"]
     print(f"\n{c['pass']} passed, {c['fail']} failed, {c['timeout']} timed out, {c['skip']} skipped "
           f"in {report['seconds']:.0f} s; report: {path}")

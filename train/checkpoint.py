@@ -2,62 +2,188 @@
 trainer's own state (step, loader position) and the resolved config.
 
 A checkpoint is written into a hidden temp directory and renamed into place only when
-complete; `latest` is a small text file replaced atomically, so an interrupted save never
-leaves a half-written checkpoint behind or points at one.
+complete; `latest` is a small text file replaced atomically after it. A checkpoint that
+already exists for the same step is swapped out (an atomic exchange where the system has one,
+else renamed aside) and deleted only once its replacement is in place, and rotation never
+deletes the checkpoint just written. A kill at any moment therefore leaves every complete
+checkpoint in place (a replaced one is gone only once its successor is complete).
+
+Resolving a run directory or checkpoints/ folder gives its complete checkpoint with the highest
+step: the one `latest` names, or a newer one a kill kept `latest` from naming, or, where
+`latest` names a missing one, the newest that is there. train.pretrain keeps the highest step
+the current one: resuming from an earlier checkpoint moves the later ones into an abandoned-*
+folder.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import json
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
+
+from train.atomic import fault_point, fsync_dir, write_atomic
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
+_STEP_DIR = re.compile(r"step-(\d+)")
+_RENAME_EXCHANGE = 2
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing or unreadable; the message says what to pass instead."""
 
 
+def step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """The step-* directories under `ckpt_root`, by step number (not by name)."""
+    found = []
+    for p in Path(ckpt_root).glob("step-*"):
+        m = _STEP_DIR.fullmatch(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
 def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict, config_yaml: str,
                     keep: int = 2) -> Path:
+    """Write the checkpoint of `step`; keep the newest `keep` (0: all), never deleting this one.
+    A failed write (e.g. a full disk) raises a one-line CheckpointError and leaves no temp
+    directory; the checkpoints already there stay as they were."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every process writes its RNG state
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
-        (tmp / "config.yaml").write_text(config_yaml)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(ckpt_root / LATEST, final.name + "\n")
-        for old in sorted(ckpt_root.glob("step-*"))[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        if accelerator.is_main_process:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            for stale in [*ckpt_root.glob(".tmp-step-*"), *ckpt_root.glob(".del-step-*")]:
+                shutil.rmtree(stale, ignore_errors=True)  # left by a killed save or rotation
+            _restore_set_aside(ckpt_root)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # every process writes its RNG state
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            fault_point("in-state-save", step)
+            write_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1))
+            write_atomic(tmp / "config.yaml", config_yaml)
+            _fsync_files(tmp)  # on disk before it is named: a power loss cannot tear it either
+            _move_into_place(tmp, final, step)
+            fault_point("after-rename", step)
+            write_atomic(ckpt_root / LATEST, final.name + "\n", fault="latest-replace", step=step)
+            others = [p for _, p in step_dirs(ckpt_root) if p != final]
+            for old in others[: max(0, len(others) - (keep - 1))] if keep > 0 else []:
+                gone = old.with_name(f".del-{old.name}")  # out of sight at once, then deleted:
+                os.rename(old, gone)  # a kill never leaves a half-deleted step-* behind
+                shutil.rmtree(gone, ignore_errors=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors, torch and the OS raise many different types
+        full = _disk_full(e, ckpt_root)
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_save_failure(e, full, final, ckpt_root)) from None
     accelerator.wait_for_everyone()
     return final
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _disk_full(e: Exception, ckpt_root: Path) -> bool:
+    """ENOSPC by errno or in the message (safetensors, torch's zip writer), or under 1 MiB free."""
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(s in str(e) for s in ("No space left", "StorageFull", "Disk quota")):
+        return True
+    try:
+        st = os.statvfs(ckpt_root)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
+
+
+def _save_failure(e: Exception, full: bool, final: Path, ckpt_root: Path) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    reason = "the disk is full" if full else f"{type(e).__name__}: {text[:160]}"
+    prev = latest_checkpoint_or_none(ckpt_root)
+    kept = f"'{prev}' is intact" if prev is not None else "there is no earlier one"
+    fix = "free disk space" if full else "fix the cause"
+    return (f"could not write checkpoint '{final}' ({reason}); the last checkpoint {kept}: "
+            f"{fix}, then continue with --resume")
+
+
+def _fsync_files(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(folder)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the system cannot."""
+    libc_name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    at_fdcwd = -100
+    return libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _move_into_place(tmp: Path, final: Path, step: int) -> None:
+    """Rename the complete `tmp` to `final`; an existing `final` is deleted only afterwards."""
+    if not final.exists():
+        os.rename(tmp, final)
+    elif _exchange(tmp, final):  # `tmp` now holds the old checkpoint
+        fault_point("resave-swapped", step)
+        shutil.rmtree(tmp)
+    else:
+        aside = final.with_name(f".old-{final.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+        os.rename(tmp, final)
+        fault_point("resave-swapped", step)
+        shutil.rmtree(aside)
+    fsync_dir(final.parent)
+
+
+def _restore_set_aside(ckpt_root: Path) -> None:
+    """A re-save killed between its two renames (systems without an atomic exchange) leaves the
+    old checkpoint at .old-step-N and no step-N: rename it back; delete it where step-N exists."""
+    for old in ckpt_root.glob(".old-step-*"):
+        final = old.with_name(old.name.removeprefix(".old-"))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, final)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from itself, a checkpoints/ folder, or a run directory."""
+    """A checkpoint directory from itself, or the newest complete checkpoint (highest step) of
+    a checkpoints/ folder or a run directory."""
     p = Path(path)
     for root in (p, p / "checkpoints"):
-        if (root / LATEST).is_file():
-            p = root / (root / LATEST).read_text().strip()
-            break
+        if (root / LATEST).is_file() or step_dirs(root):
+            named = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+            complete = [d for _, d in step_dirs(root) if _complete(d)]
+            for old in root.glob(".old-step-*"):  # see _restore_set_aside
+                name = old.name.removeprefix(".old-")
+                if _STEP_DIR.fullmatch(name) and not (root / name).exists() and _complete(old):
+                    complete.append(old)
+            complete.sort(key=lambda d: int(d.name.rsplit("-", 1)[1]))
+            if complete:
+                return complete[-1]
+            raise CheckpointError(
+                f"no complete checkpoint under '{root}' (`latest` names {named or 'nothing'}, "
+                f"no step-* directory holds a readable {TRAINER_STATE}): pass another "
+                f"checkpoint with --resume, or --overwrite to start afresh"
+            )
     if not (p / TRAINER_STATE).is_file():
         raise CheckpointError(
             f"no readable checkpoint at '{path}' ({TRAINER_STATE} missing): pass a run directory, "
@@ -66,9 +192,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
+def _complete(ckpt: Path) -> bool:
     try:
-        return resolve_checkpoint(ckpt_root)
+        json.loads((ckpt / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (ckpt / "config.yaml").is_file()
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint to resume from: None only where `ckpt_root` holds no checkpoint at all
+    (neither `latest` nor a step-* directory); one that holds only broken ones raises."""
+    root = Path(ckpt_root)
+    if not (root / LATEST).is_file() and not step_dirs(root):
+        return None
+    return resolve_checkpoint(root)
+
+
+def latest_checkpoint_or_none(ckpt_root: Path) -> Path | None:
+    try:
+        return latest_checkpoint(ckpt_root)
     except CheckpointError:
         return None
 
@@ -77,7 +220,8 @@ def read_trainer_state(ckpt: Path) -> dict:
     try:
         return json.loads((ckpt / TRAINER_STATE).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint '{ckpt}' is unreadable ({e}): pass another with --resume or start afresh") from None
+        raise CheckpointError(f"checkpoint '{ckpt}' is unreadable ({e}): pass another with "
+                              f"--resume, or start afresh with --overwrite") from None
 
 
 def load_model_weights(ckpt: Path) -> dict:

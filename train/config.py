@@ -20,6 +20,7 @@ import yaml
 
 from model.encoder import ARCHS
 from pipelines.spec import AugmentSpec
+from train.atomic import write_atomic
 
 
 class ConfigError(ValueError):
@@ -81,7 +82,7 @@ class TrainConfig:
     out_dir: str = "runs/simclr"
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     sync_bn: bool = True  # global BatchNorm across processes
-    checkpoint_every: int = 500  # steps; a checkpoint is also written at the end and on SIGTERM
+    checkpoint_every: int = 500  # steps; also at the end and on SIGTERM or SIGINT (0 = only then)
     keep_checkpoints: int = 2  # 0 = keep all
     log_every: int = 10  # steps
     max_steps: int = 0  # stop after this many steps of the schedule (0 = run it all)
@@ -345,7 +346,4 @@ def config_to_dict(cfg) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved settings as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -7,7 +7,10 @@ the evaluation view of each image (above 32 px the official centre crop of 0.875
 multinomial logistic regression is fitted by L-BFGS, its L2 penalty picked on a held-out part of
 the train split from a log-spaced grid, each fit warm-started from the previous one. The same
 classifier on raw pixels and on a randomly initialised encoder of the same architecture is fitted
-beside it, so the reader sees what pretraining bought. Top-1/top-5 go to JSON.
+beside it, so the reader sees what pretraining bought. Top-1/top-5 go to JSON: --json, else
+linear_eval.json in the run directory that owns the checkpoint (with the run's summary.json
+when that describes this checkpoint), else <step dir>.linear_eval.json beside a checkpoint that
+is not inside a run's checkpoints/ folder.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.sources import DatasetError, open_dataset
+from train.atomic import write_atomic
 from train.checkpoint import CheckpointError, load_model_weights, resolve_checkpoint
 from train.config import ConfigError, build_config, load_yaml
 from train.features import eval_views, extract_features
@@ -34,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset directory (default: the one the encoder was trained on)")
     p.add_argument("--train-split", default=None, help="split to fit the classifier on (default: data.train_split)")
     p.add_argument("--eval-split", default=None, help="split to report accuracy on (default: data.eval_split)")
-    p.add_argument("--json", default=None, help="where to write the results (default: <run dir>/linear_eval.json)")
+    p.add_argument("--json", default=None,
+                   help="where to write the results (default: <run dir>/linear_eval.json, or "
+                   "<step dir>.linear_eval.json for a checkpoint outside a run directory)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the baselines (raw pixels and a randomly initialised encoder)")
     p.add_argument("--train-samples", type=_positive_int, default=None, metavar="N",
@@ -125,8 +131,55 @@ def raw_pixels(split, spec, batch_size: int, indices: np.ndarray | None = None) 
     return torch.cat(chunks).flatten(1), torch.from_numpy(np.asarray(split.labels)[indices]).long()
 
 
+def check_device(text: str) -> str:
+    """`text` if it names a device this machine has, else a one-line ConfigError."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device '{text}' is not a device: pass cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {text}: no CUDA device is available here: pass --device cpu")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise ConfigError(f"--device {text}: this machine has {count} CUDA "
+                          f"device(s): pass --device cuda:0")
+    return text
+
+
+def run_dir_of(ckpt: Path) -> Path | None:
+    """The run directory that owns a step-* checkpoint (<run>/checkpoints/step-*), or None."""
+    run_dir = ckpt.parent.parent
+    if ckpt.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file():
+        return run_dir
+    return None
+
+
+def output_path(ckpt: Path, json_arg: str | None) -> Path:
+    if json_arg:
+        return Path(json_arg)
+    run_dir = run_dir_of(ckpt)
+    if run_dir is None:
+        return ckpt.parent / f"{ckpt.name}.linear_eval.json"
+    return run_dir / "linear_eval.json"
+
+
+def run_summary(ckpt: Path) -> dict | None:
+    """The owning run's summary.json, when it is the summary of this very checkpoint."""
+    run_dir = run_dir_of(ckpt)
+    if run_dir is None or not (run_dir / "summary.json").is_file():
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or Path(str(summary.get("checkpoint", ""))).name != ckpt.name:
+        return None
+    return summary
+
+
 def evaluate(args) -> dict:
     t0 = time.perf_counter()
+    check_device(args.device)
     ckpt = resolve_checkpoint(args.checkpoint)
     cfg = build_config(load_yaml(ckpt / "config.yaml"))
     ds = open_dataset(args.data or cfg.data.path)
@@ -177,13 +230,12 @@ def evaluate(args) -> dict:
             tx, ty = raw_pixels(test_split, spec, cfg.eval.batch_size, test_idx)
             result["raw_pixels"] = {"feature_dim": rx.shape[1], **linear_probe(rx, ry, tx, ty, progress=bar.update, **probe)}
     result["wall_s"] = time.perf_counter() - t0
-    run_dir = ckpt.parent.parent
-    if (run_dir / "summary.json").is_file():
-        result["pretraining"] = json.loads((run_dir / "summary.json").read_text())
-    out = Path(args.json) if args.json else run_dir / "linear_eval.json"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    summary = run_summary(ckpt)
+    if summary is not None:
+        result["pretraining"] = summary
+    out = output_path(ckpt, args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, json.dumps(result, indent=1))
     _print_table(result, out)
     for name in ("encoder", "random_init", "raw_pixels"):
         r = result.get(name)
@@ -227,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         evaluate(args)
     except (ConfigError, DatasetError, CheckpointError) as e:
         print(f"linear_eval: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. --json names a directory, or the disk is full
+        where = f" on '{e.filename}'" if e.filename else ""
+        print(f"linear_eval: error: {e.strerror or e}{where}: pass another --json or free disk "
+              f"space", file=sys.stderr)
         return 2
     return 0
 

@@ -140,3 +140,51 @@ def test_cuda_probe_matches_the_cpu_probe():
     gpu = linear_probe(x[:n], y[:n], x[n:], y[n:], device="cuda", **kw)
     assert gpu["l2"] == cpu["l2"]
     assert abs(gpu["top1"] - cpu["top1"]) <= 0.005 and abs(gpu["top5"] - cpu["top5"]) <= 0.005
+
+
+@pytest.mark.timeout(600)
+def test_linear_eval_writes_beside_the_run_that_owns_the_checkpoint(tmp_path):
+    """A step directory inside a run: results in that run's directory, with its summary only when
+    the summary is this checkpoint's. A step directory copied elsewhere: results beside it, and
+    no unrelated summary.json from its grandparent embedded (both used to happen)."""
+    import shutil
+
+    data = make_subset(tmp_path / "d", n_train=128, n_test=64)
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "train.pretrain", "--config",
+                    str(REPO / "train/configs/fashion_mnist_demo.yaml"), f"--data.path={data}",
+                    f"--train.out_dir={run}", "--model.width=0.125", "--data.batch_size=32",
+                    "--data.num_workers=0", "--train.max_steps=2", "--data.backend=torchvision",
+                    "--train.knn_every=-1"], cwd=REPO, check=True, capture_output=True)
+    quick = ["--train-samples", "64", "--eval-samples", "32", "--no-baseline", "--device", "cpu"]
+
+    def linear_eval(ckpt):
+        proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(ckpt),
+                               *quick], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    step_dir = run / "checkpoints" / "step-00000002"
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (run / "linear_eval.json.tmp").symlink_to(victim)  # a link at the temp name is not followed
+    linear_eval(step_dir)
+    assert victim.read_text() == "precious"
+    r = json.loads((run / "linear_eval.json").read_text())
+    assert r["pretraining"]["steps"] == 2 and r["checkpoint"] == str(step_dir)
+
+    elsewhere = tmp_path / "shelf" / "models"
+    shutil.copytree(step_dir, elsewhere / "step-00000002")
+    (tmp_path / "shelf" / "summary.json").write_text(json.dumps({"steps": 999, "unrelated": True}))
+    linear_eval(elsewhere / "step-00000002")
+    assert not (tmp_path / "shelf" / "linear_eval.json").exists()
+    r = json.loads((elsewhere / "step-00000002.linear_eval.json").read_text())
+    assert "pretraining" not in r and r["checkpoint"] == str(elsewhere / "step-00000002")
+
+    if not torch.cuda.is_available():  # --device cuda without a GPU: one line, no traceback
+        proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(run),
+                               "--device", "cuda"], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.startswith("linear_eval: error: --device cuda")
+        assert "--device cpu" in proc.stderr
+        assert len(proc.stderr.splitlines()) == 1
+

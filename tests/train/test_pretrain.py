@@ -285,3 +285,122 @@ def test_batch_larger_than_the_dataset_is_one_line_before_the_run_starts(dataset
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "'data.batch_size' 512 exceeds the 256 images" in lines[0], lines
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- run directories (issue 11)
+
+def _ckpt_names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+@pytest.mark.timeout(600)
+def test_a_new_run_in_a_run_directory_is_refused_and_overwrite_replaces_it(dataset, tmp_path):
+    """Without --resume a finished run's directory is refused (it used to be trained into: the
+    new, lower-step checkpoints were rotated away as soon as written and the logs mixed), its
+    checkpoints untouched; --overwrite replaces the whole earlier run."""
+    common = [*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}"]
+    run([*common, "--train.max_steps=6"])
+    before = weights(tmp_path)
+    proc = run([*common, "--train.max_steps=2"], check=False)
+    _one_line_error(proc, str(tmp_path), "--resume", "--overwrite")
+    assert _ckpt_names(tmp_path) == ["latest", "step-00000004", "step-00000006"]
+    after = weights(tmp_path)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    # --overwrite with settings that fail before training: the earlier run is not touched
+    proc = run([*TINY, f"--data.path={tmp_path / 'none'}", f"--train.out_dir={tmp_path}",
+                "--overwrite"], check=False)
+    _one_line_error(proc, "none")
+    assert _ckpt_names(tmp_path) == ["latest", "step-00000004", "step-00000006"]
+
+    run([*common, "--train.max_steps=2", "--overwrite"])
+    assert _ckpt_names(tmp_path) == ["latest", "step-00000002"]
+    assert resolve_checkpoint(tmp_path).name == "step-00000002"
+    assert [r["step"] for r in records(tmp_path) if r.get("event") == "start"] == [0]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+    assert not list(tmp_path.glob(".overwritten-*"))
+
+
+@pytest.mark.timeout(600)
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(dataset, tmp_path):
+    """An explicit --resume of step 2 in a run that reached step 6: the new checkpoints of the
+    continued run are not rotated away by the later ones, which are kept in abandoned-*."""
+    common = [*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
+              "--train.keep_checkpoints=0"]
+    run([*common, "--train.max_steps=6"])
+    run([*common, "--train.max_steps=4", f"--resume={tmp_path / 'checkpoints' / 'step-00000002'}"])
+    names = _ckpt_names(tmp_path)
+    assert names[:1] == ["abandoned-after-00000002-" + names[0].split("-")[-1]]
+    assert names[1:] == ["latest", "step-00000002", "step-00000004"]
+    kept = sorted(p.name for p in (tmp_path / "checkpoints" / names[0]).iterdir())
+    assert kept == ["step-00000004", "step-00000006"]
+    assert resolve_checkpoint(tmp_path).name == "step-00000004"
+
+
+@pytest.mark.timeout(600)
+def test_resume_with_another_model_width_names_the_key_in_one_short_line(dataset, tmp_path):
+    common = [*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}", "--train.max_steps=2"]
+    run(common)
+    proc = run([*common, "--model.width=0.25", "--resume"], check=False)
+    _one_line_error(proc, "model.width", "0.125", "0.25", "--overwrite")
+    assert len(proc.stderr) < 400, f"{len(proc.stderr)} characters: {proc.stderr[:500]}"
+
+
+def test_out_dir_that_is_a_file_is_a_one_line_error(dataset, tmp_path):
+    (tmp_path / "f").write_text("not a directory")
+    proc = run([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path / 'f'}"], check=False)
+    _one_line_error(proc, "train.out_dir", "existing file")
+    assert (tmp_path / "f").read_text() == "not a directory"
+
+
+@pytest.mark.timeout(600)
+def test_knn_without_the_eval_split_says_so_once_and_records_why(dataset, tmp_path):
+    proc = run([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
+                "--train.max_steps=2", "--train.knn_every=0", "--data.eval_split=nope"])
+    warnings = [ln for ln in proc.stderr.splitlines() if "kNN" in ln]
+    assert len(warnings) == 1 and "'nope'" in warnings[0], proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["knn_top1"] is None and "'nope'" in summary["knn_skipped"]
+    skipped = [r for r in records(tmp_path) if r.get("event") == "knn_skipped"]
+    assert len(skipped) == 1 and "'nope'" in skipped[0]["reason"]
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(dataset, tmp_path):
+    """A signal that reaches one process only (or the processes at different steps): every
+    process stops at the next logged step, together, and the run checkpoints and exits 0. One
+    process used to stop alone and leave the other waiting in a collective."""
+    psutil = pytest.importorskip("psutil")
+    args = [*TINY, f"--data.path={dataset}", "--train.max_steps=16", "--optim.epochs=4",
+            "--train.log_every=2", f"--train.out_dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "-m", "train.pretrain", *args]
+    launcher = subprocess.Popen(two, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    deadline, sent = time.time() + 200, False
+    while time.time() < deadline and launcher.poll() is None and not sent:
+        if (tmp_path / "log.jsonl").is_file() and any(r.get("step", 0) >= 3 and "loss" in r
+                                                      for r in records(tmp_path)):
+            for child in psutil.Process(launcher.pid).children(recursive=True):
+                try:
+                    rank = child.environ().get("LOCAL_RANK")
+                    if rank == "1" and "train.pretrain" in child.cmdline():
+                        child.send_signal(signal.SIGTERM)
+                        sent = True
+                except psutil.Error:
+                    pass
+        time.sleep(0.02)
+    try:
+        _, err = launcher.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            child.kill()
+        launcher.kill()
+        pytest.fail("the processes did not stop together: the run hung after a signal to one")
+    assert sent and launcher.returncode == 0, err[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["interrupted"] and summary["world"] == 2 and summary["steps"] < 16, summary
+    assert summary["steps"] % 2 == 0  # a logged step, the same for both
+    from train.checkpoint import read_trainer_state
+
+    assert read_trainer_state(resolve_checkpoint(tmp_path))["step"] == summary["steps"]

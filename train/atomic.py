@@ -1,0 +1,74 @@
+"""Atomic file writes and the fault-injection points of the checkpoint tests.
+
+`write_atomic` writes a uniquely named temp file beside the target, opened with
+O_CREAT|O_EXCL|O_NOFOLLOW (so an existing file or symlink at the temp name is never written
+through), fsyncs it, renames it over the target and fsyncs the directory. A failure removes the
+temp file and leaves the target as it was.
+
+`fault_point(name, step)` makes the process SIGKILL itself when the environment variable
+SIMCLR_FAULT is `name` or `name@step`: tests use it to kill a real training run at a named phase
+of a checkpoint write. Unset (always, outside tests), it does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+from pathlib import Path
+
+FAULT_ENV = "SIMCLR_FAULT"
+
+
+def fault_point(name: str, step: int | None = None) -> None:
+    want = os.environ.get(FAULT_ENV)
+    if want and want in (name, f"{name}@{step}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def temp_name(path: Path) -> Path:
+    """A fresh hidden name beside `path` (never reused: pid and random bits)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems do not sync directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, data: str | bytes, *, fault: str | None = None,
+                 step: int | None = None) -> None:
+    """Replace `path` by `data` (str: UTF-8) so that readers see the old or the new content, never
+    a mix; `fault` names the fault point between the temp file's fsync and the rename."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    tmp = temp_name(path)
+    fd = os.open(tmp, flags, 0o666)
+    try:
+        try:
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if fault:
+            fault_point(fault, step)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
