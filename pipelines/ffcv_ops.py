@@ -317,6 +317,20 @@ def _guarded_writer_class():
     return GuardedWriter
 
 
+def _header_size(path: str) -> tuple[int, int]:
+    """(height, width) of an image file from its header (PIL decodes nothing until asked)."""
+    from PIL import Image
+
+    from pipelines.sources import DatasetError
+
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError...
+        raise DatasetError(f"cannot read image '{path}' ({type(e).__name__}: {e})".splitlines()[0]
+                           + ": re-run tools.convert to drop unreadable files") from None
+
+
 def _page_size(split, max_resolution: int | None) -> int:
     """A power-of-two FFCV page that holds the largest sample of `split` (FFCV refuses a sample
     larger than a page): raw arrays exactly; JPEGs by their pixel count (FFCV's quality-90 JPEG
@@ -325,7 +339,12 @@ def _page_size(split, max_resolution: int | None) -> int:
         sample = int(np.prod(split.images.shape[1:3])) * 3
         wanted = sample * 4  # small pages for small samples (the default 8 MiB pads tiny sets)
     else:
-        h, w = (split.sizes[:, 0], split.sizes[:, 1]) if len(split) else (np.ones(1), np.ones(1))
+        if not len(split):
+            h, w = np.ones(1), np.ones(1)
+        elif split.sizes is not None:  # recorded by tools.convert
+            h, w = split.sizes[:, 0], split.sizes[:, 1]
+        else:  # a Split built by hand (benchmarks, tests): read each file's header
+            h, w = np.array([_header_size(f) for f in split.files], dtype=np.float64).T
         longest = np.maximum(h, w).astype(np.float64)
         scale = np.minimum(1.0, (max_resolution or np.inf) / longest)
         pixels = np.ceil(h * scale + 1) * np.ceil(w * scale + 1)
