@@ -64,11 +64,20 @@ def _encoded(im: Image.Image, fmt: str, **kw) -> bytes:
 
 
 def _png16(pixels: np.ndarray) -> bytes:
-    import cv2
+    """A 16-bit gray (H x W) or RGB (H x W x 3) PNG, written out by hand (PIL cannot write 16-bit
+    RGB): signature, IHDR, one zlib IDAT of filter-0 big-endian rows, IEND."""
+    import struct
+    import zlib
 
-    ok, data = cv2.imencode(".png", pixels[..., ::-1] if pixels.ndim == 3 else pixels)
-    assert ok
-    return data.tobytes()
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w = pixels.shape[:2]
+    colour = 2 if pixels.ndim == 3 else 0
+    rows = pixels.astype(">u2").reshape(h, -1).view(np.uint8)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
 def _exif_rotated() -> bytes:
