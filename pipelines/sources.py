@@ -41,6 +41,14 @@ class DatasetError(ValueError):
         return cls(last.partition("DatasetError: ")[2] or last)
 
 
+def one_line_worker_errors(batches):
+    """Iterate `batches` (a DataLoader), re-raising a worker's DatasetError as its one line."""
+    try:
+        yield from batches
+    except DatasetError as e:
+        raise DatasetError.from_worker(e) from None
+
+
 class BetonWriteError(RuntimeError):
     """Writing a .beton failed (a worker raised, died or was killed); one line naming the image."""
 

@@ -28,7 +28,7 @@ from pipelines.augment_params import (
     sample_views,
 )
 from pipelines.sharding import ShardedEpochs
-from pipelines.sources import DatasetError, Split, show_path
+from pipelines.sources import DatasetError, Split, one_line_worker_errors, show_path
 from pipelines.spec import AugmentSpec, TwoViewBatch
 
 # torchvision's four ColorJitter adjustments, in the sampler's numbering (P_ORDER)
@@ -182,14 +182,7 @@ class TorchvisionTwoViewLoader(ShardedEpochs):
 
     def __iter__(self):
         self._batch = self._start_batch
-        batches = iter(self._dl)
-        while True:
-            try:
-                v1, v2_, label, index = next(batches)
-            except StopIteration:
-                break
-            except DatasetError as e:  # from a worker: its message carries the worker's traceback
-                raise DatasetError.from_worker(e) from None
+        for v1, v2_, label, index in one_line_worker_errors(self._dl):
             self._batch += 1
             yield TwoViewBatch(self._to_device(v1), self._to_device(v2_), label.to(self.device, non_blocking=True),
                                index.to(self.device, non_blocking=True))

@@ -27,8 +27,6 @@ complete; the manifest records the sha256 of every input and artefact.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import datetime as dt
 import json
 import multiprocessing
@@ -71,6 +69,7 @@ from pipelines.sources import (
     write_file_list,
 )
 from tools.cli import at_least
+from train.atomic import exchange
 
 TOOL = "tools.convert"  # the manifest's "tool": --overwrite replaces only what this tool wrote
 FORMATS = ("auto", "idx", "cifar", "folder")
@@ -419,12 +418,14 @@ def _normalise_files(data: SplitData, root: Path, split: str, workers: int) -> N
         data.files[k], data.sizes[k] = r, dims
 
 
-def artefact_records(root: Path) -> dict[str, dict]:
-    """{path relative to root: {"bytes", "sha256"}} for every file under root but the manifest."""
+def artefact_records(root: Path, known: dict | None = None) -> dict[str, dict]:
+    """{path relative to root: {"bytes", "sha256"}} for every file under root but the manifest;
+    files already in `known` (written earlier in this conversion) keep their record unhashed."""
     records = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
-        records[path.relative_to(root).as_posix()] = {"bytes": path.stat().st_size,
-                                                      "sha256": sha256_file(path)}
+        name = path.relative_to(root).as_posix()
+        records[name] = (known or {}).get(name) or {"bytes": path.stat().st_size,
+                                                    "sha256": sha256_file(path)}
     return records
 
 
@@ -488,25 +489,11 @@ def write_betons(root: Path, manifest: dict, max_resolution: int | None) -> dict
             raise ConvertError(f"writing {split}.beton failed: {e}",
                                "fix or remove that image (or pass --max-resolution) and "
                                "convert again") from None
-    manifest["artefacts"] = artefact_records(root)
+    manifest["artefacts"] = artefact_records(root, known=manifest["artefacts"])
     _write_manifest(root, manifest)
     return manifest
 
 
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2); False where the system cannot."""
-    libc_name = ctypes.util.find_library("c")
-    if not sys.platform.startswith("linux") or not libc_name:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    if not hasattr(libc, "renameat2"):
-        return False
-    at_fdcwd = -100
-    rc = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
-    return rc == 0
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -514,7 +501,7 @@ def _replace(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.rename(tmp, out)
         return
-    if _exchange(tmp, out):  # now `tmp` holds the old dataset
+    if exchange(tmp, out):  # now `tmp` holds the old dataset
         shutil.rmtree(tmp)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -597,6 +584,16 @@ def convert(src: str | Path, out: str | Path, *, fmt: str = "auto", name: str | 
     return manifest
 
 
+def _print_table(rows: list[tuple[str, ...]], file) -> None:
+    """A header row, a rule, then the rows: first column left-aligned, the others right."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w)
+                        for j, (c, w) in enumerate(zip(row, widths, strict=True))), file=file)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=file)
+
+
 def print_summary(manifest: dict, out: Path, file=None) -> None:
     file = file or sys.stdout
     rows = [("split", "count", "skipped", "shape", "classes")]
@@ -605,12 +602,7 @@ def print_summary(manifest: dict, out: Path, file=None) -> None:
         skipped = sum(1 for s in manifest["skipped"] if s.get("split") == split)
         shape = "x".join(map(str, info["image_shape"])) if info["image_shape"] else "files"
         rows.append((split, str(info["count"]), str(skipped), shape, n_classes))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for i, row in enumerate(rows):
-        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))),
-              file=file)
-        if i == 0:
-            print("  ".join("-" * w for w in widths), file=file)
+    _print_table(rows, file)
     for s in manifest["skipped"][:5]:
         print(f"skipped {show_path(s['path'])}: {s['reason']}", file=file)
     if len(manifest["skipped"]) > 5:
@@ -661,12 +653,7 @@ def verify(root: str | Path, file=None) -> list[str]:
     for kind, c in counts.items():
         rows.append((kind, str(sum(c.values())),
                      *(str(c[k]) for k in ("ok", "changed", "missing"))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for i, row in enumerate(rows):
-        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w)
-                        for j, (c, w) in enumerate(zip(row, widths, strict=True))), file=file)
-        if i == 0:
-            print("  ".join("-" * w for w in widths), file=file)
+    _print_table(rows, file)
     return problems
 
 

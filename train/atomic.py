@@ -12,18 +12,34 @@ of a checkpoint write. Unset (always, outside tests), it does nothing.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import secrets
 import signal
+import sys
 from pathlib import Path
 
 FAULT_ENV = "SIMCLR_FAULT"
+_RENAME_EXCHANGE = 2  # renameat2 flag (linux/fs.h)
 
 
 def fault_point(name: str, step: int | None = None) -> None:
     want = os.environ.get(FAULT_ENV)
     if want and want in (name, f"{name}@{step}"):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2); False where the system cannot."""
+    libc_name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    at_fdcwd = -100
+    return libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def temp_name(path: Path) -> Path:

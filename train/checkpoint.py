@@ -17,22 +17,19 @@ folder.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
+from train.atomic import exchange as _exchange  # a module name the tests can patch
 from train.atomic import fault_point, fsync_dir, write_atomic
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"step-(\d+)")
-_RENAME_EXCHANGE = 2
 
 
 class CheckpointError(ValueError):
@@ -122,18 +119,6 @@ def _fsync_files(folder: Path) -> None:
             finally:
                 os.close(fd)
     fsync_dir(folder)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2); False where the system cannot."""
-    libc_name = ctypes.util.find_library("c")
-    if not sys.platform.startswith("linux") or not libc_name:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    if not hasattr(libc, "renameat2"):
-        return False
-    at_fdcwd = -100
-    return libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def _move_into_place(tmp: Path, final: Path, step: int) -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines.sources import DatasetError, Split
+from pipelines.sources import Split, one_line_worker_errors
 from pipelines.spec import AugmentSpec
 from pipelines.torchvision_loader import eval_resize, eval_transform, load_image
 
@@ -42,16 +42,8 @@ def eval_views(split: Split, spec: AugmentSpec, indices: np.ndarray, batch_size:
         for s in range(0, len(indices), batch_size):
             yield _array_views(split, spec, indices[s : s + batch_size])
         return
-    batches = iter(DataLoader(_EvalViews(split, spec, indices), batch_size=batch_size,
-                              num_workers=num_workers))
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except DatasetError as e:  # from a worker: its message carries the worker's traceback
-            raise DatasetError.from_worker(e) from None
-        yield batch
+    yield from one_line_worker_errors(DataLoader(_EvalViews(split, spec, indices),
+                                                 batch_size=batch_size, num_workers=num_workers))
 
 
 @torch.no_grad()
