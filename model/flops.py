@@ -109,9 +109,10 @@ def _dtype_key(dtype: torch.dtype | str) -> str:
     elif isinstance(dtype, torch.dtype):
         key = str(dtype).removeprefix("torch.")
     else:
-        raise ValueError(f"dtype must be a torch.dtype or one of 'bfloat16', 'float16', 'tf32', 'float32', "
-                         f"got {dtype!r}")
-    return {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(key, key)
+        raise ValueError(f"dtype must be a torch.dtype or one of 'bfloat16', 'float16', 'tf32', "
+                         f"'float32', got {dtype!r}")
+    return {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+            "float": "float32"}.get(key, key)
 
 
 def peak_flops_for_name(device_name: str, dtype: torch.dtype | str) -> float | None:
@@ -134,7 +135,8 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype | str) -> float | 
     return peak_flops_for_name(torch.cuda.get_device_name(device), dtype)
 
 
-def model_flops_utilisation(flops_per_image: float, images_per_s: float, peak: float | None) -> float | None:
+def model_flops_utilisation(flops_per_image: float, images_per_s: float,
+                            peak: float | None) -> float | None:
     """MFU = flops_per_image * images_per_s / peak (a fraction, 1.0 = the datasheet peak); None
     when the peak is unknown."""
     if peak is None:

@@ -35,7 +35,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"GlobalBatchNorm expects at least 2-D input, got {x.dim()}-D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
             return super().forward(x)
         c = x.shape[1]
         dims = [0, *range(2, x.dim())]
@@ -48,11 +49,13 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         count = total[-1]
         mean = total[:c] / count  # [C]
         centred = xf - mean.view(shape)
-        var = _AllReduceSum.apply((centred * centred).sum(dims)) / count  # [C], biased as BN normalises
+        # [C], biased as BN normalises
+        var = _AllReduceSum.apply((centred * centred).sum(dims)) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                m = (self.momentum if self.momentum is not None
+                     else 1.0 / float(self.num_batches_tracked))
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
                 unbiased = var.detach() * count / (count - 1).clamp_min(1)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
@@ -63,11 +66,13 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def convert_to_global_bn(module: nn.Module, device: torch.device) -> nn.Module:
-    """Swap every BatchNorm for its cross-process form: SyncBatchNorm on CUDA, GlobalBatchNorm on CPU."""
+    """Swap every BatchNorm for its cross-process form: SyncBatchNorm on CUDA, GlobalBatchNorm on
+    CPU."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     out = module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+    if (isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and not isinstance(module, GlobalBatchNorm)):
         ref = next(iter(module.parameters()), None)
         ref = ref if ref is not None else module.running_mean
         out = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,

@@ -45,7 +45,8 @@ def _nt_xent_fwd_kernel(Z, LSE, POS, INV_TAU, M, D, stride_z, row_start, n_half,
         col_ok = cols < M
         k = tl.load(Z + cols[:, None] * stride_z + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BN, BD]
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(inv_tau.dtype) * inv_tau  # [BM, BN]
+        s = (tl.dot(q, tl.trans(k), input_precision=PRECISION).to(inv_tau.dtype)
+             * inv_tau)  # [BM, BN]
         pos += tl.sum(tl.where(cols[None, :] == pcol[:, None], s, 0.0), axis=1)
         s = tl.where(col_ok[None, :] & (cols[None, :] != grow[:, None]), s, float("-inf"))
         # The first tile holds >= 2 valid columns, at most one masked: m_new is finite from then on.
@@ -110,7 +111,8 @@ def _nt_xent_bwd_cols_kernel(Z, LSE, SCALE, INV_TAU, DK, M, D, stride_z, stride_
         q = tl.load(Z + grow[:, None] * stride_z + offs_d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION).to(inv_tau.dtype) * inv_tau  # [BN, BM]
+        st = (tl.dot(k, tl.trans(q), input_precision=PRECISION).to(inv_tau.dtype)
+              * inv_tau)  # [BN, BM]
         pt = tl.exp(st - lse[None, :])
         pt = tl.where(row_ok[None, :] & (cols[:, None] != grow[None, :]), pt, 0.0)
         gt = pt - tl.where(row_ok[None, :] & (cols[:, None] == pcol[None, :]), 1.0, 0.0)

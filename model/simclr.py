@@ -17,13 +17,15 @@ class ProjectionHead(nn.Sequential):
     BatchNorm with center=False); the shift is a zero bias that never trains.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, out_bn: bool = False):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2,
+                 out_bn: bool = False):
         if layers < 1:
             raise ValueError(f"projection head needs >= 1 layer, got {layers}")
         mods: list[nn.Module] = []
         dim = in_dim
         for _ in range(layers - 1):
-            mods += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            mods += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
+                     nn.ReLU(inplace=True)]
             dim = hidden_dim
         if out_bn:
             bn = nn.BatchNorm1d(out_dim)
@@ -36,12 +38,13 @@ class ProjectionHead(nn.Sequential):
 
 class SimCLR(nn.Module):
     def __init__(self, arch: str = "resnet50", *, width: float = 1.0, small_stem: bool = False,
-                 stem_pool: bool | None = None, head_hidden: int = 0, head_out: int = 128, head_layers: int = 2,
-                 head_out_bn: bool = False):
+                 stem_pool: bool | None = None, head_hidden: int = 0, head_out: int = 128,
+                 head_layers: int = 2, head_out_bn: bool = False):
         super().__init__()
         self.encoder = ResNetEncoder(arch, width=width, small_stem=small_stem, stem_pool=stem_pool)
         feat = self.encoder.feat_dim
-        self.head = ProjectionHead(feat, head_hidden or feat, head_out, head_layers, out_bn=head_out_bn)
+        self.head = ProjectionHead(feat, head_hidden or feat, head_out, head_layers,
+                                   out_bn=head_out_bn)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)  # [B, F] representation kept after training
@@ -50,6 +53,7 @@ class SimCLR(nn.Module):
 
 def build_simclr(mc) -> SimCLR:
     """The model described by a `train.config.ModelConfig`."""
-    return SimCLR(mc.arch, width=mc.width, small_stem=mc.small_stem, stem_pool=mc.stem_pool if mc.small_stem else None,
+    return SimCLR(mc.arch, width=mc.width, small_stem=mc.small_stem,
+                  stem_pool=mc.stem_pool if mc.small_stem else None,
                   head_hidden=mc.head_hidden, head_out=mc.head_out, head_layers=mc.head_layers,
                   head_out_bn=mc.head_out_bn)

@@ -12,7 +12,8 @@ import pytest
 from pipelines.formats import read_idx
 
 REPO = Path(__file__).resolve().parents[1]
-FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
 def fashion_mnist_dir() -> Path | None:
@@ -31,12 +32,14 @@ def fashion_mnist_dir() -> Path | None:
 def require_fashion_mnist() -> Path:
     path = fashion_mnist_dir()
     if path is None:
-        pytest.skip("Fashion-MNIST not found: run 'bash tools/setup.sh' or set SIMCLR_DATA to the folder of its *-ubyte.gz files")
+        pytest.skip("Fashion-MNIST not found: run 'bash tools/setup.sh' or set SIMCLR_DATA to the "
+                    "folder of its *-ubyte.gz files")
     return path
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    header = (struct.pack(">HBB", 0, 0x08, array.ndim)
+              + struct.pack(">" + "I" * array.ndim, *array.shape))
     path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
@@ -48,8 +51,10 @@ def make_subset(dst: Path, n_train: int, n_test: int) -> Path:
     raw = dst / "raw-fashion-mnist"
     raw.mkdir(parents=True)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", read_idx(src / f"{prefix}-images-idx3-ubyte.gz")[:n])
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", read_idx(src / f"{prefix}-labels-idx1-ubyte.gz")[:n])
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte",
+                   read_idx(src / f"{prefix}-images-idx3-ubyte.gz")[:n])
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte",
+                   read_idx(src / f"{prefix}-labels-idx1-ubyte.gz")[:n])
     out = dst / "fashion-mnist"
     convert(raw, out, fmt="idx", name="fashion-mnist", workers=1)
     return out

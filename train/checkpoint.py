@@ -213,7 +213,8 @@ def load_model_weights(ckpt: Path) -> dict:
     """The model state dict of a checkpoint, without loading optimizer or RNG state."""
     files = sorted(ckpt.glob("model*.safetensors")) or sorted(ckpt.glob("pytorch_model*.bin"))
     if not files:
-        raise CheckpointError(f"checkpoint '{ckpt}' holds no model weights: pass another checkpoint")
+        raise CheckpointError(f"checkpoint '{ckpt}' holds no model weights: pass another "
+                              f"checkpoint")
     state = {}
     try:
         for f in files:
@@ -226,5 +227,6 @@ def load_model_weights(ckpt: Path) -> dict:
 
                 state.update(torch.load(f, map_location="cpu", weights_only=True))
     except Exception as e:  # corrupt files raise many different types
-        raise CheckpointError(f"checkpoint '{ckpt}' is unreadable ({type(e).__name__}: {e}): pass another checkpoint") from None
+        raise CheckpointError(f"checkpoint '{ckpt}' is unreadable ({type(e).__name__}: {e}): "
+                              f"pass another checkpoint") from None
     return state

@@ -25,7 +25,8 @@ class _EvalViews(Dataset):
 
 def _array_views(split: Split, spec: AugmentSpec, idx: np.ndarray) -> torch.Tensor:
     """Batched eval views for in-memory uint8 arrays (no per-sample Python work)."""
-    x = torch.from_numpy(np.ascontiguousarray(split.images[idx])).permute(0, 3, 1, 2)  # uint8 [B, C, H, W]
+    # uint8 [B, C, H, W]
+    x = torch.from_numpy(np.ascontiguousarray(split.images[idx])).permute(0, 3, 1, 2)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if x.shape[-1] != spec.size or x.shape[-2] != spec.size or spec.size > 32:
@@ -36,7 +37,8 @@ def _array_views(split: Split, spec: AugmentSpec, idx: np.ndarray) -> torch.Tens
     return (x - mean) / std
 
 
-def eval_views(split: Split, spec: AugmentSpec, indices: np.ndarray, batch_size: int, num_workers: int = 2):
+def eval_views(split: Split, spec: AugmentSpec, indices: np.ndarray, batch_size: int,
+               num_workers: int = 2):
     """Yields normalised, un-augmented float batches [B, 3, S, S] for `indices`, in order."""
     if split.images is not None:
         for s in range(0, len(indices), batch_size):
@@ -48,8 +50,8 @@ def eval_views(split: Split, spec: AugmentSpec, indices: np.ndarray, batch_size:
 
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, split: Split, spec: AugmentSpec, *, indices=None,
-                     batch_size: int = 512, device="cpu", num_workers: int = 2, normalize: bool = False,
-                     progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     batch_size: int = 512, device="cpu", num_workers: int = 2,
+                     normalize: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Features h = f(x) of the frozen encoder (eval mode) and labels, on CPU, float32."""
     indices = np.arange(len(split)) if indices is None else np.asarray(indices)
     was_training = encoder.training
@@ -70,8 +72,8 @@ def extract_features(encoder: torch.nn.Module, split: Split, spec: AugmentSpec, 
     return h, torch.from_numpy(np.asarray(split.labels)[indices]).long()
 
 
-def knn_accuracy(train_h: torch.Tensor, train_y: torch.Tensor, test_h: torch.Tensor, test_y: torch.Tensor,
-                 k: int = 200, t: float = 0.07, chunk: int = 1024) -> float:
+def knn_accuracy(train_h: torch.Tensor, train_y: torch.Tensor, test_h: torch.Tensor,
+                 test_y: torch.Tensor, k: int = 200, t: float = 0.07, chunk: int = 1024) -> float:
     """Weighted cosine kNN top-1 accuracy (Wu et al., 2018, Eq. 7): votes weighted by exp(sim/t)."""
     train_h, test_h = F.normalize(train_h, dim=1), F.normalize(test_h, dim=1)
     classes = int(max(train_y.max(), test_y.max())) + 1

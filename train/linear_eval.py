@@ -1,4 +1,5 @@
-"""Linear evaluation of a pretrained encoder (Chen et al., 2020, Sec. 4: linear evaluation protocol).
+"""Linear evaluation of a pretrained encoder (Chen et al., 2020, Sec. 4: linear evaluation
+protocol).
 
     python -m train.linear_eval --checkpoint runs/fashion-mnist-demo [--json PATH]
 
@@ -33,22 +34,28 @@ from train.features import eval_views, extract_features
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.linear_eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="run directory, its checkpoints/ folder, or a step-* checkpoint")
+    p = argparse.ArgumentParser(prog="python -m train.linear_eval",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory, its checkpoints/ folder, or a step-* checkpoint")
     p.add_argument("--data", help="dataset directory (default: the one the encoder was trained on)")
-    p.add_argument("--train-split", default=None, help="split to fit the classifier on (default: data.train_split)")
-    p.add_argument("--eval-split", default=None, help="split to report accuracy on (default: data.eval_split)")
+    p.add_argument("--train-split", default=None,
+                   help="split to fit the classifier on (default: data.train_split)")
+    p.add_argument("--eval-split", default=None,
+                   help="split to report accuracy on (default: data.eval_split)")
     p.add_argument("--json", default=None,
                    help="where to write the results (default: <run dir>/linear_eval.json, or "
                    "<step dir>.linear_eval.json for a checkpoint outside a run directory)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the baselines (raw pixels and a randomly initialised encoder)")
     p.add_argument("--train-samples", type=_positive_int, default=None, metavar="N",
-                   help="fit on a seeded random subset of N train images (default: all), for a quick estimate")
+                   help="fit on a seeded random subset of N train images (default: all), for a "
+                   "quick estimate")
     p.add_argument("--eval-samples", type=_positive_int, default=None, metavar="N",
                    help="report on a seeded random subset of N evaluation images (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where features are extracted and classifiers fitted (default: cuda when available)")
+                   help="where features are extracted and classifiers fitted (default: cuda when "
+                   "available)")
     return p
 
 
@@ -75,7 +82,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, max_
         clf.weight.copy_(init.weight if init is not None else torch.zeros_like(clf.weight))
         clf.bias.copy_(init.bias if init is not None else torch.zeros_like(clf.bias))
     opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+                            tolerance_grad=1e-6, tolerance_change=1e-9,
+                            line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -88,7 +96,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, max_
 
 
 def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> dict:
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # [M, kmax]; top-k of k classes = 1
+    # [M, kmax]; top-k of k classes = 1
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     return {f"top{k}": (top[:, :k] == y[:, None]).any(1).float().mean().item() for k in ks}
 
 
@@ -123,8 +132,10 @@ def linear_probe(train_x, train_y, test_x, test_y, *, l2_grid, val_fraction, max
             "val_top1_by_l2": {str(k): v for k, v in sorted(scores.items())}}
 
 
-def raw_pixels(split, spec, batch_size: int, indices: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flattened, un-augmented pixels at the training resolution (one channel for grayscale data)."""
+def raw_pixels(split, spec, batch_size: int,
+               indices: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened, un-augmented pixels at the training resolution (one channel for grayscale
+    data)."""
     indices = np.arange(len(split)) if indices is None else indices
     gray = split.images is not None and split.images.shape[-1] == 1
     chunks = [x[:, :1] if gray else x for x in eval_views(split, spec, indices, batch_size)]
@@ -187,7 +198,8 @@ def evaluate(args) -> dict:
     test_split = ds.split(args.eval_split or cfg.data.eval_split)
     for s in (train_split, test_split):
         if (s.labels < 0).any():
-            raise DatasetError(f"split '{s.name}' is unlabelled: linear evaluation needs labels (convert a labelled dataset)")
+            raise DatasetError(f"split '{s.name}' is unlabelled: linear evaluation needs labels "
+                               f"(convert a labelled dataset)")
 
     from model.simclr import build_simclr
 
@@ -199,36 +211,44 @@ def evaluate(args) -> dict:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint '{ckpt}' does not match its config ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"checkpoint '{ckpt}' does not match its config "
+                              f"({str(e).splitlines()[0]})") from None
     encoder = model.encoder.to(args.device).to(memory_format=torch.channels_last)
 
     from tqdm import tqdm
 
-    spec, kw = cfg.augment, dict(batch_size=cfg.eval.batch_size, device=args.device, num_workers=cfg.data.num_workers)
+    spec, kw = cfg.augment, dict(batch_size=cfg.eval.batch_size, device=args.device,
+                                 num_workers=cfg.data.num_workers)
     train_idx = _subset(len(train_split), args.train_samples, cfg.train.seed)
     test_idx = _subset(len(test_split), args.eval_samples, cfg.train.seed + 1)
     encoders = {"encoder": encoder}
     if not args.no_baseline:
-        encoders["random_init"] = random_encoder.to(args.device).to(memory_format=torch.channels_last)
+        encoders["random_init"] = (random_encoder.to(args.device)
+                                   .to(memory_format=torch.channels_last))
     feats = {}
-    with tqdm(total=len(encoders) * (len(train_idx) + len(test_idx)), desc="features", unit="img") as bar:
+    with tqdm(total=len(encoders) * (len(train_idx) + len(test_idx)), desc="features",
+              unit="img") as bar:
         for name, enc in encoders.items():
-            feats[name] = (extract_features(enc, train_split, spec, indices=train_idx, progress=bar.update, **kw),
-                           extract_features(enc, test_split, spec, indices=test_idx, progress=bar.update, **kw))
-    probe = dict(l2_grid=cfg.eval.l2_grid, val_fraction=cfg.eval.val_fraction, max_iter=cfg.eval.max_iter,
-                 seed=cfg.train.seed, device=args.device)
+            feats[name] = (extract_features(enc, train_split, spec, indices=train_idx,
+                                            progress=bar.update, **kw),
+                           extract_features(enc, test_split, spec, indices=test_idx,
+                                            progress=bar.update, **kw))
+    probe = dict(l2_grid=cfg.eval.l2_grid, val_fraction=cfg.eval.val_fraction,
+                 max_iter=cfg.eval.max_iter, seed=cfg.train.seed, device=args.device)
     fits = (len(cfg.eval.l2_grid) + 1) * (1 if args.no_baseline else 3)
     result = {"checkpoint": str(ckpt), "dataset": str(ds.root), "train_split": train_split.name,
-              "eval_split": test_split.name, "train_count": len(train_idx), "eval_count": len(test_idx),
-              "device": str(args.device)}
+              "eval_split": test_split.name, "train_count": len(train_idx),
+              "eval_count": len(test_idx), "device": str(args.device)}
     with tqdm(total=fits, desc="classifier fits", unit="fit") as bar:
         for name, ((train_h, train_y), (test_h, test_y)) in feats.items():
             result[name] = {"feature_dim": train_h.shape[1],
-                            **linear_probe(train_h, train_y, test_h, test_y, progress=bar.update, **probe)}
+                            **linear_probe(train_h, train_y, test_h, test_y,
+                                           progress=bar.update, **probe)}
         if not args.no_baseline:
             rx, ry = raw_pixels(train_split, spec, cfg.eval.batch_size, train_idx)
             tx, ty = raw_pixels(test_split, spec, cfg.eval.batch_size, test_idx)
-            result["raw_pixels"] = {"feature_dim": rx.shape[1], **linear_probe(rx, ry, tx, ty, progress=bar.update, **probe)}
+            result["raw_pixels"] = {"feature_dim": rx.shape[1],
+                                    **linear_probe(rx, ry, tx, ty, progress=bar.update, **probe)}
     result["wall_s"] = time.perf_counter() - t0
     summary = run_summary(ckpt)
     if summary is not None:
@@ -241,8 +261,9 @@ def evaluate(args) -> dict:
         r = result.get(name)
         if r and r["l2_at_edge"]:
             grid = cfg.eval.l2_grid
-            print(f"linear_eval: warning: the best L2 penalty for {name} ({r['l2']:g}) is at the edge of "
-                  f"eval.l2_grid ({min(grid):g}..{max(grid):g}): widen the grid", file=sys.stderr)
+            print(f"linear_eval: warning: the best L2 penalty for {name} ({r['l2']:g}) is at the "
+                  f"edge of eval.l2_grid ({min(grid):g}..{max(grid):g}): widen the grid",
+                  file=sys.stderr)
     return result
 
 
@@ -259,7 +280,8 @@ def _print_table(r: dict, out: Path) -> None:
     if "raw_pixels" in r:
         rows.append(("raw pixels (baseline)", r["raw_pixels"]))
     for name, m in rows:
-        t.add_row(name, str(m["feature_dim"]), f"{100 * m['top1']:.2f}%", f"{100 * m['top5']:.2f}%", f"{m['l2']:g}")
+        t.add_row(name, str(m["feature_dim"]), f"{100 * m['top1']:.2f}%",
+                  f"{100 * m['top5']:.2f}%", f"{m['l2']:g}")
     c = Console()
     c.print(t)
     p = r.get("pretraining")
@@ -267,8 +289,9 @@ def _print_table(r: dict, out: Path) -> None:
         t = Table(title="Run")
         for col in ("steps", "epochs", "processes", "images/s", "pretrain", "evaluation", "loader"):
             t.add_column(col, justify="right")
-        t.add_row(str(p["steps"]), f"{p['epochs']:.1f}", f"{p['world']} x {p['device']}", f"{p['images_per_s']:.0f}",
-                  f"{p['wall_s']:.0f} s", f"{r['wall_s']:.0f} s", p["backend"])
+        t.add_row(str(p["steps"]), f"{p['epochs']:.1f}", f"{p['world']} x {p['device']}",
+                  f"{p['images_per_s']:.0f}", f"{p['wall_s']:.0f} s", f"{r['wall_s']:.0f} s",
+                  p["backend"])
         c.print(t)
     c.print(f"results: {out}")
 

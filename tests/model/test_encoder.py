@@ -41,8 +41,10 @@ def test_width_one_matches_torchvision_parameters_and_outputs(arch):
     enc = ResNetEncoder(arch, width=1)
     ref_shapes = {k: s for k, s in _shapes(ref).items() if not k.startswith("fc.")}
     assert _shapes(enc) == ref_shapes  # same names (buffers included), same shapes
-    assert {k for k, _ in enc.named_parameters()} == {k for k, _ in ref.named_parameters() if not k.startswith("fc.")}
-    # torchvision's weights load strictly, and the forward pass is torchvision's minus the classifier
+    assert ({k for k, _ in enc.named_parameters()}
+            == {k for k, _ in ref.named_parameters() if not k.startswith("fc.")})
+    # torchvision's weights load strictly, and the forward pass is torchvision's minus the
+    # classifier
     with torch.no_grad():  # non-trivial BN statistics so eval mode exercises them
         for m in ref.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -50,7 +52,8 @@ def test_width_one_matches_torchvision_parameters_and_outputs(arch):
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.1, 0.1)
-    enc.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")}, strict=True)
+    enc.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")},
+                        strict=True)
     ref.fc = nn.Identity()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -104,7 +107,8 @@ def test_small_stem_with_pool_halves_the_resolution():
     assert isinstance(enc.maxpool, nn.MaxPool2d) and enc.conv1.stride == (1, 1)
 
 
-@pytest.mark.parametrize("kwargs", [dict(arch="resnet19"), dict(arch="vit_b_16"), dict(arch="resnet18", width=0),
+@pytest.mark.parametrize("kwargs", [dict(arch="resnet19"), dict(arch="vit_b_16"),
+                                    dict(arch="resnet18", width=0),
                                     dict(arch="resnet18", width=-0.5)])
 def test_bad_arguments_raise(kwargs):
     arch = kwargs.pop("arch")
@@ -166,7 +170,8 @@ def test_simclr_gradients_reach_the_encoder():
     model = SimCLR("resnet18", width=0.25, small_stem=True, head_out=8)
     _, z = model(torch.randn(4, 3, 16, 16))
     z.pow(2).sum().backward()
-    assert model.encoder.conv1.weight.grad is not None and model.encoder.conv1.weight.grad.abs().sum() > 0
+    assert (model.encoder.conv1.weight.grad is not None
+            and model.encoder.conv1.weight.grad.abs().sum() > 0)
 
 
 def test_channels_last_model_matches_contiguous():
@@ -187,7 +192,8 @@ def test_channels_last_model_matches_contiguous():
 def test_cuda_bf16_channels_last_forward_and_backward_match_fp32_cpu(small_stem, side):
     """The training arrangement on a GPU (bf16 autocast, channels_last) against fp32 on the CPU."""
     model = SimCLR("resnet18", width=0.5, small_stem=small_stem, head_out=32)
-    model.eval()  # batch statistics of 8 images would amplify bf16 rounding; eval BN is a plain affine
+    # batch statistics of 8 images would amplify bf16 rounding; eval BN is a plain affine
+    model.eval()
     x = torch.randn(8, 3, side, side)
     h_ref, z_ref = model(x)
     gpu = SimCLR("resnet18", width=0.5, small_stem=small_stem, head_out=32)
@@ -226,7 +232,8 @@ def test_official_head_ends_in_linear_without_bias_then_batchnorm_without_shift(
     assert z.mean(0).abs().max() < 1e-5
     g = convert_to_global_bn(model, torch.device("cpu"))
     assert not g.head[-1].bias.requires_grad and g.head[-1].weight.requires_grad
-    s = nn.SyncBatchNorm.convert_sync_batchnorm(SimCLR("resnet18", width=0.125, head_out=16, head_out_bn=True))
+    s = nn.SyncBatchNorm.convert_sync_batchnorm(SimCLR("resnet18", width=0.125, head_out=16,
+                                                       head_out_bn=True))
     assert not s.head[-1].bias.requires_grad
     v1 = SimCLR("resnet18", width=0.125, head_out=16)
     assert isinstance(v1.head[-1], nn.Linear) and v1.head[-1].bias is not None

@@ -37,7 +37,8 @@ def test_single_linear_layer():
 
 def test_two_linear_layers_second_gets_input_gradient():
     s, d_in, hidden, d_out = 4, 48, 16, 5
-    f = count_flops(nn.Sequential(nn.Flatten(), nn.Linear(d_in, hidden), nn.Linear(hidden, d_out)), s)
+    f = count_flops(nn.Sequential(nn.Flatten(), nn.Linear(d_in, hidden),
+                                  nn.Linear(hidden, d_out)), s)
     assert f.forward == 2 * (d_in * hidden + hidden * d_out)
     assert f.backward == 2 * d_in * hidden + 2 * (2 * hidden * d_out)
 
@@ -77,7 +78,8 @@ def test_simclr_training_flops_per_image():
 
 
 def test_counting_leaves_the_model_untouched():
-    model = SimCLR("resnet18", small_stem=True, head_hidden=64).to(memory_format=torch.channels_last)
+    model = (SimCLR("resnet18", small_stem=True, head_hidden=64)
+             .to(memory_format=torch.channels_last))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     wrapped = nn.Module()
     wrapped.module = model  # the DDP/Accelerate wrapper's attribute
@@ -118,7 +120,8 @@ def test_peak_flops_on_this_gpu():
 
 def test_mfu_arithmetic():
     # 6.66 GFLOP per image at 50,000 images/s on an H100: 333 TFLOP/s of 989
-    assert model_flops_utilisation(6.66e9, 50_000, 989e12) == pytest.approx(6.66e9 * 50_000 / 989e12)
+    assert (model_flops_utilisation(6.66e9, 50_000, 989e12)
+            == pytest.approx(6.66e9 * 50_000 / 989e12))
     assert model_flops_utilisation(6.66e9, 50_000, 989e12) == pytest.approx(0.3367, abs=1e-4)
     assert model_flops_utilisation(1e9, 1000, 1e12) == pytest.approx(1.0)
     assert model_flops_utilisation(1e9, 1000, None) is None

@@ -1,4 +1,5 @@
-"""Global BN across gloo processes, with DDP and the gathered NT-Xent, equals one process (float64)."""
+"""Global BN across gloo processes, with DDP and the gathered NT-Xent, equals one process
+(float64)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def _worker(rank: int, port: int, ddp: bool, queue) -> None:
         loss = nt_xent(z1, z2, 0.5, impl="chunked")
         loss.backward()
         inner = model.module if ddp else model
-        queue.put((rank, loss.item(), {k: p.grad.numpy().copy() for k, p in inner.named_parameters()},
+        queue.put((rank, loss.item(),
+                   {k: p.grad.numpy().copy() for k, p in inner.named_parameters()},
                    {k: b.numpy().copy() for k, b in inner.named_buffers() if "running" in k}))
     finally:
         dist.destroy_process_group()
@@ -80,10 +82,12 @@ def test_two_processes_equal_one_process(ddp):
         g0, g1 = torch.from_numpy(results[0][2][name]), torch.from_numpy(results[1][2][name])
         # DDP averages the ranks' gradients; without DDP we average them here.
         got = g0 if ddp else (g0 + g1) / 2
-        torch.testing.assert_close(got, p.grad, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(got, p.grad, rtol=1e-9, atol=1e-12,
+                                   msg=lambda m, n=name: f"{n}: {m}")
     for name, b in model.named_buffers():
         if "running" in name:
-            torch.testing.assert_close(torch.from_numpy(results[0][3][name]), b, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(torch.from_numpy(results[0][3][name]), b, rtol=1e-9,
+                                       atol=1e-12)
 
 
 def test_single_process_falls_back_to_batchnorm():

@@ -105,7 +105,8 @@ def test_chunked_matches_reference(n, d, block, tau, kind, dtype):
     tau = float(tau)
     z1, z2 = make_views(n, d, dtype, kind)
     want_l, want_g = loss_and_grads(lambda a, b: nt_xent_reference(a, b, tau), z1, z2)
-    got_l, got_g = loss_and_grads(lambda a, b: nt_xent(a, b, tau, impl="chunked", block=block), z1, z2)
+    got_l, got_g = loss_and_grads(lambda a, b: nt_xent(a, b, tau, impl="chunked", block=block),
+                                  z1, z2)
     assert got_l.dtype == dtype
     assert torch.isfinite(got_g).all()
     assert_close_normwise(got_l, want_l, dtype, "loss")
@@ -124,9 +125,11 @@ def test_chunked_default_block_and_module_match_reference():
 def test_offset_anchor_rows_match_naive():
     """The form each process runs when gathered: own anchors at row_start, all rows as columns."""
     g = torch.Generator().manual_seed(1)
-    z = torch.nn.functional.normalize(torch.randn(3 * 10, 7, generator=g, dtype=torch.float64), dim=1)
+    z = torch.nn.functional.normalize(torch.randn(3 * 10, 7, generator=g, dtype=torch.float64),
+                                      dim=1)
     for row_start in (0, 10, 20):
-        want_l, want_g = loss_and_grad_of(lambda a, r=row_start: ntx._reference_rows(a, r, 5, 0.4), z)
+        want_l, want_g = loss_and_grad_of(
+            lambda a, r=row_start: ntx._reference_rows(a, r, 5, 0.4), z)
         got_l, got_g = loss_and_grad_of(
             lambda a, r=row_start: ntx._NTXentRows.apply(a, r, 5, 0.4, "chunked", 3, a.dtype), z)
         assert_close_normwise(got_l, want_l, torch.float64, f"loss row_start={row_start}")
@@ -135,7 +138,8 @@ def test_offset_anchor_rows_match_naive():
 
 def test_chunked_gradcheck():
     z1, z2 = make_views(4, 3, torch.float64, seed=2)
-    assert torch.autograd.gradcheck(lambda a, b: nt_xent(a, b, 0.3, impl="chunked", block=3), (z1, z2))
+    assert torch.autograd.gradcheck(lambda a, b: nt_xent(a, b, 0.3, impl="chunked", block=3),
+                                    (z1, z2))
 
 
 def test_half_inputs_compute_in_float32():
@@ -201,7 +205,8 @@ _INTERPRET_SCRIPT = textwrap.dedent("""
             tau = float(tau)
             z1, z2 = make_views(n, d, dtype, kind)
             wl, wg = loss_and_grads(lambda a, b: ntx.nt_xent_reference(a, b, tau), z1, z2)
-            gl, gg = loss_and_grads(lambda a, b: ntx.nt_xent(a, b, tau, impl="triton", block=16), z1, z2)
+            gl, gg = loss_and_grads(lambda a, b: ntx.nt_xent(a, b, tau, impl="triton", block=16),
+                                    z1, z2)
             out.append(dict(case=f"{dtype}-{n}-{d}-{tau}-{kind}", dtype=str(dtype),
                             loss=err(gl, wl), grad=err(gg, wg)))
     g = torch.Generator().manual_seed(1)
@@ -210,13 +215,15 @@ _INTERPRET_SCRIPT = textwrap.dedent("""
         wl, wg = loss_and_grad_of(lambda a: ntx._reference_rows(a, row_start, 5, 0.4), z)
         gl, gg = loss_and_grad_of(
             lambda a: ntx._NTXentRows.apply(a, row_start, 5, 0.4, "triton", 16, a.dtype), z)
-        out.append(dict(case=f"rows-{row_start}", dtype="torch.float64", loss=err(gl, wl), grad=err(gg, wg)))
+        out.append(dict(case=f"rows-{row_start}", dtype="torch.float64", loss=err(gl, wl),
+                        grad=err(gg, wg)))
     # 16-bit operands (fp32 accumulation). The interpreter multiplies raw bfloat16 bit patterns
     # in tl.dot (triton-lang/triton#11584), so float16 stands in for the shared 16-bit path.
     z1, z2 = make_views(40, 24, torch.float16, seed=6)
     wl, wg = loss_and_grads(lambda a, b: ntx.nt_xent_reference(a.float(), b.float(), 0.2), z1, z2)
     gl, gg = loss_and_grads(lambda a, b: ntx.nt_xent(a, b, 0.2, impl="triton", block=16), z1, z2)
-    out.append(dict(case="fp16-operands", dtype="torch.float16", loss=err(gl, wl), grad=err(gg, wg)))
+    out.append(dict(case="fp16-operands", dtype="torch.float16", loss=err(gl, wl),
+                    grad=err(gg, wg)))
     print("RESULT " + json.dumps(out))
 """)
 
@@ -226,12 +233,14 @@ def test_triton_kernels_match_reference_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", _INTERPRET_SCRIPT], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and "only 0-dimensional arrays can be converted to Python scalars" in proc.stderr:
+    if (proc.returncode != 0
+            and "only 0-dimensional arrays can be converted to Python scalars" in proc.stderr):
         import numpy
         import triton
 
-        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run loops with runtime bounds under "
-                    f"numpy {numpy.__version__} (int() of a 1-element array); the compiled kernels are unaffected")
+        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run loops with runtime "
+                    f"bounds under numpy {numpy.__version__} (int() of a 1-element array); the "
+                    f"compiled kernels are unaffected")
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     results = json.loads(line[len("RESULT "):])
@@ -256,7 +265,8 @@ def _dist_worker(rank, world, port, z1, z2, tau, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
     try:
         n = z1.shape[0] // world
         result = {}
@@ -347,13 +357,15 @@ def test_bench_loss_writes_the_json_schema(tmp_path):
     from tools import bench_loss
 
     path = tmp_path / "bench.json"
-    assert bench_loss.main(["--device", "cpu", "--sizes", "512", "1024", "--dim", "8", "--repeats", "1",
-                            "--impls", "reference", "chunked", "--json", str(path)]) == 0
+    assert bench_loss.main(["--device", "cpu", "--sizes", "512", "1024", "--dim", "8",
+                            "--repeats", "1", "--impls", "reference", "chunked",
+                            "--json", str(path)]) == 0
     report = json.loads(path.read_text())
     assert set(report) == {"device", "versions", "settings", "results"}
     assert report["device"] == "cpu" and "torch" in report["versions"]
     rows = report["results"]
-    assert {tuple(sorted(r)) for r in rows} == {("baseline", "case", "impl", "metric", "ratio", "value")}
+    assert ({tuple(sorted(r)) for r in rows}
+            == {("baseline", "case", "impl", "metric", "ratio", "value")})
     by_key = {(r["case"], r["impl"], r["metric"]): r for r in rows}
     for m in ("2N=512", "2N=1024"):
         for metric in ("time_ms", "peak_extra_MiB"):
@@ -368,8 +380,9 @@ def test_bench_loss_time_budget_stops_growing_2n(tmp_path):
     from tools import bench_loss
 
     path = tmp_path / "bench.json"
-    assert bench_loss.main(["--device", "cpu", "--sizes", "256", "512", "1024", "--dim", "8", "--repeats", "1",
-                            "--impls", "reference", "chunked", "--time-budget", "1e-6", "--json", str(path)]) == 0
+    assert bench_loss.main(["--device", "cpu", "--sizes", "256", "512", "1024", "--dim", "8",
+                            "--repeats", "1", "--impls", "reference", "chunked",
+                            "--time-budget", "1e-6", "--json", str(path)]) == 0
     report = json.loads(path.read_text())
     assert {r["case"] for r in report["results"]} == {"2N=256", "largest"}
     for impl in ("reference", "chunked"):
@@ -425,7 +438,8 @@ def test_cuda_cases_match_reference(n, d, block, tau, kind, dtype, impl):
         z1, z2 = z1.detach().cuda(), z2.detach().cuda()
         want_l, want_g = loss_and_grads(lambda a, b: nt_xent_reference(a, b, tau), z1, z2)
         got_l, got_g = loss_and_grads(
-            lambda a, b: nt_xent(a, b, tau, impl=impl, block=16 if impl == "triton" else block), z1, z2)
+            lambda a, b: nt_xent(a, b, tau, impl=impl, block=16 if impl == "triton" else block),
+            z1, z2)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     assert got_l.device.type == "cuda" and torch.isfinite(got_g).all()
@@ -434,8 +448,8 @@ def test_cuda_cases_match_reference(n, d, block, tau, kind, dtype, impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d,block", [(3, None), (100, None), (128, 16), (128, 32), (128, None), (128, 128),
-                                     (256, None), (512, None)])
+@pytest.mark.parametrize("d,block", [(3, None), (100, None), (128, 16), (128, 32), (128, None),
+                                     (128, 128), (256, None), (512, None)])
 def test_cuda_triton_tiles_and_widths(d, block):
     """2N = 666 is no multiple of any tile; D = 3 and 100 leave masked feature columns; D = 512 is
     the widest triton takes. fp32 operands, ieee products."""
@@ -443,9 +457,11 @@ def test_cuda_triton_tiles_and_widths(d, block):
     old = _cuda_fp32_exact()
     try:
         z1, z2 = make_views(333, d, torch.float64, seed=d)
-        want_l, want_g = loss_and_grads(lambda a, b: nt_xent_reference(a, b, 0.2), z1.cuda(), z2.cuda())
+        want_l, want_g = loss_and_grads(lambda a, b: nt_xent_reference(a, b, 0.2),
+                                        z1.cuda(), z2.cuda())
         z1, z2 = z1.detach().float().cuda(), z2.detach().float().cuda()
-        got_l, got_g = loss_and_grads(lambda a, b: nt_xent(a, b, 0.2, impl="triton", block=block), z1, z2)
+        got_l, got_g = loss_and_grads(lambda a, b: nt_xent(a, b, 0.2, impl="triton", block=block),
+                                      z1, z2)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     assert_close_normwise(got_l, want_l, torch.float32, f"loss D={d} block={block}")
@@ -459,11 +475,14 @@ def test_cuda_offset_anchor_rows_match_naive(impl):
     if impl == "triton":
         pytest.importorskip("triton")
     g = torch.Generator().manual_seed(1)
-    z = torch.nn.functional.normalize(torch.randn(3 * 200, 40, generator=g, dtype=torch.float64), dim=1).cuda()
+    z = torch.nn.functional.normalize(torch.randn(3 * 200, 40, generator=g, dtype=torch.float64),
+                                      dim=1).cuda()
     for row_start in (0, 200, 400):
-        want_l, want_g = loss_and_grad_of(lambda a, r=row_start: ntx._reference_rows(a, r, 100, 0.3), z)
+        want_l, want_g = loss_and_grad_of(
+            lambda a, r=row_start: ntx._reference_rows(a, r, 100, 0.3), z)
         got_l, got_g = loss_and_grad_of(
-            lambda a, r=row_start: ntx._NTXentRows.apply(a, r, 100, 0.3, impl, 16 if impl == "triton" else 7,
+            lambda a, r=row_start: ntx._NTXentRows.apply(a, r, 100, 0.3, impl,
+                                                         16 if impl == "triton" else 7,
                                                          a.dtype), z)
         assert_close_normwise(got_l, want_l, torch.float64, f"{impl} loss row_start={row_start}")
         assert_close_normwise(got_g, want_g, torch.float64, f"{impl} grad row_start={row_start}")
@@ -477,7 +496,8 @@ def test_cuda_triton_16bit_operands(dtype):
     pytest.importorskip("triton")
     z1, z2 = make_views(2048, 128, torch.float32, seed=9)
     z1, z2 = z1.detach().to(dtype).cuda(), z2.detach().to(dtype).cuda()
-    want_l, want_g = loss_and_grads(lambda a, b: nt_xent_reference(a.float(), b.float(), 0.1), z1, z2)
+    want_l, want_g = loss_and_grads(lambda a, b: nt_xent_reference(a.float(), b.float(), 0.1),
+                                    z1, z2)
     got_l, got_g = loss_and_grads(lambda a, b: nt_xent(a, b, 0.1, impl="triton"), z1, z2)
     assert got_l.dtype == torch.float32 and got_g.dtype == dtype
     assert abs(got_l.item() - want_l.item()) <= 1e-2 * abs(want_l.item())

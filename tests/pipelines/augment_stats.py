@@ -35,7 +35,8 @@ def noise_split(n: int, side: int, root=None, seed: int = 0, channels: int = 3) 
 def coord_split(n: int, height: int, width: int, root=None) -> Split:
     """Images whose R encodes the column and G the row (scaled to 0..255), B constant."""
     ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    img = np.stack([np.rint(xs * 255 / (width - 1)), np.rint(ys * 255 / (height - 1)), np.full_like(xs, 128)], -1)
+    img = np.stack([np.rint(xs * 255 / (width - 1)), np.rint(ys * 255 / (height - 1)),
+                    np.full_like(xs, 128)], -1)
     imgs = np.broadcast_to(img.astype(np.uint8), (n, height, width, 3)).copy()
     return Split("train", np.zeros(n, dtype=np.int64), images=imgs, root=root)
 
@@ -88,8 +89,10 @@ def roughness(pixels: torch.Tensor) -> torch.Tensor:
 
 def drawn(spec, seed: int, epoch: int, index, view: int, height, width) -> dict[str, np.ndarray]:
     """The one sampler's draws for a batch, by name: box int64 [B, 4] (top, left, h, w), flip,
-    jitter, gray, blur bool [B], order int64 [B, 4], factors float64 [B, 4] (hue in turns), sigma."""
+    jitter, gray, blur bool [B], order int64 [B, 4], factors float64 [B, 4] (hue in turns),
+    sigma."""
     boxes, p = sample_views(spec, seed, epoch, np.asarray(index), view, height, width)
     return {"box": boxes, "flip": p[:, P_FLIP] > 0.5, "jitter": p[:, P_JITTER] > 0.5,
-            "order": p[:, P_ORDER:P_ORDER + 4].astype(np.int64), "factors": p[:, P_FACTOR:P_FACTOR + 4],
+            "order": p[:, P_ORDER:P_ORDER + 4].astype(np.int64),
+            "factors": p[:, P_FACTOR:P_FACTOR + 4],
             "gray": p[:, P_GRAY] > 0.5, "blur": p[:, P_BLUR] > 0.5, "sigma": p[:, P_SIGMA]}

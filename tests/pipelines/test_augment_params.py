@@ -82,16 +82,19 @@ def py_get_params(u, height: int, width: int, scale, ratio):
 
 
 def test_mix_is_splitmix64():
-    # The reference generator seeded with 0 starts e220a8397b1dcdaf, 6e789e6aa1b965f4, 06c45d188009454f.
+    # The reference generator seeded with 0 starts e220a8397b1dcdaf, 6e789e6aa1b965f4,
+    # 06c45d188009454f.
     assert [py_mix(k * GOLDEN & MASK) for k in range(3)] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4,
                                                             0x06C45D188009454F]
 
 
-@pytest.mark.parametrize("seed,epoch,view,salt,first", [(0, 0, 0, SALT_VIEW, 1), (2**63 + 17, 5, 1, 5, 0)])
+@pytest.mark.parametrize("seed,epoch,view,salt,first",
+                         [(0, 0, 0, SALT_VIEW, 1), (2**63 + 17, 5, 1, 5, 0)])
 def test_uniform_table_matches_python_reference(seed, epoch, view, salt, first):
     index = np.array([0, 1, 7, 123456, 2**40 + 3])
     got = uniform_table(view_key(seed, epoch, view), index, salt, first, 6)
-    want = [[py_uniform(seed, epoch, view, int(i), salt, first + k) for k in range(6)] for i in index]
+    want = [[py_uniform(seed, epoch, view, int(i), salt, first + k) for k in range(6)]
+            for i in index]
     assert np.array_equal(got, np.array(want))
 
 
@@ -100,11 +103,13 @@ def test_streams_are_counter_based_and_independent():
     idx = np.arange(2000)
     table = uniform_table(key, idx, SALT_VIEW, 1, 4)
     sub = np.array([1999, 5, 77])
-    assert np.array_equal(uniform_table(key, sub, SALT_VIEW, 1, 4), table[sub])  # any subset, any order
+    # any subset, any order
+    assert np.array_equal(uniform_table(key, sub, SALT_VIEW, 1, 4), table[sub])
     assert table.min() >= 0 and table.max() < 1
     assert abs(table.mean() - 0.5) < 4 * math.sqrt(1 / 12 / table.size)
     for other in (uniform_table(view_key(3, 1, 1), idx, SALT_VIEW, 1, 4),
-                  uniform_table(view_key(3, 2, 0), idx, SALT_VIEW, 1, 4), uniform_table(key, idx, 1, 1, 4)):
+                  uniform_table(view_key(3, 2, 0), idx, SALT_VIEW, 1, 4),
+                  uniform_table(key, idx, 1, 1, 4)):
         assert abs(np.corrcoef(table.ravel(), other.ravel())[0, 1]) < 4 / math.sqrt(table.size)
 
 
@@ -113,12 +118,14 @@ def test_streams_are_counter_based_and_independent():
 def test_crop_boxes_are_torchvision_get_params(height, width, scale, ratio):
     seed, epoch, view = 9, 2, 1
     idx = np.arange(300)
-    want = [py_get_params(lambda k, i=int(i): py_uniform(seed, epoch, view, i, SALT_VIEW, DRAW_CROP + k),
+    want = [py_get_params(lambda k, i=int(i): py_uniform(seed, epoch, view, i, SALT_VIEW,
+                                                         DRAW_CROP + k),
                           height, width, scale, ratio) for i in idx]
     spec = AugmentSpec(crop_area=scale, crop_ratio=ratio)
     boxes, _ = sample_views(spec, seed, epoch, idx, view, height, width)
     assert np.array_equal(boxes, np.array(want))
-    got = crop_boxes(view_key(seed, epoch, view), idx, height, width, SALT_VIEW, DRAW_CROP, scale, ratio)
+    got = crop_boxes(view_key(seed, epoch, view), idx, height, width, SALT_VIEW, DRAW_CROP,
+                     scale, ratio)
     assert np.array_equal(got, boxes)
 
 
@@ -133,18 +140,20 @@ def test_view_params_follow_the_draw_layout_and_the_spec():
         assert p[i, P_FLIP] == (u(DRAW_FLIP) < spec.flip_p)
         assert p[i, P_JITTER] == (u(DRAW_JITTER) < spec.jitter_p)
         assert list(p[i, P_ORDER:P_ORDER + 4]) == sorted(range(4), key=lambda j: u(DRAW_ORDER + j))
-        assert np.array_equal(p[i, P_FACTOR:P_FACTOR + 4], [lo[j] + (hi[j] - lo[j]) * u(DRAW_FACTORS + j)
-                                                             for j in range(4)])
+        assert np.array_equal(p[i, P_FACTOR:P_FACTOR + 4],
+                              [lo[j] + (hi[j] - lo[j]) * u(DRAW_FACTORS + j) for j in range(4)])
         assert p[i, P_GRAY] == (u(DRAW_GRAY) < spec.grayscale_p)
         assert p[i, P_BLUR] == (u(DRAW_BLUR) < spec.blur_p)
-        assert p[i, P_SIGMA] == spec.blur_sigma[0] + (spec.blur_sigma[1] - spec.blur_sigma[0]) * u(DRAW_SIGMA)
+        assert p[i, P_SIGMA] == (spec.blur_sigma[0]
+                                 + (spec.blur_sigma[1] - spec.blur_sigma[0]) * u(DRAW_SIGMA))
     assert np.array_equal(p[:, P_WINDOW], blur_windows(p[:, P_SIGMA], spec.blur_kernel))
     for col, prob in ((P_FLIP, spec.flip_p), (P_JITTER, spec.jitter_p), (P_GRAY, spec.grayscale_p),
                       (P_BLUR, spec.blur_p)):
         assert binomial_ok(int(p[:, col].sum()), n, prob), col
     order = p[:, P_ORDER:P_ORDER + 4].astype(np.int64)
     assert (np.sort(order, axis=1) == np.arange(4)).all()  # a permutation in every sample
-    for slot in range(4):  # a uniform random order: each adjustment in each slot a quarter of the time
+    # a uniform random order: each adjustment in each slot a quarter of the time
+    for slot in range(4):
         assert all(binomial_ok(int(c), n, 0.25) for c in np.bincount(order[:, slot], minlength=4))
     f = p[:, P_FACTOR:P_FACTOR + 4]
     assert (f >= lo).all() and (f <= hi).all()
@@ -159,7 +168,8 @@ def test_a_sample_draws_the_same_view_in_any_batch_and_the_two_views_differ():
     b2, p2 = sample_views(spec, 7, 2, sub, 0, 300, 200)
     assert np.array_equal(b2, boxes[sub]) and np.array_equal(p2, params[sub])
     b1, p1 = sample_views(spec, 7, 2, idx, 1, 300, 200)
-    assert (b1 != boxes).any(axis=1).mean() > 0.95 and (p1[:, P_FACTOR] != params[:, P_FACTOR]).all()
+    assert ((b1 != boxes).any(axis=1).mean() > 0.95
+            and (p1[:, P_FACTOR] != params[:, P_FACTOR]).all())
     b3, _ = sample_views(spec, 7, 3, idx, 0, 300, 200)
     assert (b3 != boxes).any(axis=1).mean() > 0.95  # another epoch, other views
 

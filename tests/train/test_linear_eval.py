@@ -19,7 +19,8 @@ def test_logistic_fit_is_a_stationary_point_of_its_objective():
     """Full-batch L-BFGS must end where the penalised cross-entropy's gradient vanishes."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 5, generator=g, dtype=torch.float64)
-    y = (x @ torch.randn(5, 3, generator=g, dtype=torch.float64) + 0.5 * torch.randn(600, 3, generator=g, dtype=torch.float64)).argmax(1)
+    y = (x @ torch.randn(5, 3, generator=g, dtype=torch.float64)
+         + 0.5 * torch.randn(600, 3, generator=g, dtype=torch.float64)).argmax(1)
     clf = fit_logistic(x.float(), y, 3, l2=1e-3, max_iter=500).double()
     loss = F.cross_entropy(clf(x), y) + 0.5 * 1e-3 * clf.weight.pow(2).sum()
     grads = torch.autograd.grad(loss, list(clf.parameters()))
@@ -46,23 +47,27 @@ def test_warm_started_fit_reaches_the_same_optimum_as_a_cold_one():
     x = torch.randn(500, 6, generator=g)
     y = (x @ torch.randn(6, 4, generator=g)).argmax(1)
     cold = fit_logistic(x, y, 4, l2=1e-2, max_iter=500)
-    warm = fit_logistic(x, y, 4, l2=1e-2, max_iter=500, init=fit_logistic(x, y, 4, l2=10.0, max_iter=500))
+    warm = fit_logistic(x, y, 4, l2=1e-2, max_iter=500,
+                        init=fit_logistic(x, y, 4, l2=10.0, max_iter=500))
     torch.testing.assert_close(warm.weight, cold.weight, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(warm.bias, cold.bias, rtol=1e-3, atol=1e-4)
 
 
 def test_probe_flags_a_best_penalty_on_the_grids_edge():
     """Imbalanced classes: a heavy penalty shrinks the weights until the bias (the majority class)
-    decides, so accuracy rises as the penalty falls and a grid of heavy penalties peaks on its edge."""
+    decides, so accuracy rises as the penalty falls and a grid of heavy penalties peaks on its
+    edge."""
     g = torch.Generator().manual_seed(4)
     n = 2000
     y = (torch.rand(2 * n, generator=g) < 0.3).long()
     x = torch.randn(2 * n, 5, generator=g) + 1.5 * (2 * y[:, None] - 1)
-    too_strong = linear_probe(x[:n], y[:n], x[n:], y[n:], l2_grid=(0.5, 2.0, 8.0), val_fraction=0.2, max_iter=100)
+    too_strong = linear_probe(x[:n], y[:n], x[n:], y[n:], l2_grid=(0.5, 2.0, 8.0),
+                              val_fraction=0.2, max_iter=100)
     assert too_strong["l2"] == 0.5 and too_strong["l2_at_edge"]
-    assert too_strong["val_top1_by_l2"]["8.0"] < too_strong["val_top1_by_l2"]["2.0"] < too_strong["val_top1_by_l2"]["0.5"]
-    wide = linear_probe(x[:n], y[:n], x[n:], y[n:], l2_grid=(1e3, 1e1, 1e-1, 1e-3, 1e-5), val_fraction=0.2,
-                        max_iter=100)
+    assert (too_strong["val_top1_by_l2"]["8.0"] < too_strong["val_top1_by_l2"]["2.0"]
+            < too_strong["val_top1_by_l2"]["0.5"])
+    wide = linear_probe(x[:n], y[:n], x[n:], y[n:], l2_grid=(1e3, 1e1, 1e-1, 1e-3, 1e-5),
+                        val_fraction=0.2, max_iter=100)
     assert not wide["l2_at_edge"] and wide["top1"] >= too_strong["top1"] - 0.005
     assert list(wide["val_top1_by_l2"]) == ["1e-05", "0.001", "0.1", "10.0", "1000.0"]
 
@@ -78,12 +83,15 @@ def test_topk_accuracy_counts_by_hand():
 def test_linear_eval_command_on_a_pretrained_checkpoint(tmp_path):
     data = make_subset(tmp_path / "d", n_train=512, n_test=256)
     run = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "train.pretrain", "--config", str(REPO / "train/configs/fashion_mnist_demo.yaml"),
-                    f"--data.path={data}", f"--train.out_dir={run}", "--model.width=0.125", "--data.batch_size=64",
-                    "--data.num_workers=0", "--train.max_steps=3", "--data.backend=torchvision"],
+    subprocess.run([sys.executable, "-m", "train.pretrain",
+                    "--config", str(REPO / "train/configs/fashion_mnist_demo.yaml"),
+                    f"--data.path={data}", f"--train.out_dir={run}", "--model.width=0.125",
+                    "--data.batch_size=64", "--data.num_workers=0", "--train.max_steps=3",
+                    "--data.backend=torchvision"],
                    cwd=REPO, check=True, capture_output=True)
     out = tmp_path / "le.json"
-    proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(run), "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(run),
+                           "--json", str(out)],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
@@ -101,7 +109,8 @@ def test_linear_eval_command_on_a_pretrained_checkpoint(tmp_path):
     # --train-samples / --eval-samples: a seeded subset, the same on every run
     sub = [tmp_path / "s1.json", tmp_path / "s2.json"]
     for path in sub:
-        proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(run), "--json", str(path),
+        proc = subprocess.run([sys.executable, "-m", "train.linear_eval",
+                               "--checkpoint", str(run), "--json", str(path),
                                "--train-samples", "200", "--eval-samples", "100", "--no-baseline"],
                               cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -112,10 +121,12 @@ def test_linear_eval_command_on_a_pretrained_checkpoint(tmp_path):
 
 
 def test_linear_eval_rejects_a_missing_checkpoint(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(tmp_path / "none")],
+    proc = subprocess.run([sys.executable, "-m", "train.linear_eval",
+                           "--checkpoint", str(tmp_path / "none")],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("linear_eval: error: no readable checkpoint") and "Traceback" not in proc.stderr
+    assert (proc.stderr.startswith("linear_eval: error: no readable checkpoint")
+            and "Traceback" not in proc.stderr)
 
 
 def test_subset_is_seeded_sorted_and_whole_when_large():
@@ -124,7 +135,8 @@ def test_subset_is_seeded_sorted_and_whole_when_large():
     a = _subset(1000, 100, seed=3)
     assert len(a) == 100 == len(set(a.tolist())) and (a[1:] > a[:-1]).all() and a.max() < 1000
     assert (a == _subset(1000, 100, seed=3)).all() and not (a == _subset(1000, 100, seed=4)).all()
-    assert (_subset(50, 100, seed=0) == list(range(50))).all() and (_subset(50, None, seed=0) == list(range(50))).all()
+    assert ((_subset(50, 100, seed=0) == list(range(50))).all()
+            and (_subset(50, None, seed=0) == list(range(50))).all())
 
 
 @pytest.mark.gpu

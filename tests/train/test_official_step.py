@@ -43,9 +43,11 @@ def official_loss(z: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 class OfficialLARS:
-    """LARSOptimizer(classic_momentum=True, exclude=['batch_normalization', 'bias']) per parameter."""
+    """LARSOptimizer(classic_momentum=True, exclude=['batch_normalization', 'bias']) per
+    parameter."""
 
-    def __init__(self, model: nn.Module, lr: float, momentum: float, weight_decay: float, eeta: float = 1e-3):
+    def __init__(self, model: nn.Module, lr: float, momentum: float, weight_decay: float,
+                 eeta: float = 1e-3):
         bn = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
               for p in m.parameters(recurse=False)}
         self.params = [(name, p, id(p) in bn or name.endswith("bias"))
@@ -72,14 +74,16 @@ def _run(loss_scale: float | None, steps: int = 2):
     cfg = load_config(REPO / "train/configs/cifar10_resnet18.yaml")
     scale = cfg.loss.scale if loss_scale is None else loss_scale
     torch.manual_seed(0)
-    ours = SimCLR("resnet18", width=0.125, small_stem=True, head_out=16, head_out_bn=cfg.model.head_out_bn).double()
+    ours = SimCLR("resnet18", width=0.125, small_stem=True, head_out=16,
+                  head_out_bn=cfg.model.head_out_bn).double()
     theirs = copy.deepcopy(ours)
     lr, tau, wd, m = 1.2, cfg.loss.temperature, cfg.optim.weight_decay, cfg.optim.momentum
     opt = LARS(lars_param_groups(ours, wd), lr=lr, momentum=m, eta=cfg.optim.eta)
     official = OfficialLARS(theirs, lr, m, wd, cfg.optim.eta)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        x = torch.randn(2 * 12, 3, 16, 16, generator=gen, dtype=torch.float64)  # two views of 12 images
+        # two views of 12 images
+        x = torch.randn(2 * 12, 3, 16, 16, generator=gen, dtype=torch.float64)
         _, z = ours(x)
         z1, z2 = z.chunk(2)
         opt.zero_grad()
@@ -102,7 +106,8 @@ def test_recipe_step_equals_the_official_step():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
     torch.manual_seed(0)
     start = SimCLR("resnet18", width=0.125, small_stem=True, head_out=16, head_out_bn=True).double()
-    moved = [not torch.equal(a, s) for (_, a), s in zip(ours.named_parameters(), start.parameters(), strict=True)
+    moved = [not torch.equal(a, s)
+             for (_, a), s in zip(ours.named_parameters(), start.parameters(), strict=True)
              if a.requires_grad]
     assert all(moved)  # every trained tensor moved: the agreement above is not vacuous
 
@@ -112,17 +117,20 @@ def test_algorithm_1_scale_takes_a_different_step():
     parameters move half as far and the weights see twice the relative weight decay."""
     ours, theirs, _ = _run(1.0, steps=1)
     torch.manual_seed(0)
-    start = dict(SimCLR("resnet18", width=0.125, small_stem=True, head_out=16, head_out_bn=True).double()
-                 .named_parameters())
+    start = dict(SimCLR("resnet18", width=0.125, small_stem=True, head_out=16,
+                        head_out_bn=True).double().named_parameters())
     bn_w = next(k for k in start if k.endswith("bn1.weight"))
-    a, b, s = dict(ours.named_parameters())[bn_w], dict(theirs.named_parameters())[bn_w], start[bn_w]
-    torch.testing.assert_close(a - s, 0.5 * (b - s), rtol=1e-6, atol=1e-12)  # an excluded tensor: half the step
+    a, b, s = (dict(ours.named_parameters())[bn_w], dict(theirs.named_parameters())[bn_w],
+               start[bn_w])
+    # an excluded tensor: half the step
+    torch.testing.assert_close(a - s, 0.5 * (b - s), rtol=1e-6, atol=1e-12)
     conv = next(k for k, v in start.items() if v.ndim == 4)
-    assert not torch.allclose(dict(ours.named_parameters())[conv], dict(theirs.named_parameters())[conv],
-                              rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(dict(ours.named_parameters())[conv],
+                              dict(theirs.named_parameters())[conv], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("recipe", ["imagenet_resnet50.yaml", "cifar10_resnet18.yaml", "cifar10_resnet50.yaml"])
+@pytest.mark.parametrize("recipe", ["imagenet_resnet50.yaml", "cifar10_resnet18.yaml",
+                                    "cifar10_resnet50.yaml"])
 def test_recipes_that_claim_the_papers_settings_use_the_official_head_and_scale(recipe):
     cfg = load_config(REPO / "train/configs" / recipe)
     assert cfg.model.head_out_bn and cfg.loss.scale == 2.0

@@ -53,7 +53,8 @@ def test_schedule_closed_form(peak, total, warmup, final):
     assert lrs[0].item() == pytest.approx(peak / warmup)  # first step is not zero
     assert lrs[warmup - 1].item() == pytest.approx(peak)  # warmup ends exactly at the peak
     assert lrs[-1].item() == pytest.approx(final, abs=1e-15)  # decays to final_lr at the end
-    torch.testing.assert_close(lrs, torch.tensor(_closed_form(peak, total, warmup, final), dtype=torch.float64))
+    torch.testing.assert_close(lrs, torch.tensor(_closed_form(peak, total, warmup, final),
+                                                 dtype=torch.float64))
     assert (lrs[1:warmup] > lrs[: warmup - 1]).all()
     assert (lrs[warmup:] < lrs[warmup - 1 : -1]).all()
 
@@ -62,15 +63,18 @@ def test_schedule_cosine_midpoint():
     peak, final, warmup, total = 2.0, 0.2, 10, 110  # 100 decay steps
     lrs = lr_schedule(peak, total, warmup, final)
     assert lrs[warmup - 1 + 50].item() == pytest.approx((peak + final) / 2)
-    assert lrs[warmup - 1 + 25].item() == pytest.approx(final + (peak - final) * (0.5 + 0.5 * math.sqrt(0.5)))
+    assert (lrs[warmup - 1 + 25].item()
+            == pytest.approx(final + (peak - final) * (0.5 + 0.5 * math.sqrt(0.5))))
 
 
 def test_schedule_edge_cases():
     only_cosine = lr_schedule(1.0, 4, 0)
     torch.testing.assert_close(
-        only_cosine, torch.tensor([0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(1, 5)], dtype=torch.float64))
+        only_cosine, torch.tensor([0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(1, 5)],
+                                  dtype=torch.float64))
     only_warmup = lr_schedule(1.0, 4, 4)
-    torch.testing.assert_close(only_warmup, torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(only_warmup,
+                               torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
     assert lr_schedule(3.0, 1, 0).tolist() == [0.0]
 
 
@@ -113,6 +117,7 @@ def test_base_lr_defaults_to_the_papers_for_each_rule_and_an_explicit_lr_wins():
         cfg = load_config(None, [f"--optim.lr_scaling={rule}"])
         assert cfg.optim.lr == 0.0 and base_lr(cfg.optim.lr, rule) == paper
         assert base_lr(0.5, rule) == 0.5
-    assert scaled_lr(base_lr(0.0, "sqrt"), 4096, "sqrt") == pytest.approx(0.075 * 64)  # 4.8, as linear at 0.3
+    # 4.8, as linear at 0.3
+    assert scaled_lr(base_lr(0.0, "sqrt"), 4096, "sqrt") == pytest.approx(0.075 * 64)
     with pytest.raises(ValueError, match="rule"):
         base_lr(0.0, "log")
