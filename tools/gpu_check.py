@@ -48,6 +48,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.benchmark import contract_problems
 from tools.cli import above, at_least
 from train.atomic import write_atomic
 
@@ -295,27 +296,13 @@ def _load_json(path: Path | None) -> dict | None:
         return None
 
 
-CONTRACT_ROW = {"case", "impl", "metric", "value", "baseline", "ratio"}
-
-
-def contract_problems(report: dict | None) -> list[str]:
-    """What a benchmark JSON lacks of the benchmark contract (DESIGN.md): [] when it complies."""
-    if not isinstance(report, dict):
-        return ["no JSON written"]
-    problems = [f"missing '{k}'" for k in ("device", "versions", "settings", "results") if k not in report]
-    rows = report.get("results")
-    if not isinstance(rows, list) or not rows:
-        return problems + ["'results' is empty"]
-    for r in rows:
-        missing = CONTRACT_ROW - set(r) if isinstance(r, dict) else CONTRACT_ROW
-        if missing:
-            problems.append(f"a result row lacks {sorted(missing)}")
-            break
-    return problems
-
-
 def _rows(report: dict) -> dict[tuple[str, str, str], dict]:
-    return {(r["case"], r["impl"], r["metric"]): r for r in report.get("results", [])}
+    """Rows by (case, impl, metric); bench_optim adds rows of lars against each peer after the
+    one against its main baseline: the first row is that one."""
+    rows: dict[tuple[str, str, str], dict] = {}
+    for r in report.get("results", []):
+        rows.setdefault((r["case"], r["impl"], r["metric"]), r)
+    return rows
 
 
 def _num(x) -> float | None:
@@ -378,10 +365,10 @@ def headline_loss(r: dict) -> str:
     impl = "triton" if any(k[1] == "triton" for k in rows) else "chunked"
     for m in (32768, 16384, 8192, 4096, 2048, 1024):
         t = rows.get((f"2N={m}", impl, "time_ms"))
-        if t and t["baseline"] == "reference" and t["ratio"]:
+        if t and t["baseline"] == "reference" and _num(t["ratio"]):
             mem = rows.get((f"2N={m}", impl, "peak_extra_MiB"))
             text = f"at 2N={m:,}: {impl} {1 / t['ratio']:.2f}x the reference's speed"
-            if mem and mem["ratio"]:
+            if mem and _num(mem["ratio"]):
                 text += f", 1/{1 / mem['ratio']:.0f} of its memory"
             parts.append(text)
             break
