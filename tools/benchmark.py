@@ -117,12 +117,11 @@ def rows(case: str, metric: str, values: dict[str, float], baseline: str) -> lis
 
 
 def print_table(results: list[dict], columns: list[tuple[str, str, str, str]],
-                title: str | None = None, file=None) -> None:
+                title: str | None = None) -> None:
     """One line per (case, impl), in the order of `results`. A column (header, metric, format,
     "value" or "ratio") shows that field of the metric's row, '-' without one; where a case, impl
     and metric has rows against several baselines, the first. Columns whose metric no row has
     are left out, and so are lines with no cell."""
-    file = file or sys.stdout
     first: dict[tuple[str, str, str], dict] = {}
     for r in results:
         first.setdefault((r["case"], r["impl"], r["metric"]), r)
@@ -134,17 +133,16 @@ def print_table(results: list[dict], columns: list[tuple[str, str, str, str]],
             lines.append((case, impl, [fmt.format(c[field]) if c else "-"
                                        for c, (_, _, fmt, field) in zip(cells, columns)]))
     if title:
-        print(title, file=file)
+        print(title)
     cw = max([4] + [len(c) for c, _, _ in lines])
     iw = max([4] + [len(i) for _, i, _ in lines])
     widths = [max(len(h), 9) for h, _, _, _ in columns]
     head = f"{'case':<{cw}} {'impl':<{iw}} " + " ".join(
         f"{h:>{w}}" for (h, _, _, _), w in zip(columns, widths))
-    print(head, file=file)
-    print("-" * len(head), file=file)
+    print(head)
+    print("-" * len(head))
     for case, impl, cells in lines:
-        print(f"{case:<{cw}} {impl:<{iw}} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths)),
-              file=file)
+        print(f"{case:<{cw}} {impl:<{iw}} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
 
 
 def report(device, settings: dict, results: list[dict]) -> dict:
