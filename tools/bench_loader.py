@@ -13,10 +13,7 @@ whole epochs over the full JPEG list (twice) and 16384 arrays (twice).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,8 +25,8 @@ import torch
 from pipelines.loader import build_loader
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec
+from tools import benchmark
 from tools.cli import at_least
-from train.atomic import write_atomic
 
 IMPLS = ("torchvision", "dali", "ffcv")
 BASELINE = "torchvision"
@@ -39,24 +36,20 @@ METRIC = "images_per_s"
 _KEEP_ALIVE: list = []
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.bench_loader", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the views end up (default cpu)")
-    p.add_argument("--quick", action="store_true", help="small sizes, under a minute on 2 CPU cores")
-    p.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+def build_parser():
+    p = benchmark.parser("bench_loader", __doc__.split("\n\n")[0],
+                         device="where the views end up",
+                         quick="small sizes, under a minute on 2 CPU cores")
     p.add_argument("--images", type=Path, default=None,
-                   help="folder of JPEGs for case (a) (default: $SIMCLR_IMAGENET_SAMPLE or ../shared/data/imagenet-sample)")
-    p.add_argument("--workers", type=at_least(1), default=2, help="CPU workers for every backend (default 2)")
-    p.add_argument("--batch-size", type=at_least(2), default=None, help="default 64 (JPEG) / 256 (arrays); 32 / 128 with --quick")
-    p.add_argument("--repeat", type=at_least(1), default=None, help="passes over the JPEG list per timed run (default 2, 1 with --quick)")
+                   help="folder of JPEGs for case (a) (default: $SIMCLR_IMAGENET_SAMPLE or "
+                        "../shared/data/imagenet-sample)")
+    p.add_argument("--workers", type=at_least(1), default=2,
+                   help="CPU workers for every backend (default 2)")
+    p.add_argument("--batch-size", type=at_least(2), default=None,
+                   help="default 64 (JPEG) / 256 (arrays); 32 / 128 with --quick")
+    p.add_argument("--repeat", type=at_least(1), default=None,
+                   help="passes over the JPEG list per timed run (default 2, 1 with --quick)")
     return p
-
-
-def _default_images() -> Path:
-    env = os.environ.get("SIMCLR_IMAGENET_SAMPLE")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imagenet-sample"
 
 
 def _time_loader(loader, min_images: int) -> float:
@@ -78,17 +71,20 @@ def _cases(args, tmp: Path):
     """(name, split, spec, batch_size, min_images, skip_reason); quick mode keeps the whole run
     under a minute on 2 CPU cores, most of it FFCV's compilation."""
     quick = args.quick
-    images = args.images or _default_images()
-    files = sorted(str(p) for p in images.glob("*") if p.suffix.lower() in (".jpeg", ".jpg")) if images.is_dir() else []
+    images = args.images or benchmark.default_images()
+    files = sorted(str(p) for p in images.glob("*")
+                   if p.suffix.lower() in (".jpeg", ".jpg")) if images.is_dir() else []
     if not files:
-        yield "jpeg224", None, None, 0, 0, f"no JPEGs in '{images}' (set --images or SIMCLR_IMAGENET_SAMPLE)"
+        yield ("jpeg224", None, None, 0, 0,
+               f"no JPEGs in '{images}' (set --images or SIMCLR_IMAGENET_SAMPLE)")
     else:
         n = min(64 if quick else len(files), len(files))
         repeat = args.repeat or (1 if quick else 2)
         root = tmp / "jpeg"
         root.mkdir()
         split = Split("train", np.zeros(n, dtype=np.int64), files=files[:n], root=root)
-        yield "jpeg224", split, AugmentSpec(size=224), args.batch_size or (32 if quick else 64), n * repeat, None
+        bs = args.batch_size or (32 if quick else 64)
+        yield "jpeg224", split, AugmentSpec(size=224), bs, n * repeat, None
     n = 1024 if quick else 16384
     rng = np.random.default_rng(0)
     root = tmp / "arrays"
@@ -96,25 +92,13 @@ def _cases(args, tmp: Path):
     split = Split("train", rng.integers(0, 10, n).astype(np.int64),
                   images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), root=root)
     spec = AugmentSpec(size=32, jitter_strength=0.5, blur_p=0.0)
-    yield "array32", split, spec, args.batch_size or (128 if quick else 256), n * (1 if quick else 2), None
-
-
-def _versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for mod in ("torchvision", "nvidia.dali", "ffcv", "numba"):
-        try:
-            out[mod] = __import__(mod, fromlist=["__version__"]).__version__
-        except Exception as e:  # a missing backend is reported, not fatal
-            out[mod] = f"unavailable ({type(e).__name__})"
-    return out
+    bs = args.batch_size or (128 if quick else 256)
+    yield "array32", split, spec, bs, n * (1 if quick else 2), None
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_loader: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
-    device = torch.device(args.device)
+    device = benchmark.pick_device(args.device, "bench_loader")
     results, skipped, used = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmpdir:
         for case, split, spec, bs, min_images, skip in _cases(args, Path(tmpdir)):
@@ -131,7 +115,8 @@ def main(argv=None) -> int:
 
                         write_beton(split, Path(split.root) / f"{split.name}.beton")
                     loader = build_loader(impl, split, spec, batch_size=bs, seed=0, device=device,
-                                          num_workers=args.workers, shuffle=True, drop_last=False)
+                                          num_workers=args.workers, shuffle=True,
+                                          drop_last=False)
                     _KEEP_ALIVE.append(loader)
                     values[impl] = _time_loader(loader, min_images)
                 except Exception as e:
@@ -139,26 +124,18 @@ def main(argv=None) -> int:
                     print(f"[{case}] {impl} failed: {type(e).__name__}: {e}", file=sys.stderr)
                     continue
                 print(f"[{case}] {impl}: {values[impl]:.0f} img/s", flush=True)
-            base = values.get(BASELINE)
-            for impl, v in values.items():
-                results.append({"case": case, "impl": impl, "metric": METRIC, "value": float(v), "baseline": BASELINE,
-                                "ratio": float(v / base) if base else float("nan")})
-    report = {
-        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(device),
-        "versions": _versions(),
-        "settings": {"workers": args.workers, "batch_size": {c: u["batch_size"] for c, u in used.items()},
-                     "quick": args.quick, "repeat": args.repeat or (1 if args.quick else 2), "cases": used,
-                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                     "images": str(args.images or _default_images()), "skipped": skipped,
-                     "timing": "two-view images/s over whole epochs after one warm-up epoch"},
-        "results": results,
-    }
-    print(f"\n{'case':<10} {'impl':<12} {'img/s':>10} {'vs ' + BASELINE:>16}")
-    for r in results:
-        print(f"{r['case']:<10} {r['impl']:<12} {r['value']:>10.0f} {r['ratio']:>15.2f}x")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(args.json, json.dumps(report, indent=2) + "\n")
+            results += benchmark.rows(case, METRIC, values, BASELINE)
+    settings = {"workers": args.workers,
+                "batch_size": {c: u["batch_size"] for c, u in used.items()},
+                "quick": args.quick, "repeat": args.repeat or (1 if args.quick else 2),
+                "cases": used, "cpu_count": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "images": str(args.images or benchmark.default_images()), "skipped": skipped,
+                "timing": "two-view images/s over whole epochs after one warm-up epoch"}
+    print()
+    benchmark.print_table(results, [("img/s", METRIC, "{:.0f}", "value"),
+                                    (f"vs {BASELINE}", METRIC, "{:.2f}x", "ratio")])
+    benchmark.write_json(args.json, benchmark.report(device, settings, results))
     return 0
 
 

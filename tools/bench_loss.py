@@ -24,7 +24,6 @@ import ctypes
 import gc
 import json
 import math
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,24 +33,20 @@ from collections.abc import Callable
 import torch
 
 from model.nt_xent import default_block, nt_xent, nt_xent_reference
+from tools import benchmark
 from tools.cli import above, at_least
-from train.atomic import write_atomic
 
 BASELINE = "reference"
 IMPLS = ("reference", "chunked", "triton", "peer")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m tools.bench_loss",
-        description="Time and peak extra memory of NT-Xent forward+backward for the reference, "
-                    "chunked, triton (CUDA) and peer (lightly) implementations; ratios to reference.",
-    )
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="device to run on (default: cuda when available, else cpu)")
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes and one timed repeat (under a minute on 2 CPU cores)")
-    p.add_argument("--json", default=None, metavar="PATH", help="write results as JSON to PATH")
+    p = benchmark.parser(
+        "bench_loss",
+        "Time and peak extra memory of NT-Xent forward+backward for the reference, chunked, "
+        "triton (CUDA) and peer (lightly) implementations; ratios to reference.",
+        device="device to run on",
+        quick="small sizes and one timed repeat (under a minute on 2 CPU cores)")
     p.add_argument("--sizes", type=at_least(1), nargs="+", default=None, metavar="2N",
                    help="batch sizes 2N (even; default: 1024 doubling up to --max-size)")
     p.add_argument("--max-size", type=at_least(1), default=None, metavar="2N",
@@ -123,7 +118,8 @@ class _CpuPeak:
 
 
 class _CudaPeak:
-    method = "CUDA: torch.cuda.max_memory_allocated() after the step minus memory_allocated() before"
+    method = ("CUDA: torch.cuda.max_memory_allocated() after the step minus memory_allocated() "
+              "before")
     ok = True
 
     def start(self):
@@ -155,7 +151,8 @@ def _peer() -> tuple[Callable | None, str]:
         from lightly.loss import NTXentLoss as LightlyNTXent
     except Exception as exc:  # any import failure means: no peer in this run
         return None, f"lightly not importable ({type(exc).__name__}: {exc})"
-    return LightlyNTXent, f"lightly {lightly.__version__} lightly.loss.NTXentLoss (full 2N x 2N logits)"
+    return LightlyNTXent, (f"lightly {lightly.__version__} lightly.loss.NTXentLoss "
+                           "(full 2N x 2N logits)")
 
 
 def _losses(args, device: torch.device) -> tuple[dict[str, Callable], dict[str, str]]:
@@ -163,7 +160,8 @@ def _losses(args, device: torch.device) -> tuple[dict[str, Callable], dict[str, 
     fns: dict[str, Callable] = {"reference": lambda a, b: nt_xent_reference(a, b, tau)}
     notes: dict[str, str] = {}
     if "chunked" in args.impls:
-        fns["chunked"] = lambda a, b: nt_xent(a, b, tau, impl="chunked", block=args.block, gather=False)
+        fns["chunked"] = lambda a, b: nt_xent(a, b, tau, impl="chunked", block=args.block,
+                                              gather=False)
     if "triton" in args.impls:
         if device.type != "cuda":
             notes["triton"] = "skipped: needs CUDA"
@@ -224,22 +222,6 @@ def _measure(fn, z1, z2, device, probe, repeats) -> dict:
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _versions(device: torch.device) -> dict:
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("triton", "numpy", "lightly"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:
-            versions[name] = None
-    if device.type == "cuda":
-        versions["cuda"] = torch.version.cuda
-        versions["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        versions["cpu"] = platform.processor() or platform.machine()
-        versions["torch_threads"] = torch.get_num_threads()
-    return versions
 
 
 def _sizes(args, device: torch.device) -> list[int]:
@@ -317,10 +299,16 @@ def _cpu_memory(args, argv: list[str], plan: dict[str, list[int]]) -> tuple[dict
     return peaks, (_CpuPeak.method if peaks else "unavailable on this platform")
 
 
-def run(args, argv: list[str]) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+def _metrics(r: dict, flops: float, cuda: bool) -> dict[str, float]:
+    out = {"time_ms": r["time_s"] * 1e3}
+    if r["peak_bytes"] is not None:
+        out["peak_extra_MiB"] = r["peak_bytes"] / 2**20
+    if cuda:
+        out["tflops"] = flops / r["time_s"] / 1e12
+    return out
+
+
+def run(args, argv: list[str], device: torch.device) -> dict:
     dtype = getattr(torch, args.dtype)
     repeats = 1 if args.quick else args.repeats
     # On CPU this probe (default allocator) only guards against running out of memory; the
@@ -347,7 +335,8 @@ def run(args, argv: list[str]) -> dict:
                               f"--time-budget {args.time_budget:g} s")
             if not kept:
                 for name in order:
-                    done.setdefault(name, f"stopped before 2N={m}: --time-budget {args.time_budget:g} s spent")
+                    done.setdefault(name, f"stopped before 2N={m}: --time-budget "
+                                          f"{args.time_budget:g} s spent")
                 break
         z1, z2 = _inputs(m, args, device, dtype)
         got: dict[str, dict] = {}
@@ -358,7 +347,8 @@ def run(args, argv: list[str]) -> dict:
                 prev_m, prev = last[name]
                 grow = (m / prev_m) ** 2
                 if prev["time_s"] * grow > args.max_seconds:
-                    done[name] = f"stopped before 2N={m}: extrapolated step time > {args.max_seconds:g} s"
+                    done[name] = (f"stopped before 2N={m}: extrapolated step time > "
+                                  f"{args.max_seconds:g} s")
                     continue
                 if (device.type == "cpu" and prev["peak_bytes"] is not None
                         and prev["peak_bytes"] * grow > 0.8 * _mem_available()):
@@ -389,31 +379,21 @@ def run(args, argv: list[str]) -> dict:
 
     rows: list[dict] = []
     loss_gap: dict[str, float] = {}
+    cuda = device.type == "cuda"
     for m, got in measured.items():
-        base = BASELINE if BASELINE in got else ("chunked" if "chunked" in got else None)
+        base = BASELINE if BASELINE in got else "chunked"
         flops = 6.0 * m * m * args.dim
+        base_metrics = _metrics(got[base], flops, cuda) if base in got else {}
         for name, r in got.items():
             if BASELINE in got:
                 ref_loss = got[BASELINE]["loss"]
                 gap = abs(r["loss"] - ref_loss) / max(abs(ref_loss), 1e-30)
                 loss_gap[name] = max(loss_gap.get(name, 0.0), gap)
-            metrics = {"time_ms": r["time_s"] * 1e3}
-            # A zero baseline peak (below the probe's resolution) gives no ratio: no memory row.
-            if r["peak_bytes"] is not None and got[base]["peak_bytes"]:
-                metrics["peak_extra_MiB"] = r["peak_bytes"] / 2**20
-            if device.type == "cuda":
-                metrics["tflops"] = flops / r["time_s"] / 1e12
-            base_metrics = {"time_ms": got[base]["time_s"] * 1e3,
-                            "peak_extra_MiB": (got[base]["peak_bytes"] or 0) / 2**20,
-                            "tflops": flops / got[base]["time_s"] / 1e12}
-            for metric, value in metrics.items():
-                ref = base_metrics[metric]
-                rows.append({"case": f"2N={m}", "impl": name, "metric": metric, "value": value,
-                             "baseline": base, "ratio": value / ref if ref else 0.0})
-    largest = {name: last[name][0] for name in order if name in last}
-    for name, m in largest.items():
-        rows.append({"case": "largest", "impl": name, "metric": "largest_2N", "value": float(m),
-                     "baseline": BASELINE, "ratio": m / largest.get(BASELINE, m)})
+            for metric, value in _metrics(r, flops, cuda).items():
+                rows.append(benchmark.row(f"2N={m}", name, metric, value, base,
+                                          base_metrics.get(metric)))
+    largest = {name: float(last[name][0]) for name in order if name in last}
+    rows += benchmark.rows("largest", "largest_2N", largest, BASELINE)
     for name in order:
         done.setdefault(name, f"reached the largest size tried (2N={sizes[-1]})")
 
@@ -426,37 +406,24 @@ def run(args, argv: list[str]) -> dict:
         "flops_per_step": "6 * (2N)^2 * D: forward S = Z Z^T, backward G Z and G^T Z; the "
                           "backward recomputation of S is not counted",
         "peer": notes.get("peer", "not requested"), "notes": notes, "stopped": done,
-        "max_rel_loss_gap_vs_reference": loss_gap,
+        "max_rel_loss_gap_vs_reference": loss_gap, "torch_threads": torch.get_num_threads(),
         "baseline_rule": "reference at each size where it ran, else chunked",
         "time_budget_s": args.time_budget,
     }
-    return {"device": str(device), "versions": _versions(device),
-            "settings": settings, "results": rows}
+    return benchmark.report(device, settings, rows)
 
 
 def _print_table(report: dict):
-    rows = report["results"]
-    cases = list(dict.fromkeys(r["case"] for r in rows if r["case"] != "largest"))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    metrics = [m for m in ("time_ms", "peak_extra_MiB", "tflops") if any(r["metric"] == m for r in rows)]
-    index = {(r["case"], r["impl"], r["metric"]): r for r in rows}
-    head = f"{'case':>10} {'impl':>10} " + " ".join(f"{m:>15} {'x base':>8}" for m in metrics)
-    print(f"NT-Xent forward+backward on {report['device']} ({report['settings']['dtype']}, "
-          f"D={report['settings']['dim']}); baseline = {BASELINE}")
-    print(head)
-    print("-" * len(head))
-    for case in cases:
-        for impl in impls:
-            cells = [index.get((case, impl, m)) for m in metrics]
-            if not any(cells):
-                continue
-            text = " ".join(f"{c['value']:>15.3f} {c['ratio']:>8.3f}" if c else f"{'-':>15} {'-':>8}"
-                            for c in cells)
-            print(f"{case:>10} {impl:>10} {text}")
     settings = report["settings"]
+    title = (f"NT-Xent forward+backward on {report['device']} ({settings['dtype']}, "
+             f"D={settings['dim']}); baseline = {BASELINE}")
+    columns = [(metric if field == "value" else "x base", metric, "{:.3f}", field)
+               for metric in ("time_ms", "peak_extra_MiB", "tflops")
+               for field in ("value", "ratio")]
+    benchmark.print_table(report["results"], columns, title)
+    largest = {r["impl"]: int(r["value"]) for r in report["results"] if r["case"] == "largest"}
     for impl, why in settings["stopped"].items():
-        largest = index.get(("largest", impl, "largest_2N"))
-        print(f"{impl:>10}: largest 2N = {int(largest['value']) if largest else 0}; {why}")
+        print(f"{impl:>10}: largest 2N = {largest.get(impl, 0)}; {why}")
     for impl, note in settings["notes"].items():
         print(f"{impl:>10}: {note}")
     print("loss agreement (max relative gap to reference): "
@@ -469,11 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.memory_child:
         return _memory_child(args)
-    report = run(args, argv)
+    report = run(args, argv, benchmark.pick_device(args.device, "bench_loss"))
     _print_table(report)
-    if args.json:
-        write_atomic(args.json, json.dumps(report, indent=2, allow_nan=False) + "\n")
-        print(f"wrote {args.json}")
+    benchmark.write_json(args.json, report)
     return 0
 
 

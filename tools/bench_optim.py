@@ -1,4 +1,4 @@
-"""Optimizer step time: our LARS against the per-parameter oracle, torch's foreach SGD and peer LARS.
+"""Optimizer step time: our LARS against the per-parameter oracle, foreach SGD and peer LARS.
 
     python -m tools.bench_optim --device cpu --threads 2 --json bench_optim.json
     python -m tools.bench_optim --quick
@@ -32,21 +32,17 @@ with no second copy of torch:
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from tools import benchmark
 from tools.cli import at_least
-from train.atomic import write_atomic
 from train.lars import LARS, LARSReference, lars_param_groups
 
 BASELINE = "sgd_foreach"
@@ -54,18 +50,13 @@ PEERS = ("timm_lars", "lightly_lars")
 LR, MOMENTUM, WEIGHT_DECAY, ETA = 0.1, 0.9, 1e-6, 1e-3
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m tools.bench_optim",
-        description="Time one optimizer step of LARS (ours, the per-parameter reference, timm, "
-                    "lightly) and torch's foreach SGD on ResNet parameter sets; print a table, "
-                    "optionally write JSON.",
-    )
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="where the parameters live (default: cuda when available, else cpu)")
-    p.add_argument("--quick", action="store_true",
-                   help="few rounds (finishes in under a minute on 2 CPU cores)")
-    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
+def build_parser():
+    p = benchmark.parser(
+        "bench_optim",
+        "Time one optimizer step of LARS (ours, the per-parameter reference, timm, lightly) and "
+        "torch's foreach SGD on ResNet parameter sets; print a table, optionally write JSON.",
+        device="where the parameters live",
+        quick="few rounds (finishes in under a minute on 2 CPU cores)")
     p.add_argument("--models", default="resnet18,resnet50",
                    help="comma-separated torchvision model names (default: resnet18,resnet50)")
     p.add_argument("--threads", type=at_least(1), default=None,
@@ -122,7 +113,8 @@ def _strip(groups: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------- timing
 
-def _param_set(model_name: str, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
+def _param_set(model_name: str, device: torch.device
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
     import torchvision
 
     torch.manual_seed(0)
@@ -141,9 +133,10 @@ def _instance(params, grads, excluded, factory) -> torch.optim.Optimizer:
     for c, g in zip(copies, grads, strict=True):
         c.grad = g.clone()
     groups = [
-        {"params": [c for c, e in zip(copies, excluded, strict=True) if not e], "weight_decay": WEIGHT_DECAY,
-         "lars_exclude": False},
-        {"params": [c for c, e in zip(copies, excluded, strict=True) if e], "weight_decay": 0.0, "lars_exclude": True},
+        {"params": [c for c, e in zip(copies, excluded, strict=True) if not e],
+         "weight_decay": WEIGHT_DECAY, "lars_exclude": False},
+        {"params": [c for c, e in zip(copies, excluded, strict=True) if e],
+         "weight_decay": 0.0, "lars_exclude": True},
     ]
     return factory(groups)
 
@@ -176,78 +169,42 @@ def _time_case(params, grads, excluded, factories, device, rounds, warmup
 
 # ---------------------------------------------------------------- report
 
-def _versions(peers: dict[str, str]) -> dict[str, str]:
-    import numpy
-    import torchvision
-
-    v = {"python": platform.python_version(), "torch": torch.__version__,
-         "torchvision": torchvision.__version__, "numpy": numpy.__version__}
-    v.update({"timm": peers["timm_lars"], "lightly": peers["lightly_lars"]})
-    return v
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"cpu: {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return f"cpu: {platform.processor() or platform.machine()}"
-
-
-def _results(case: str, metric: str, times: dict[str, float]) -> list[dict[str, Any]]:
-    rows = [{"case": case, "impl": impl, "metric": metric, "value": ms, "baseline": BASELINE,
-             "ratio": ms / times[BASELINE]} for impl, ms in times.items()]
+def _results(case: str, metric: str, values: dict[str, float]) -> list[dict[str, Any]]:
+    rows = benchmark.rows(case, metric, values, BASELINE)
     for peer in PEERS:  # ours against each peer, as extra rows with that peer as the baseline
-        if peer in times:
-            rows.append({"case": case, "impl": "lars", "metric": metric, "value": times["lars"],
-                         "baseline": peer, "ratio": times["lars"] / times[peer]})
+        if peer in values:
+            rows.append(benchmark.row(case, "lars", metric, values["lars"], peer, values[peer]))
     return rows
 
 
-def _table(case: str, info: str, times: dict[str, float], best: dict[str, float],
-           first: dict[str, float]) -> str:
-    peers = [p for p in PEERS if p in times]
-    head = f"{'impl':<18} {'median ms':>10} {'min ms':>8} {'first ms':>9} {'x ' + BASELINE:>15}" + "".join(
-        f" {p + ' speed-up':>22}" for p in peers)
-    lines = [f"{case}  ({info})", head, "-" * len(head)]
-    for impl, ms in times.items():
-        first_ms = f"{first[impl]:>9.0f}" if impl in first else f"{'-':>9}"
-        line = f"{impl:<18} {ms:>10.2f} {best[impl]:>8.2f} {first_ms} {ms / times[BASELINE]:>15.2f}"
-        line += "".join(f" {times[p] / ms:>22.2f}" for p in peers)
-        lines.append(line)
-    lines.append("(ratio and speed-up columns use medians; speed-up = peer median / this row's median, "
-                 "> 1 is faster than the peer)")
-    return "\n".join(lines)
+def _print_table(case: str, info: str, rows: list[dict[str, Any]]) -> None:
+    benchmark.print_table(rows, [("median ms", "step_ms", "{:.2f}", "value"),
+                                 ("min ms", "step_ms_min", "{:.2f}", "value"),
+                                 ("first ms", "first_step_ms", "{:.0f}", "value"),
+                                 (f"x {BASELINE}", "step_ms", "{:.2f}", "ratio")],
+                          f"{case}  ({info})")
+    for r in rows:
+        if r["metric"] == "step_ms" and r["baseline"] in PEERS:
+            print(f"lars vs {r['baseline']}: {1 / r['ratio']:.2f}x its speed (median step)")
+    print("(the ratio column uses medians)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_optim: error: --device cuda but no CUDA device is visible", file=sys.stderr)
-        return 2
+    device = benchmark.pick_device(args.device, "bench_optim")
     if args.threads is not None:
-        if args.threads < 1:
-            print("bench_optim: error: --threads must be >= 1", file=sys.stderr)
-            return 2
         torch.set_num_threads(args.threads)
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 30)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
-    if rounds < 1 or warmup < 0:
-        print("bench_optim: error: --rounds must be >= 1 and --warmup >= 0", file=sys.stderr)
-        return 2
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     import torchvision
 
     unknown = [m for m in models if not hasattr(torchvision.models, m)]
     if unknown or not models:
-        print(f"bench_optim: error: unknown torchvision model(s) {unknown or models}", file=sys.stderr)
+        print(f"bench_optim: error: unknown torchvision model(s) {unknown or models}: choose "
+              "among torchvision.models' names, e.g. resnet18,resnet50", file=sys.stderr)
         return 2
 
-    device = torch.device(args.device)
     peers = _peer_status()
     factories = _factories(peers)
     cases: dict[str, dict[str, Any]] = {}
@@ -262,31 +219,23 @@ def main(argv: list[str] | None = None) -> int:
         del params, grads
         times = {k: statistics.median(v) for k, v in samples.items()}
         best = {k: min(v) for k, v in samples.items()}
-        results.extend(_results(name, "step_ms", times) + _results(name, "step_ms_min", best))
-        results.extend({"case": name, "impl": impl, "metric": "first_step_ms", "value": ms, "baseline": BASELINE,
-                        "ratio": ms / first[BASELINE] if first.get(BASELINE) else float("nan")}
-                       for impl, ms in first.items())
-        print(_table(name, info, times, best, first), end="\n\n", flush=True)
+        rows = (_results(name, "step_ms", times) + _results(name, "step_ms_min", best)
+                + benchmark.rows(name, "first_step_ms", first, BASELINE))
+        _print_table(name, info, rows)
+        print(flush=True)
+        results += rows
 
-    report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "versions": _versions(peers),
-        "settings": {
-            "device": args.device, "quick": args.quick, "models": models, "cases": cases,
-            "threads": torch.get_num_threads(), "rounds": rounds, "warmup": warmup,
-            "statistic": "step_ms: median over rounds of one step; step_ms_min: fastest round; "
-                         "implementations interleaved per round",
-            "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, "eta": ETA,
-            "grads": "fixed N(0, 1e-2^2), seed 1", "baseline": BASELINE,
-            "lars_strategy": "auto (numba on CPU float32/64, materialize elsewhere)",
-            "peers": {p: peers[p] for p in PEERS},
-        },
-        "results": results,
+    settings = {
+        "device": device.type, "quick": args.quick, "models": models, "cases": cases,
+        "threads": torch.get_num_threads(), "rounds": rounds, "warmup": warmup,
+        "statistic": "step_ms: median over rounds of one step; step_ms_min: fastest round; "
+                     "implementations interleaved per round",
+        "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, "eta": ETA,
+        "grads": "fixed N(0, 1e-2^2), seed 1", "baseline": BASELINE,
+        "lars_strategy": "auto (numba on CPU float32/64, materialize elsewhere)",
+        "peers": {p: peers[p] for p in PEERS},
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(args.json, json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    benchmark.write_json(args.json, benchmark.report(device, settings, results))
     return 0
 
 

@@ -1,7 +1,8 @@
-"""End-to-end SimCLR training throughput: the model alone (synthetic views) against each real loader.
+"""End-to-end SimCLR training throughput: the model alone (synthetic views) against each real
+loader.
 
     python -m tools.bench_train --quick
-    python -m tools.bench_train --device cuda --archs resnet50 --sizes 224 --json bench_train_cuda.json
+    python -m tools.bench_train --device cuda --archs resnet50 --sizes 224 --json train_cuda.json
     python -m tools.bench_train --device cpu --archs resnet18 --sizes 32 --batch-size 128 --steps 10
 
 Every step is train/pretrain.py's step: both views in one forward of encoder + head (bf16 autocast
@@ -27,19 +28,16 @@ and torch.compile): images/s (each image is two views), views/s, mean step / dat
 milliseconds, the median step (robust to bursts of load from other processes on a shared machine;
 the JSON settings record the load averages), the data-wait fraction, achieved TFLOP/s of model
 FLOPs (model/flops.py) and, on a GPU with a known peak, model FLOPs utilisation. One model and
-optimizer per case serve its data sources in turn, synthetic first. The data-wait ratios compare with an in-memory
-source whose wait is near zero: read those values as absolute times.
+optimizer per case serve its data sources in turn, synthetic first. The data-wait ratios compare
+with an in-memory source whose wait is near zero: read those values as absolute times.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -56,8 +54,8 @@ from model.simclr import SimCLR
 from pipelines.loader import BACKENDS, build_loader
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec, TwoViewBatch
+from tools import benchmark
 from tools.cli import above, at_least
-from train.atomic import write_atomic
 from train.lars import LARS, lars_param_groups
 from train.schedule import lr_schedule, scaled_lr
 
@@ -75,73 +73,51 @@ METRICS = {
     "achieved_tflops": ("TFLOP/s", "{:.3f}"),
     "mfu": ("MFU", "{:.1%}"),
 }
-QUICK = {"archs": "resnet18", "sizes": "32", "backends": "synthetic,torchvision,dali", "batch_size": 8,
-         "steps": 2, "warmup": 1}
+QUICK = {"archs": "resnet18", "sizes": "32", "backends": "synthetic,torchvision,dali",
+         "batch_size": 8, "steps": 2, "warmup": 1}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m tools.bench_train",
-        description="Time whole SimCLR training steps with synthetic in-memory views (the model "
-                    "alone) and with each real loader; print a table, optionally write JSON.",
+def build_parser():
+    p = benchmark.parser(
+        "bench_train",
+        "Time whole SimCLR training steps with synthetic in-memory views (the model alone) and "
+        "with each real loader; print a table, optionally write JSON.",
+        device="where the model trains", quick="a small run; see below",
         epilog="--quick: resnet18 at size 32 only, batch 8, 1 warm-up + 2 timed steps, backends "
                "synthetic, torchvision and dali (under a minute on 2 CPU cores); any option given "
                "explicitly overrides these.",
     )
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="where the model trains (default: cuda when available, else cpu)")
-    p.add_argument("--quick", action="store_true", help="a small run; see below")
-    p.add_argument("--json", type=Path, default=None, help="write results as JSON here")
-    p.add_argument("--archs", default=None, help="comma-separated encoders (default resnet18,resnet50)")
-    p.add_argument("--sizes", default=None, help="comma-separated image sides: up to 64 from random "
-                   "arrays (small stem), above from JPEGs (default 32,224)")
+    p.add_argument("--archs", default=None,
+                   help="comma-separated encoders (default resnet18,resnet50)")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated image sides: up to 64 from random arrays (small stem), "
+                        "above from JPEGs (default 32,224)")
     p.add_argument("--width", type=above(0.0), default=1.0,
-                   help="encoder channel multiplier (default 1.0, torchvision's widths; smaller for smoke runs)")
+                   help="encoder channel multiplier (default 1.0, torchvision's widths; smaller "
+                        "for smoke runs)")
     p.add_argument("--batch-size", type=at_least(2), default=None,
                    help="images per step, each two views (default: CPU 32 at size <= 64, 8 above; "
                         "CUDA 512 / 256)")
     p.add_argument("--backends", default=None,
                    help=f"comma-separated data sources among {','.join(IMPLS)} (default: all); "
                         f"'{BASELINE}' is always run, as the baseline")
-    p.add_argument("--steps", type=at_least(1), default=None, help="timed steps per run (default CPU 10, CUDA 50)")
-    p.add_argument("--warmup", type=at_least(0), default=None, help="untimed steps first (default CPU 2, CUDA 10)")
+    p.add_argument("--steps", type=at_least(1), default=None,
+                   help="timed steps per run (default CPU 10, CUDA 50)")
+    p.add_argument("--warmup", type=at_least(0), default=None,
+                   help="untimed steps first (default CPU 2, CUDA 10)")
     p.add_argument("--workers", type=at_least(0), default=None,
-                   help="loader workers / threads for every backend (default: CPU cores, at most 16)")
+                   help="loader workers / threads for every backend (default: CPU cores, at most "
+                        "16)")
     p.add_argument("--images", type=Path, default=None,
                    help="folder of JPEGs for size 224 (default: $SIMCLR_IMAGENET_SAMPLE or "
                         "../shared/data/imagenet-sample beside the repository)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (compilation falls "
-                   "in the warm-up steps: raise --warmup)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (compilation "
+                   "falls in the warm-up steps: raise --warmup)")
     return p
 
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _default_images() -> Path:
-    env = os.environ.get("SIMCLR_IMAGENET_SAMPLE")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imagenet-sample"
-
-
-def _versions() -> dict:
-    """Versions from the installed distributions' metadata: importing ffcv only to ask takes seconds."""
-    from importlib import metadata
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    wanted = {"torchvision": "torchvision", "nvidia-dali": "nvidia.dali", "ffcv": "ffcv", "numba": "numba",
-              "triton": "triton"}
-    found = {}
-    for dist in metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower()
-        for prefix, module in wanted.items():
-            if name == prefix or name.startswith(prefix + "-cuda"):  # DALI ships as nvidia-dali-cudaXYZ
-                found[module] = dist.version
-    for module in wanted.values():
-        out[module] = found.get(module, "unavailable")
-    return out
 
 
 # ---------------------------------------------------------------- data sources
@@ -150,13 +126,15 @@ class SyntheticTwoViews:
     """`steps` TwoViewBatches cycling through two pre-made batches of N(0, 1) views on `device`
     (the statistics of normalised images), channels_last like every real loader's output."""
 
-    def __init__(self, batch_size: int, size: int, steps: int, device: torch.device, seed: int = 0):
+    def __init__(self, batch_size: int, size: int, steps: int, device: torch.device,
+                 seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         def views():
             x = torch.randn(batch_size, 3, size, size, generator=g)  # [B, 3, S, S]
             return x.to(device).contiguous(memory_format=torch.channels_last)
         index = torch.arange(batch_size, device=device)
-        self.pool = [TwoViewBatch(views(), views(), torch.zeros_like(index), index) for _ in range(2)]
+        self.pool = [TwoViewBatch(views(), views(), torch.zeros_like(index), index)
+                     for _ in range(2)]
         self.steps = steps
 
     def __len__(self) -> int:
@@ -167,7 +145,8 @@ class SyntheticTwoViews:
             yield self.pool[i % 2]
 
 
-def _dataset(size: int, n: int, root: Path, images: Path) -> tuple[Split | None, AugmentSpec, str | None]:
+def _dataset(size: int, n: int, root: Path, images: Path
+             ) -> tuple[Split | None, AugmentSpec, str | None]:
     """(split of n samples, augmentation spec, reason when the case cannot run)."""
     root.mkdir(parents=True, exist_ok=True)
     if size <= 64:
@@ -175,15 +154,18 @@ def _dataset(size: int, n: int, root: Path, images: Path) -> tuple[Split | None,
         split = Split("train", rng.integers(0, 10, n).astype(np.int64),
                       images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), root=root)
         return split, AugmentSpec(size=size, jitter_strength=0.5, blur_p=0.0), None
-    files = sorted(str(p) for p in images.glob("*") if p.suffix.lower() in (".jpeg", ".jpg")) if images.is_dir() else []
+    files = sorted(str(p) for p in images.glob("*")
+                   if p.suffix.lower() in (".jpeg", ".jpg")) if images.is_dir() else []
     if not files:
         return None, AugmentSpec(size=size), (f"no JPEGs in '{images}' for size {size} "
                                               f"(set --images or SIMCLR_IMAGENET_SAMPLE)")
     files = [files[i % len(files)] for i in range(n)]  # a small sample is repeated to fill the run
-    return Split("train", np.zeros(n, dtype=np.int64), files=files, root=root), AugmentSpec(size=size), None
+    split = Split("train", np.zeros(n, dtype=np.int64), files=files, root=root)
+    return split, AugmentSpec(size=size), None
 
 
-def _real_loader(impl: str, split: Split, spec: AugmentSpec, batch_size: int, device: torch.device, workers: int):
+def _real_loader(impl: str, split: Split, spec: AugmentSpec, batch_size: int,
+                 device: torch.device, workers: int):
     if impl == "ffcv":
         beton = Path(split.root) / f"{split.name}.beton"
         if not beton.is_file():
@@ -242,13 +224,16 @@ def _time_run(source, model, optimizer, lrs, warmup: int, steps: int, temperatur
     return {"wait_s": wait, "compute_s": compute, "step_s": step_s, "final_loss": float(loss)}
 
 
-def _metrics(run: dict, steps: int, batch_size: int, flops_per_image: float, peak: float | None) -> dict:
+def _metrics(run: dict, steps: int, batch_size: int, flops_per_image: float,
+             peak: float | None) -> dict:
     total = run["wait_s"] + run["compute_s"]
     ips = steps * batch_size / total
     out = {"images_per_s": ips, "views_per_s": 2 * ips, "step_ms": 1e3 * total / steps,
            "step_ms_median": 1e3 * statistics.median(run["step_s"]),
-           "data_wait_ms": 1e3 * run["wait_s"] / steps, "compute_ms": 1e3 * run["compute_s"] / steps,
-           "data_wait_frac": run["wait_s"] / total, "achieved_tflops": flops_per_image * ips / 1e12}
+           "data_wait_ms": 1e3 * run["wait_s"] / steps,
+           "compute_ms": 1e3 * run["compute_s"] / steps,
+           "data_wait_frac": run["wait_s"] / total,
+           "achieved_tflops": flops_per_image * ips / 1e12}
     mfu = model_flops_utilisation(flops_per_image, ips, peak)
     if mfu is not None:
         out["mfu"] = mfu
@@ -265,7 +250,8 @@ def _settings(args, device: torch.device) -> dict:
     backends = _csv(args.backends or q.get("backends", ",".join(IMPLS)))
     unknown = [b for b in backends if b not in IMPLS]
     if unknown:
-        raise ValueError(f"unknown backend(s) {', '.join(unknown)}: choose among {', '.join(IMPLS)}")
+        raise ValueError(f"unknown backend(s) {', '.join(unknown)}: choose among "
+                         f"{', '.join(IMPLS)}")
     impls = [BASELINE] + [b for b in IMPLS if b in backends and b != BASELINE]
     steps = args.steps if args.steps is not None else q.get("steps", 50 if cuda else 10)
     warmup = args.warmup if args.warmup is not None else q.get("warmup", 10 if cuda else 2)
@@ -282,9 +268,9 @@ def _settings(args, device: torch.device) -> dict:
         raise ValueError(f"--sizes must be >= 8, got {sizes}")
     if not args.width > 0:
         raise ValueError(f"--width must be > 0, got {args.width}")
-    return {"archs": archs, "sizes": sizes, "impls": impls, "steps": steps, "warmup": warmup, "workers": workers,
-            "batch_size": batch_size, "width": args.width, "compile": args.compile,
-            "images": args.images or _default_images()}
+    return {"archs": archs, "sizes": sizes, "impls": impls, "steps": steps, "warmup": warmup,
+            "workers": workers, "batch_size": batch_size, "width": args.width,
+            "compile": args.compile, "images": args.images or benchmark.default_images()}
 
 
 def _batch_size(s: dict, size: int, cuda: bool) -> int:
@@ -307,7 +293,8 @@ def run_case(arch: str, size: int, s: dict, device: torch.device, tmp: Path, ski
 
     torch.manual_seed(0)
     small_stem = size <= 64  # the 3x3 stem without max-pool of the 32x32 recipes
-    model = SimCLR(arch, width=s["width"], small_stem=small_stem).to(device).to(memory_format=torch.channels_last)
+    model = SimCLR(arch, width=s["width"], small_stem=small_stem).to(device)
+    model = model.to(memory_format=torch.channels_last)
     flops = training_flops_per_image(model, size)
     peak = peak_flops(device, torch.bfloat16 if cuda else torch.float32)
     optimizer = LARS(lars_param_groups(model, 1e-6), lr=0.0, momentum=0.9, eta=0.001)
@@ -316,11 +303,14 @@ def run_case(arch: str, size: int, s: dict, device: torch.device, tmp: Path, ski
     loss_impl = resolve_impl("auto", device, model.head[-1].out_features, torch.float32)
     temperature = 0.5 if small_stem else 0.1
     lrs = lr_schedule(scaled_lr(0.3, bs), warmup + steps, warmup).tolist()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
-    case_info[case] = {"batch_size": bs, "width": s["width"], "small_stem": small_stem, "augment": dataclasses.asdict(spec),
-                       "loss_impl": loss_impl, "temperature": temperature,
-                       "training_flops_per_image": flops, "peak_flops": peak, "final_loss": {}}
-    print(f"[{case}] batch {bs}, {flops / 1e9:.2f} GFLOP per image (2 views, fwd+bwd), loss {loss_impl}", flush=True)
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda
+                else contextlib.nullcontext)
+    case_info[case] = {"batch_size": bs, "width": s["width"], "small_stem": small_stem,
+                       "augment": dataclasses.asdict(spec), "loss_impl": loss_impl,
+                       "temperature": temperature, "training_flops_per_image": flops,
+                       "peak_flops": peak, "final_loss": {}}
+    print(f"[{case}] batch {bs}, {flops / 1e9:.2f} GFLOP per image (2 views, fwd+bwd), "
+          f"loss {loss_impl}", flush=True)
 
     threads = torch.get_num_threads()
     values: dict[str, dict] = {}
@@ -333,8 +323,8 @@ def run_case(arch: str, size: int, s: dict, device: torch.device, tmp: Path, ski
                 source = SyntheticTwoViews(bs, size, warmup + steps, device)
             else:
                 source = _real_loader(impl, split, spec, bs, device, s["workers"])
-            run = _time_run(source, step_model, optimizer, lrs, warmup, steps, temperature, loss_impl, autocast,
-                            device, bs)
+            run = _time_run(source, step_model, optimizer, lrs, warmup, steps, temperature,
+                            loss_impl, autocast, device, bs)
         except Exception as e:  # a backend that cannot run here is reported and skipped
             skipped[f"{case}/{impl}"] = f"{type(e).__name__}: {e}"
             print(f"[{case}] {impl} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -348,35 +338,14 @@ def run_case(arch: str, size: int, s: dict, device: torch.device, tmp: Path, ski
         values[impl] = _metrics(run, steps, bs, flops, peak)
         case_info[case]["final_loss"][impl] = run["final_loss"]
         m = values[impl]
-        print(f"[{case}] {impl}: {m['images_per_s']:.1f} img/s, wait {m['data_wait_frac']:.0%}", flush=True)
+        print(f"[{case}] {impl}: {m['images_per_s']:.1f} img/s, wait {m['data_wait_frac']:.0%}",
+              flush=True)
     if skip:
         print(f"[{case}] real backends skipped: {skip}", flush=True)
 
-    rows = []
     base = values.get(BASELINE, {})
-    for impl, metrics in values.items():
-        for metric, v in metrics.items():
-            b = base.get(metric)
-            rows.append({"case": case, "impl": impl, "metric": metric, "value": float(v), "baseline": BASELINE,
-                         "ratio": float(v / b) if b else float("nan")})
-    return rows
-
-
-def _print_table(results: list[dict], case_info: dict) -> None:
-    cells: dict[tuple[str, str], dict[str, float]] = {}
-    for r in results:
-        cells.setdefault((r["case"], r["impl"]), {})[r["metric"]] = r["value"]
-        if r["metric"] == "images_per_s":
-            cells[(r["case"], r["impl"])]["ratio"] = r["ratio"]
-    cols = [m for m in METRICS if any(m in c for c in cells.values())]
-    head = [f"{'case':<14}", f"{'impl':<12}", f"{'batch':>5}"] + [f"{METRICS[m][0]:>10}" for m in cols] + \
-           [f"{'img/s vs ' + BASELINE:>18}"]
-    print("\n" + " ".join(head))
-    for (case, impl), c in cells.items():
-        row = [f"{case:<14}", f"{impl:<12}", f"{case_info[case]['batch_size']:>5}"]
-        row += [f"{METRICS[m][1].format(c[m]) if m in c else '-':>10}" for m in cols]
-        row.append(f"{c['ratio']:>17.2f}x")
-        print(" ".join(row))
+    return [benchmark.row(case, impl, metric, v, BASELINE, base.get(metric))
+            for impl, metrics in values.items() for metric, v in metrics.items()]
 
 
 def _loads(avg) -> str:
@@ -385,10 +354,7 @@ def _loads(avg) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_train: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = benchmark.pick_device(args.device, "bench_train")
     try:
         s = _settings(args, device)
     except ValueError as e:
@@ -400,31 +366,28 @@ def main(argv: list[str] | None = None) -> int:
         for arch in s["archs"]:
             for size in s["sizes"]:
                 results += run_case(arch, size, s, device, Path(tmpdir), skipped, case_info)
-    report = {
-        "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "versions": _versions(),
-        "settings": {"archs": s["archs"], "sizes": s["sizes"], "backends": s["impls"], "width": args.width,
-                     "steps": s["steps"], "warmup": s["warmup"], "workers": s["workers"], "quick": args.quick, "compile": args.compile,
-                     "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-                     "channels_last": True, "optimizer": "LARS (momentum 0.9, eta 0.001, weight decay 1e-6)",
-                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                     "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
-                     "images": str(s["images"]), "cases": case_info, "skipped": skipped,
-                     "timing": "per step: data wait = getting the next batch, compute = forward+loss+backward+"
-                               "LARS (CUDA synchronised each step); means over the timed steps after warm-up; "
-                               "images/s counts images, each two views",
-                     "flops": "convolution and matmul FLOPs (2 per multiply-add), forward + backward, both views, "
-                              "counted by torch.utils.flop_counter (model/flops.py)"},
-        "results": results,
-    }
-    _print_table(results, case_info)
+    cuda = device.type == "cuda"
+    settings = {
+        "archs": s["archs"], "sizes": s["sizes"], "backends": s["impls"], "width": args.width,
+        "steps": s["steps"], "warmup": s["warmup"], "workers": s["workers"], "quick": args.quick,
+        "compile": args.compile, "precision": "bf16 autocast" if cuda else "fp32",
+        "channels_last": True, "optimizer": "LARS (momentum 0.9, eta 0.001, weight decay 1e-6)",
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
+        "images": str(s["images"]), "cases": case_info, "skipped": skipped,
+        "timing": "per step: data wait = getting the next batch, compute = forward+loss+"
+                  "backward+LARS (CUDA synchronised each step); means over the timed steps after "
+                  "warm-up; images/s counts images, each two views",
+        "flops": "convolution and matmul FLOPs (2 per multiply-add), forward + backward, both "
+                 "views, counted by torch.utils.flop_counter (model/flops.py)"}
+    print()
+    benchmark.print_table(results, [(h, m, fmt, "value") for m, (h, fmt) in METRICS.items()]
+                          + [(f"img/s vs {BASELINE}", "images_per_s", "{:.2f}x", "ratio")])
     for key, reason in skipped.items():
         print(f"skipped {key}: {reason}")
-    print(f"load average (1/5/15 min) before {_loads(load_before)}, after {_loads(os.getloadavg())} "
-          f"on {os.cpu_count()} CPU cores")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(args.json, json.dumps(report, indent=2) + "\n")
+    print(f"load average (1/5/15 min) before {_loads(load_before)}, after "
+          f"{_loads(os.getloadavg())} on {os.cpu_count()} CPU cores")
+    benchmark.write_json(args.json, benchmark.report(device, settings, results))
     return 0
 
 

@@ -12,7 +12,8 @@ with the last lines of its log, and the next step runs:
     tests          pytest -m gpu: Triton and chunked NT-Xent against the reference (fp32, bf16,
                    ragged tiles, the masked diagonal, offset anchor rows), LARS's CUDA step against
                    its reference, each loader's CUDA path against its CPU path, a CUDA training run
-    loss-fp32      tools.bench_loss in float32: 2N doubles until memory, time or the step's share ends
+    loss-fp32      tools.bench_loss in float32: 2N doubles until memory, time or the step's share
+                   ends
     loss-bf16      the same in bfloat16 (the aim: 2N >= 1,048,576 on one GPU)
     optim          tools.bench_optim: the LARS step against its per-parameter form and foreach SGD
     train          tools.bench_train: ResNet-50 at 224, bf16, channels_last, synthetic views:
@@ -48,6 +49,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.benchmark import contract_problems
 from tools.cli import above, at_least
 from train.atomic import write_atomic
 
@@ -75,18 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=above(0.0), default=420.0,
                    help="seconds for the whole run, shared among the steps (default 420)")
     p.add_argument("--data", type=Path, default=None,
-                   help="folder with the four Fashion-MNIST .gz files (default: $SIMCLR_DATA, the folder "
-                        "tools/setup.sh found, or /usr/share/datasets/fashion-mnist); without it the "
-                        "quality step is skipped")
+                   help="folder with the four Fashion-MNIST .gz files (default: $SIMCLR_DATA, "
+                        "the folder tools/setup.sh found, or /usr/share/datasets/fashion-mnist); "
+                        "without it the quality step is skipped")
     p.add_argument("--images", type=Path, default=None,
                    help="folder of JPEGs for the loader steps (default: $SIMCLR_IMAGENET_SAMPLE); "
                         "without it those steps are skipped")
-    p.add_argument("--json", type=Path, default=None, help="write the report here (default: OUT/gpu_check.json)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the report here (default: OUT/gpu_check.json)")
     p.add_argument("--out", type=Path, default=Path("runs/gpu-check"),
-                   help="folder for step logs, step JSON and the quality run (default runs/gpu-check)")
+                   help="folder for step logs, step JSON and the quality run "
+                        "(default runs/gpu-check)")
     p.add_argument("--steps", default=None,
                    help="comma-separated steps to run (default: all): " + ",".join(STEP_NAMES))
-    p.add_argument("--workers", type=at_least(1), default=None, help="loader workers (default: every CPU core, at most 16)")
+    p.add_argument("--workers", type=at_least(1), default=None,
+                   help="loader workers (default: every CPU core, at most 16)")
     # hidden entry points of the child processes
     p.add_argument("--env-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--quality-child", type=float, default=None, help=argparse.SUPPRESS)
@@ -111,7 +116,8 @@ class Step:
     budget_args: object = None
 
 
-STEP_NAMES = ("env", "tests", "loss-fp32", "loss-bf16", "optim", "train", "loader", "train-loaders", "quality")
+STEP_NAMES = ("env", "tests", "loss-fp32", "loss-bf16", "optim", "train", "loader", "train-loaders",
+              "quality")
 # Shares of the budget on a GPU (seconds at the default 420; a larger budget goes to the quality
 # step, whose pretraining is the part that improves with time) and in --quick mode on a CPU.
 WEIGHTS = {"env": 10, "tests": 80, "loss-fp32": 30, "loss-bf16": 45, "optim": 15, "train": 35,
@@ -150,7 +156,8 @@ def plan_steps(args, env: dict | None, out: Path) -> list[Step]:
     workers = args.workers or min(16, os.cpu_count() or 1)
     weights = dict(QUICK_WEIGHTS if quick and not cuda else WEIGHTS)
     if not quick:
-        weights["quality"] = max(weights["quality"], args.budget_s - sum(weights.values()) + weights["quality"])
+        weights["quality"] = max(weights["quality"],
+                                 args.budget_s - sum(weights.values()) + weights["quality"])
     steps: list[Step] = []
 
     def add(name, title, argv=None, result=True, skip=None, budget_args=None, note=None):
@@ -159,12 +166,14 @@ def plan_steps(args, env: dict | None, out: Path) -> list[Step]:
             argv = [*argv, "--json", str(rf)]
         steps.append(Step(name, title, weights[name], argv, rf, skip, note, budget_args))
 
-    add("env", "environment and optional backends", [py, "-m", "tools.gpu_check", "--env-child"], result=False)
+    add("env", "environment and optional backends", [py, "-m", "tools.gpu_check", "--env-child"],
+        result=False)
 
     junit = out / "tests.xml"
     # Triton compiles each kernel variant on a fresh machine (CPU-bound): spread the tests over
     # processes where pytest-xdist is installed.
-    xdist = ["-n", str(min(8, os.cpu_count() or 1))] if cuda and importlib.util.find_spec("xdist") else []
+    xdist = (["-n", str(min(8, os.cpu_count() or 1))]
+             if cuda and importlib.util.find_spec("xdist") else [])
     add("tests", "GPU correctness tests (pytest -m gpu)",
         [py, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider", *xdist,
          f"--junitxml={junit}", "tests"], result=False)
@@ -184,7 +193,8 @@ def plan_steps(args, env: dict | None, out: Path) -> list[Step]:
         train_argv = ["--quick", "--backends", "synthetic"]
     else:
         train_argv = ["--archs", "resnet50", "--sizes", "224", "--backends", "synthetic"]
-    add("train", "ResNet-50 training step, synthetic views" if not quick else "training step, synthetic views",
+    add("train", "training step, synthetic views" if quick
+        else "ResNet-50 training step, synthetic views",
         [py, "-m", "tools.bench_train", *dev, *train_argv])
 
     n_jpeg = _jpegs(args.images)
@@ -208,8 +218,9 @@ def plan_steps(args, env: dict | None, out: Path) -> list[Step]:
                                     "--images", str(args.images)],
             skip=no_images, note=loader_note)
         add("train-loaders", "ResNet-50 training step with each real loader vs synthetic",
-            None if no_images else [py, "-m", "tools.bench_train", *dev, "--archs", "resnet50", "--sizes", "224",
-                                    "--workers", str(workers), "--images", str(args.images),
+            None if no_images else [py, "-m", "tools.bench_train", *dev, "--archs", "resnet50",
+                                    "--sizes", "224", "--workers", str(workers),
+                                    "--images", str(args.images),
                                     "--backends", ",".join(["synthetic", *loaders])],
             skip=no_images, note=loader_note)
 
@@ -239,7 +250,8 @@ def _tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
 
 
 def run_step(step: Step, limit_s: float, log_path: Path) -> dict:
-    """Run one step's subprocess for at most `limit_s` seconds; its record (without the parsed results)."""
+    """Run one step's subprocess for at most `limit_s` seconds; its record (without the parsed
+    results)."""
     argv = list(step.argv)
     if step.budget_args is not None:
         argv += step.budget_args(limit_s)
@@ -265,7 +277,8 @@ def run_step(step: Step, limit_s: float, log_path: Path) -> dict:
 
 
 def _kill_group(proc: subprocess.Popen) -> int:
-    """SIGTERM the step's whole process group (loader workers included), SIGKILL what outlives the grace."""
+    """SIGTERM the step's whole process group (loader workers included), SIGKILL what outlives
+    the grace."""
     for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 30.0)):
         try:
             os.killpg(proc.pid, sig)
@@ -279,7 +292,8 @@ def _kill_group(proc: subprocess.Popen) -> int:
 
 
 def share_of_budget(weights: list[float], remaining_s: float) -> float:
-    """The first step's limit: its weight's share of the seconds left for it and the steps after it."""
+    """The first step's limit: its weight's share of the seconds left for it and the steps after
+    it."""
     total = sum(weights)
     return remaining_s * weights[0] / total if total > 0 else 0.0
 
@@ -295,27 +309,13 @@ def _load_json(path: Path | None) -> dict | None:
         return None
 
 
-CONTRACT_ROW = {"case", "impl", "metric", "value", "baseline", "ratio"}
-
-
-def contract_problems(report: dict | None) -> list[str]:
-    """What a benchmark JSON lacks of the benchmark contract (DESIGN.md): [] when it complies."""
-    if not isinstance(report, dict):
-        return ["no JSON written"]
-    problems = [f"missing '{k}'" for k in ("device", "versions", "settings", "results") if k not in report]
-    rows = report.get("results")
-    if not isinstance(rows, list) or not rows:
-        return problems + ["'results' is empty"]
-    for r in rows:
-        missing = CONTRACT_ROW - set(r) if isinstance(r, dict) else CONTRACT_ROW
-        if missing:
-            problems.append(f"a result row lacks {sorted(missing)}")
-            break
-    return problems
-
-
 def _rows(report: dict) -> dict[tuple[str, str, str], dict]:
-    return {(r["case"], r["impl"], r["metric"]): r for r in report.get("results", [])}
+    """Rows by (case, impl, metric); bench_optim adds rows of lars against each peer after the
+    one against its main baseline: the first row is that one."""
+    rows: dict[tuple[str, str, str], dict] = {}
+    for r in report.get("results", []):
+        rows.setdefault((r["case"], r["impl"], r["metric"]), r)
+    return rows
 
 
 def _num(x) -> float | None:
@@ -378,10 +378,10 @@ def headline_loss(r: dict) -> str:
     impl = "triton" if any(k[1] == "triton" for k in rows) else "chunked"
     for m in (32768, 16384, 8192, 4096, 2048, 1024):
         t = rows.get((f"2N={m}", impl, "time_ms"))
-        if t and t["baseline"] == "reference" and t["ratio"]:
+        if t and t["baseline"] == "reference" and _num(t["ratio"]):
             mem = rows.get((f"2N={m}", impl, "peak_extra_MiB"))
             text = f"at 2N={m:,}: {impl} {1 / t['ratio']:.2f}x the reference's speed"
-            if mem and mem["ratio"]:
+            if mem and _num(mem["ratio"]):
                 text += f", 1/{1 / mem['ratio']:.0f} of its memory"
             parts.append(text)
             break
@@ -393,7 +393,8 @@ def headline_optim(r: dict) -> str:
     for (case, impl, metric), row in _rows(r).items():
         if impl == "lars" and metric == "step_ms":
             ref = _rows(r).get((case, "lars_reference", "step_ms"))
-            speed = f", {ref['value'] / row['value']:.1f}x the per-parameter form" if ref and row["value"] else ""
+            speed = (f", {ref['value'] / row['value']:.1f}x the per-parameter form"
+                     if ref and row["value"] else "")
             out.append(f"{case}: {row['value']:.2f} ms ({row['ratio']:.2f}x foreach SGD{speed})")
     return "; ".join(out) or "no LARS rows"
 
@@ -424,7 +425,8 @@ def headline_loader(r: dict) -> str:
     out = []
     for (case, impl, metric), row in _rows(r).items():
         if metric == "images_per_s":
-            ratio = f" ({row['ratio']:.2f}x {row['baseline']})" if impl != row["baseline"] and _num(row.get("ratio")) else ""
+            ratio = (f" ({row['ratio']:.2f}x {row['baseline']})"
+                     if impl != row["baseline"] and _num(row.get("ratio")) else "")
             out.append(f"{case} {impl}: {row['value']:.0f} img/s{ratio}")
     out += [f"{k} skipped" for k in (r.get("settings") or {}).get("skipped") or {}]
     return "; ".join(out) or "no rows"
@@ -437,7 +439,8 @@ def headline_quality(r: dict) -> str:
         text += f" (raw pixels {100 * raw:.2f}%)"
     p = r.get("pretraining") or {}
     if p:
-        text += f" after {p.get('wall_s', 0):.0f} s, {p.get('epochs', 0):.1f} epochs at {p.get('images_per_s', 0):.0f} img/s"
+        text += (f" after {p.get('wall_s', 0):.0f} s, {p.get('epochs', 0):.1f} epochs at "
+                 f"{p.get('images_per_s', 0):.0f} img/s")
     return text
 
 
@@ -463,7 +466,8 @@ def finish_record(step: Step, rec: dict) -> dict:
         if summary is None:
             rec["status"], rec["headline"] = "fail", "pytest wrote no report"
         else:
-            rec["headline"] = (f"{summary['passed']} passed, {summary['failures'] + summary['errors']} failed, "
+            rec["headline"] = (f"{summary['passed']} passed, "
+                               f"{summary['failures'] + summary['errors']} failed, "
                                f"{summary['skipped']} skipped")
             if summary["failures"] + summary["errors"]:
                 rec["status"] = "fail"
@@ -477,7 +481,8 @@ def finish_record(step: Step, rec: dict) -> dict:
         if result is not None:
             problems = contract_problems(result) if step.name != "quality" else []
             if problems:
-                rec["status"], rec["headline"] = "fail", "benchmark JSON breaks the contract: " + "; ".join(problems)
+                rec["status"] = "fail"
+                rec["headline"] = "benchmark JSON breaks the contract: " + "; ".join(problems)
             else:
                 try:
                     rec["headline"] = HEADLINES[step.name](result)
@@ -487,7 +492,8 @@ def finish_record(step: Step, rec: dict) -> dict:
             rec["status"], rec["headline"] = "fail", "the step wrote no results"
     if timed_out:
         rec["status"] = "timeout"
-        rec["headline"] = f"killed after its {rec['limit_s']:.0f} s share" + (f"; {rec['headline']}" if rec["headline"] else "")
+        rec["headline"] = (f"killed after its {rec['limit_s']:.0f} s share"
+                           + (f"; {rec['headline']}" if rec["headline"] else ""))
     elif rc != 0 and rec["status"] != "fail":
         rec["status"] = "fail"
         rec["headline"] = f"exit status {rc}" + (f"; {rec['headline']}" if rec["headline"] else "")
@@ -525,12 +531,13 @@ def _try_import(module: str, timeout: float = 120.0) -> dict:
     """Import `module` in a fresh interpreter (a broken install can crash or hang it)."""
     code = (f"import {module} as m; print('VERSION', getattr(m, '__version__', '?'))")
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                              cwd=ROOT)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"import {module} hung for {timeout:.0f} s"}
     if proc.returncode == 0:
-        version = next((x.split()[1] for x in proc.stdout.splitlines() if x.startswith("VERSION ")), "?")
+        version = next((x.split()[1] for x in proc.stdout.splitlines()
+                        if x.startswith("VERSION ")), "?")
         return {"ok": True, "version": version}
     lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
     return {"ok": False, "error": lines[-1][:300] if lines else f"exit status {proc.returncode}"}
@@ -540,7 +547,8 @@ def environment() -> dict:
     import torch
 
     env: dict = {"python": platform.python_version(), "executable": sys.executable,
-                 "platform": platform.platform(), "time_utc": dt.datetime.now(dt.timezone.utc).isoformat()}
+                 "platform": platform.platform(),
+                 "time_utc": dt.datetime.now(dt.timezone.utc).isoformat()}
     cpu_model = None
     try:
         cpu_model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
@@ -555,37 +563,44 @@ def environment() -> dict:
     env["cpu"] = {"model": cpu_model, "cores": os.cpu_count(), "memory_gib": mem_gib,
                   "torch_threads": torch.get_num_threads()}
     env["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda,
-                    "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                    "cudnn": (torch.backends.cudnn.version()
+                              if torch.backends.cudnn.is_available() else None),
                     "cuda_available": torch.cuda.is_available(), "bf16_supported": None}
     gpus = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             gpus.append({"index": i, "name": p.name, "memory_gib": p.total_memory / 2**30,
-                         "capability": f"{p.major}.{p.minor}", "multiprocessors": p.multi_processor_count})
+                         "capability": f"{p.major}.{p.minor}",
+                         "multiprocessors": p.multi_processor_count})
         env["torch"]["bf16_supported"] = torch.cuda.is_bf16_supported()
     env["gpus"] = gpus
     env["driver"] = None
     if shutil.which("nvidia-smi"):
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30).stdout.split()
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=30).stdout.split()
             env["driver"] = out[0] if out else None
         except (OSError, subprocess.TimeoutExpired):
             pass
     from model.flops import peak_flops
 
     peak = peak_flops("cuda", torch.bfloat16) if gpus else None
-    env["peak_tflops_bf16"] = peak / 1e12 if peak else None  # the MFU denominator; None: GPU not in the table
-    env["versions"] = {d: _version(d) for d in ("torch", "torchvision", "triton", "accelerate", "numba", "numpy",
-                                                 "pillow", "pyyaml", "tqdm", "rich", "tensorboard", "pytest")}
-    env["versions"]["nvidia-dali"] = next((_version(d) for d in ("nvidia-dali-cuda130", "nvidia-dali-cuda120",
-                                                                  "nvidia-dali-cuda110") if _version(d)), None)
+    # the MFU denominator; None: GPU not in the table
+    env["peak_tflops_bf16"] = peak / 1e12 if peak else None
+    env["versions"] = {d: _version(d) for d in ("torch", "torchvision", "triton", "accelerate",
+                                                 "numba", "numpy", "pillow", "pyyaml", "tqdm",
+                                                 "rich", "tensorboard", "pytest")}
+    env["versions"]["nvidia-dali"] = next(
+        (_version(d) for d in ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110")
+         if _version(d)), None)
     env["versions"]["ffcv"] = _version("ffcv")
     env["versions"]["lightly"] = _version("lightly")
     env["triton_importable"] = importlib.util.find_spec("triton") is not None
     env["optional"] = {name: _try_import(module) for name, module in OPTIONAL.items()}
-    env["env_vars"] = {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET", "OMP_NUM_THREADS")
+    env["env_vars"] = {k: os.environ[k]
+                       for k in ("CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET", "OMP_NUM_THREADS")
                        if k in os.environ}
     return env
 
@@ -593,7 +608,8 @@ def environment() -> dict:
 # ---------------------------------------------------------------- child: quality
 
 def quality(args, limit_s: float) -> dict:
-    """Convert Fashion-MNIST, pretrain for what the limit leaves, evaluate; the results as a dict."""
+    """Convert Fashion-MNIST, pretrain for what the limit leaves, evaluate; the results as a
+    dict."""
     t0 = time.perf_counter()
     out = args.out.resolve()
     data_dir, run_dir = out / "fashion-mnist", out / "quality-run"
@@ -610,13 +626,15 @@ def quality(args, limit_s: float) -> dict:
     if args.quick:
         budget = min(budget, 20.0)
     workers = args.workers or min(16, os.cpu_count() or 1)
-    overrides = [f"--train.out_dir={run_dir}", f"--data.path={data_dir}", f"--train.time_budget_s={budget:.0f}",
-                 f"--data.num_workers={workers}", "--train.knn_every=-1", "--train.checkpoint_every=0"]
+    overrides = [f"--train.out_dir={run_dir}", f"--data.path={data_dir}",
+                 f"--train.time_budget_s={budget:.0f}", f"--data.num_workers={workers}",
+                 "--train.knn_every=-1", "--train.checkpoint_every=0"]
     # The recipe's DALI when it imports, else the torchvision reference loader.
-    overrides.append("--data.backend=" + ("dali" if _try_import("nvidia.dali")["ok"] else "torchvision"))
+    overrides.append("--data.backend="
+                     + ("dali" if _try_import("nvidia.dali")["ok"] else "torchvision"))
     if args.quick:  # a toy network and batch: this checks the path, not the accuracy
-        overrides += ["--model.width=0.125", "--model.head_out=16", "--data.batch_size=64", "--optim.epochs=1",
-                      "--optim.warmup_epochs=0.1", "--train.log_every=5"]
+        overrides += ["--model.width=0.125", "--model.head_out=16", "--data.batch_size=64",
+                      "--optim.epochs=1", "--optim.warmup_epochs=0.1", "--train.log_every=5"]
     if args.device == "cpu":
         overrides.append("--train.mixed_precision=fp32")
     from train.pretrain import main as pretrain_main
@@ -640,8 +658,9 @@ def quality(args, limit_s: float) -> dict:
             "raw_pixels_top1": ev.get("raw_pixels", {}).get("top1"),
             "train_count": ev["train_count"], "eval_count": ev["eval_count"],
             "pretraining": ev.get("pretraining"), "recipe": recipe, "overrides": overrides,
-            "time_budget_s": budget, "seconds": {"convert": t_convert, "pretrain": t_pretrain,
-                                                 "evaluate": time.perf_counter() - t0 - t_convert - t_pretrain}}
+            "time_budget_s": budget,
+            "seconds": {"convert": t_convert, "pretrain": t_pretrain,
+                        "evaluate": time.perf_counter() - t0 - t_convert - t_pretrain}}
 
 
 # ---------------------------------------------------------------- driver
@@ -670,12 +689,14 @@ def run_all(args) -> dict:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    wanted = set(STEP_NAMES if not args.steps else [s.strip() for s in args.steps.split(",") if s.strip()])
+    wanted = set(STEP_NAMES if not args.steps
+                 else [s.strip() for s in args.steps.split(",") if s.strip()])
     unknown = wanted - set(STEP_NAMES)
     if unknown:
-        raise SystemExit(f"gpu_check: unknown step(s) {', '.join(sorted(unknown))}: choose among {', '.join(STEP_NAMES)}")
-    print(f"gpu_check: device {args.device}{' (quick)' if args.quick else ''}, budget {args.budget_s:.0f} s, "
-          f"logs in {out}", flush=True)
+        raise SystemExit(f"gpu_check: unknown step(s) {', '.join(sorted(unknown))}: choose among "
+                         f"{', '.join(STEP_NAMES)}")
+    print(f"gpu_check: device {args.device}{' (quick)' if args.quick else ''}, "
+          f"budget {args.budget_s:.0f} s, logs in {out}", flush=True)
 
     records: list[dict] = []
     env: dict | None = None
@@ -695,21 +716,24 @@ def run_all(args) -> dict:
             rec.update(status="skip", headline=f"the --budget-s of {args.budget_s:.0f} s is spent")
         else:
             limit = share_of_budget([s.weight for s in todo], remaining)
-            print(f"[{len(records) + 1}/{len(steps)}] {step.name}: {step.title} (limit {limit:.0f} s)", flush=True)
+            print(f"[{len(records) + 1}/{len(steps)}] {step.name}: {step.title} "
+                  f"(limit {limit:.0f} s)", flush=True)
             rec.update(run_step(step, limit, out / f"{step.name}.log"))
             finish_record(step, rec)
         print(f"    {rec['status']}: {rec['headline']}", flush=True)
         records.append(rec)
         if step.name == "env" and rec.get("results"):
             env = rec["results"]
-            steps = steps[:i + 1] + plan_steps(args, env, out)[i + 1:]  # loaders follow what imports
+            # the loaders follow what imports
+            steps = steps[:i + 1] + plan_steps(args, env, out)[i + 1:]
         i += 1
 
     counts = {s: sum(r["status"] == s for r in records) for s in STATUSES}
-    report = {"tool": "gpu_check", "device": args.device, "quick": args.quick, "budget_s": args.budget_s,
-              "seconds": time.perf_counter() - t_start, "command": [sys.executable, "-m", "tools.gpu_check",
-                                                                  *sys.argv[1:]],
-              "data": str(args.data) if args.data else None, "images": str(args.images) if args.images else None,
+    report = {"tool": "gpu_check", "device": args.device, "quick": args.quick,
+              "budget_s": args.budget_s, "seconds": time.perf_counter() - t_start,
+              "command": [sys.executable, "-m", "tools.gpu_check", *sys.argv[1:]],
+              "data": str(args.data) if args.data else None,
+              "images": str(args.images) if args.images else None,
               "environment": env, "counts": counts, "steps": records}
     return _clean(report)
 
@@ -730,8 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is None:
         args.data = _default_data()
     elif not all((args.data / f).is_file() for f in FMNIST_FILES):
-        print(f"gpu_check: error: --data '{args.data}' lacks the Fashion-MNIST files ({', '.join(FMNIST_FILES)})",
-              file=sys.stderr)
+        print(f"gpu_check: error: --data '{args.data}' lacks the Fashion-MNIST files "
+              f"({', '.join(FMNIST_FILES)})", file=sys.stderr)
         return 2
     if args.images is None:
         args.images = _default_images()
@@ -747,8 +771,8 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(report, indent=1, allow_nan=False) + "\n")
     c = report["counts"]
-    print(f"\n{c['pass']} passed, {c['fail']} failed, {c['timeout']} timed out, {c['skip']} skipped "
-          f"in {report['seconds']:.0f} s; report: {path}")
+    print(f"\n{c['pass']} passed, {c['fail']} failed, {c['timeout']} timed out, "
+          f"{c['skip']} skipped in {report['seconds']:.0f} s; report: {path}")
     return 0 if c["fail"] == 0 and c["timeout"] == 0 else 1
 
 
