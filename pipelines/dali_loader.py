@@ -18,7 +18,6 @@ drops its pipeline, and the next pass builds a fresh one.
 
 from __future__ import annotations
 
-import struct
 import weakref
 from collections.abc import Iterator
 
@@ -27,44 +26,11 @@ import torch
 
 from pipelines.augment_params import sample_views
 from pipelines.dali_ops import simclr_view, view_inputs
+from pipelines.formats import FormatError, image_size
 from pipelines.loader import to_device
 from pipelines.sharding import ShardedEpochs, shard_indices
 from pipelines.sources import DatasetError, Split, show_path
 from pipelines.spec import AugmentSpec, TwoViewBatch
-
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def jpeg_size(data: bytes) -> tuple[int, int]:
-    """(height, width) from a JPEG's start-of-frame header, without decoding."""
-    if data[:2] != b"\xff\xd8":
-        raise ValueError("not a JPEG (no SOI marker)")
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            pos += 1
-            continue
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        seg_len = struct.unpack(">H", data[pos + 2:pos + 4])[0]
-        if marker in _SOF_MARKERS:
-            h, w = struct.unpack(">HH", data[pos + 5:pos + 9])
-            return h, w
-        pos += 2 + seg_len
-    raise ValueError("JPEG has no start-of-frame header")
-
-
-def image_size(data: bytes) -> tuple[int, int]:
-    """(height, width) of a JPEG or PNG from its header, without decoding."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
-        w, h = struct.unpack(">II", data[16:24])
-        return h, w
-    return jpeg_size(data)
 
 
 class _EpochFeed:
@@ -168,17 +134,16 @@ class DaliTwoViewLoader(ShardedEpochs):
         heights, widths = [], []
         for i, blob in zip(idx, blobs, strict=True):
             try:
-                h, w = image_size(blob.tobytes())
-            except (ValueError, struct.error) as e:
-                raise DatasetError(f"cannot read the size of '{show_path(self.split.files[i])}' "
-                                   f"({e}): re-run tools.convert") from None
+                h, w = image_size(blob.tobytes(), name=self.split.files[i])
+            except FormatError as e:
+                raise DatasetError(str(e)) from None
             heights.append(h)
             widths.append(w)
         return blobs, np.array(heights), np.array(widths)
 
     def _culprit(self, epoch: int, b: int, error: Exception) -> DatasetError:
         """A one-line error for DALI's failure on batch `b`, naming the file it could not decode."""
-        from pipelines.formats import FormatError, decode_rgb
+        from pipelines.formats import decode_rgb
 
         brief = " ".join(str(error).split())[:200]
         if self.kind == "files":

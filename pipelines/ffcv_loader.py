@@ -20,25 +20,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.ffcv_ops import write_beton  # noqa: F401  (tools.convert writes .beton files through this module)
 from pipelines.loader import to_device
 from pipelines.sharding import ShardedEpochs
-from pipelines.sources import DatasetError, Split, check_artefact
+from pipelines.sources import DatasetError, Split, find_beton
 from pipelines.spec import AugmentSpec, TwoViewBatch
 
 
 def beton_path(split: Split) -> Path:
+    """The split's FFCV file, checked (missing or truncated: `DatasetError`)."""
     if split.root is None:
-        raise ValueError(f"split '{split.name}' has no dataset directory (Split.root): open it with "
-                         f"pipelines.sources.open_dataset(...).split(...)")
-    path = Path(split.root) / f"{split.name}.beton"
-    if not path.is_file():
-        raise DatasetError(f"no FFCV file '{path}': write it with "
-                           f"'python -m tools.convert ... {split.root} --to ffcv'")
-    return check_artefact(Path(split.root), path.name, split.artefacts)  # truncated: DatasetError
+        raise ValueError(f"split '{split.name}' has no dataset directory (Split.root): open it "
+                         f"with pipelines.sources.open_dataset(...).split(...)")
+    return find_beton(split.root, split.name, split.artefacts)
 
 
-def view_pipeline(spec: AugmentSpec, key, device: torch.device, colour_on_device: bool = False) -> list:
+def view_pipeline(spec: AugmentSpec, key, device: torch.device,
+                  colour_on_device: bool = False) -> list:
     """The FFCV operations of one SimCLR view, ending on `device` as uint8 NHWC.
 
     With `colour_on_device`, the tail is left to `pipelines.render_gpu` after the transfer (the

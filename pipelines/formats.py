@@ -6,6 +6,7 @@
     inspect_image(path)       fully decode one image file: sha256, mode, size, whether it is
                               served as is (`ImageCheck.plain`) or the error
     decode_rgb(path or bytes) the pixels of an image file, uint8 [H, W, 3], for every backend
+    image_size(path or bytes) (height, width) of an image file from its header alone
 
 Every reader raises `FormatError` with a one-line "<problem>: <fix>" message that names the
 file, never a bare struct/pickle/zlib exception.
@@ -189,6 +190,15 @@ def _to_rgb(im) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
 
 
+def _shown_name(source: str | Path | bytes, name: str | None) -> str:
+    """The file a message names: `name`, else the path (bytes without a name: '<bytes>')."""
+    from pipelines.sources import show_path
+
+    if name is None:
+        name = "<bytes>" if isinstance(source, bytes) else source
+    return show_path(name)
+
+
 def decode_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
     """The pixels of an image file, uint8 [H, W, 3]: what every backend trains on.
 
@@ -196,11 +206,7 @@ def decode_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarra
     """
     from PIL import Image, UnidentifiedImageError
 
-    from pipelines.sources import show_path
-
-    if name is None:
-        name = "<bytes>" if isinstance(source, bytes) else source
-    name = show_path(name)
+    name = _shown_name(source, name)
     try:
         raw = source if isinstance(source, bytes) else Path(source).read_bytes()
     except OSError as e:
@@ -215,6 +221,22 @@ def decode_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarra
     except Exception as e:  # noqa: BLE001  PIL raises OSError, SyntaxError, ValueError, ...
         why = " ".join(f"{type(e).__name__}: {e}".split())
     raise FormatError(f"cannot decode image '{name}' ({why})", "re-run tools.convert")
+
+
+def image_size(source: str | Path | bytes, name: str | None = None) -> tuple[int, int]:
+    """(height, width) of an image file as stored (no EXIF rotation), read from its header: PIL
+    decodes no pixels until asked. Raises `FormatError` naming the file when PIL cannot."""
+    from PIL import Image, UnidentifiedImageError
+
+    name = _shown_name(source, name)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            return im.height, im.width
+    except UnidentifiedImageError:  # its message names the BytesIO, not the file
+        why = "not an image format PIL recognises"
+    except Exception as e:  # noqa: BLE001  PIL raises OSError, SyntaxError, ValueError, ...
+        why = " ".join(f"{type(e).__name__}: {e}".split())
+    raise FormatError(f"cannot read the size of image '{name}' ({why})", "re-run tools.convert")
 
 
 @dataclass(frozen=True, slots=True)  # one per image: keep it small for ImageNet-sized folders

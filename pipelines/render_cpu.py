@@ -12,9 +12,9 @@ step by step and in float32 like torchvision:
 * blur: Gaussian of odd window ``P_WINDOW`` (the sampler's +-4 sigma cut), reflect-101 borders,
   rounded half to even.
 
-FFCV's compiled pipeline calls `render_tail` per sample (`ffcv_ops.tail_batch`); DALI runs it per
-sample inside its CPU graph (`dali_tail`); `render_batch` serves host code. On a GPU the same maths
-runs as batched torch ops (`pipelines.render_gpu`).
+FFCV's compiled pipeline (`ffcv_ops.SimCLRTail`) calls `tail_batch`, which also draws each sample's
+parameters; DALI runs `render_tail` per sample inside its CPU graph (`dali_tail`); `render_batch`
+serves host code. On a GPU the same maths runs as batched torch ops (`pipelines.render_gpu`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numba
 import numpy as np
 
 from pipelines.augment_params import (
+    N_P,
     P_BLUR,
     P_FACTOR,
     P_FLIP,
@@ -33,10 +34,13 @@ from pipelines.augment_params import (
     P_ORDER,
     P_SIGMA,
     P_WINDOW,
+    stream,
+    tail_params,
 )
 
 _F32 = np.float32
-# torchvision's luma weights and its float -> uint8 scale (to_dtype: x * (255 + 1 - 1e-3), truncated)
+# torchvision's luma weights and its float -> uint8 scale (to_dtype: x * (255 + 1 - 1e-3),
+# truncated)
 _LR, _LG, _LB = np.float32(0.2989), np.float32(0.587), np.float32(0.114)
 _TO_U8 = np.float32(255.999)
 _INV_255 = np.float32(1.0 / 255.0)
@@ -50,7 +54,8 @@ def _trunc_u8(v):
 
 @numba.njit(inline="always")
 def _luma(r, g, b):
-    """torchvision's r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114): fused multiply-adds."""
+    """torchvision's r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114): fused
+    multiply-adds."""
     lum = _F32(np.float64(_F32(_F32(r) * _LR)) + np.float64(g) * np.float64(_LG))
     return _F32(np.float64(lum) + np.float64(b) * np.float64(_LB))
 
@@ -73,11 +78,13 @@ def _blend(img, factor, mean, per_pixel):
     h, w = img.shape[0], img.shape[1]
     for y in range(h):
         for x in range(w):
-            gray = math.floor(_luma(img[y, x, 0], img[y, x, 1], img[y, x, 2])) if per_pixel else mean
+            gray = (math.floor(_luma(img[y, x, 0], img[y, x, 1], img[y, x, 2])) if per_pixel
+                    else mean)
             gray = _F32(gray)
             for c in range(3):
                 # torch's add_(other, alpha) is a fused multiply-add: the exact product in double
-                img[y, x, c] = _trunc_u8(_F32(np.float64(_F32(_F32(img[y, x, c]) * f)) + np.float64(gray) * g1))
+                scaled = _F32(_F32(img[y, x, c]) * f)
+                img[y, x, c] = _trunc_u8(_F32(np.float64(scaled) + np.float64(gray) * g1))
 
 
 @numba.njit
@@ -254,6 +261,19 @@ def render_batch(images, params):
     """`render_tail` of every image of uint8 [B, H, W, 3], in place, threads over samples."""
     for i in numba.prange(images.shape[0]):
         render_tail(images[i], params[i])
+
+
+@numba.njit(parallel=True, nogil=True)
+def tail_batch(images, indices, key, flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo, s_hi,
+               kernel_size):
+    """`render_batch` with each sample's parameters drawn here, from the one sampler under `key`:
+    FFCV's compiled code calls it with the epoch's key (no host round trip). From Python: uint8
+    [B, H, W, 3], int64 [B] indices and `spec_constants(spec)[4:]`."""
+    for i in numba.prange(images.shape[0]):
+        p = np.empty(N_P)
+        tail_params(stream(key, indices[i]), flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo,
+                    s_hi, kernel_size, p)
+        render_tail(images[i], p)
 
 
 # ---- DALI: the same kernel as a per-sample operator of the CPU graph ---------------------------

@@ -114,6 +114,20 @@ def read_image_bytes(path: str, want: int | None) -> bytes:
     return data
 
 
+def beton_file(root: str | Path, split: str) -> Path:
+    """Where split `split`'s FFCV file is written and read: `<dataset dir>/<split>.beton`."""
+    return Path(root) / f"{split}.beton"
+
+
+def find_beton(root: str | Path, split: str, artefacts: dict) -> Path:
+    """`beton_file`, after checking that it exists with the byte size the manifest records."""
+    path = beton_file(root, split)
+    if not path.is_file():
+        raise DatasetError(f"no FFCV file '{path}': write it with "
+                           f"'python -m tools.convert ... {root} --to ffcv'")
+    return check_artefact(Path(root), path.name, artefacts)
+
+
 @dataclass
 class Split:
     name: str
@@ -173,12 +187,7 @@ class DatasetDir:
         return list(self.manifest["splits"])
 
     def beton(self, split: str) -> Path:
-        path = self.root / f"{split}.beton"
-        if not path.is_file():
-            raise DatasetError(
-                f"no FFCV file '{path}': write it with 'python -m tools.convert ... {self.root} --to ffcv'"
-            )
-        return check_artefact(self.root, path.name, self.artefacts)
+        return find_beton(self.root, split, self.artefacts)
 
     def _load(self, name: str, **kwargs) -> np.ndarray:
         path = check_artefact(self.root, name, self.artefacts)

@@ -64,6 +64,7 @@ from pipelines.sources import (
     MANIFEST,
     BetonWriteError,
     DatasetError,
+    beton_file,
     open_dataset,
     show_path,
     write_file_list,
@@ -471,10 +472,11 @@ def _write_manifest(root: Path, manifest: dict) -> None:
 
 def _load_write_beton():
     try:
-        from pipelines.ffcv_loader import write_beton
+        from pipelines.ffcv_writer import write_beton
     except ImportError as e:
-        raise ConvertError(f"--to ffcv needs pipelines.ffcv_loader.write_beton, which failed to "
-                           f"import ({e})", "install ffcv (tools/setup.sh) or use --to numpy") from None
+        raise ConvertError(f"--to ffcv needs pipelines.ffcv_writer.write_beton, which failed to "
+                           f"import ({e})",
+                           "install ffcv (tools/setup.sh) or use --to numpy") from None
     return write_beton
 
 
@@ -482,11 +484,11 @@ def write_betons(root: Path, manifest: dict, max_resolution: int | None) -> dict
     write_beton = _load_write_beton()
     dataset = open_dataset(root)
     for split in tqdm(dataset.splits, desc="writing .beton", disable=None, leave=False):
+        path = beton_file(root, split)
         try:
-            write_beton(dataset.split(split), root / f"{split}.beton",
-                        max_resolution=max_resolution)
+            write_beton(dataset.split(split), path, max_resolution=max_resolution)
         except BetonWriteError as e:
-            raise ConvertError(f"writing {split}.beton failed: {e}",
+            raise ConvertError(f"writing {path.name} failed: {e}",
                                "fix or remove that image (or pass --max-resolution) and "
                                "convert again") from None
     manifest["artefacts"] = artefact_records(root, known=manifest["artefacts"])

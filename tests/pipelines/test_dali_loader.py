@@ -11,7 +11,8 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from pipelines.dali_loader import DaliTwoViewLoader, jpeg_size  # noqa: E402
+from pipelines.dali_loader import DaliTwoViewLoader  # noqa: E402
+from pipelines.formats import image_size  # noqa: E402
 from pipelines.sharding import shard_indices  # noqa: E402
 from pipelines.spec import AugmentSpec  # noqa: E402
 from tests.pipelines.augment_stats import (  # noqa: E402
@@ -307,7 +308,7 @@ def test_jpeg_files(tmp_path):
     for i, (h, w) in enumerate([(40, 60), (64, 48), (33, 35)]):
         p = tmp_path / f"{i}.jpg"
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p, quality=90)
-        assert jpeg_size(p.read_bytes()) == (h, w)
+        assert image_size(p.read_bytes()) == (h, w)
         files.append(str(p))
     from pipelines.sources import Split
 

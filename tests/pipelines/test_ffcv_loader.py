@@ -16,8 +16,9 @@ import torch
 pytest.importorskip("ffcv")
 
 from pipelines.ffcv_loader import FfcvTwoViewLoader  # noqa: E402
-from pipelines.ffcv_ops import write_beton  # noqa: E402
+from pipelines.ffcv_writer import write_beton  # noqa: E402
 from pipelines.sharding import shard_indices  # noqa: E402
+from pipelines.sources import beton_file  # noqa: E402
 from pipelines.spec import AugmentSpec  # noqa: E402
 from tests.pipelines.augment_stats import (  # noqa: E402
     area_ratio_stats,
@@ -44,7 +45,7 @@ COORD_H, COORD_W, COORD_N = 48, 64, 256
 def split(tmp_path_factory):
     root = tmp_path_factory.mktemp("ffcv")
     s = noise_split(N, 16, root=root)
-    write_beton(s, root / "train.beton")
+    write_beton(s, beton_file(root, s.name))
     return s
 
 
@@ -59,7 +60,7 @@ def loader(split):
 def coord(tmp_path_factory):
     root = tmp_path_factory.mktemp("ffcv_coord")
     s = coord_split(COORD_N, COORD_H, COORD_W, root=root)
-    write_beton(s, root / "train.beton")
+    write_beton(s, beton_file(root, s.name))
     return s
 
 
@@ -289,7 +290,8 @@ def test_importing_the_ffcv_backend_keeps_torch_threads():
     import subprocess
     import sys
 
-    code = ("import torch; torch.set_num_threads(2); import pipelines.ffcv_loader, pipelines.ffcv_ops; "
+    code = ("import torch; torch.set_num_threads(2); import pipelines.ffcv_writer, "
+            "pipelines.ffcv_loader, pipelines.ffcv_ops; "
             "print(torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=__import__("pathlib").Path(__file__).resolve().parents[2])

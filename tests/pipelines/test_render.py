@@ -37,7 +37,7 @@ from pipelines.augment_params import (
     spec_constants,
     view_key,
 )
-from pipelines.sources import Split
+from pipelines.sources import Split, beton_file
 from pipelines.spec import AugmentSpec
 from pipelines.torchvision_loader import ADJUST, TorchvisionTwoViewLoader, reference_tail
 from tests.pipelines.augment_stats import to_uint8
@@ -219,13 +219,11 @@ def test_ffcv_compiled_tail_draws_and_renders_what_the_sampler_drew():
     """FFCV's operation draws each sample's parameters inside numba: the same as `sample_views`,
     so its output is the numba renderer's on the sampler's parameters, bit for bit."""
     pytest.importorskip("ffcv")
-    from pipelines.ffcv_ops import tail_batch
-
     spec = AugmentSpec(size=48, blur_p=0.5)
     images = photo_like(40, 48, 48, seed=3)
     idx = np.arange(40, dtype=np.int64) * 3 + 1
     out = images.copy()
-    tail_batch(out, idx, view_key(9, 2, 1), *spec_constants(spec)[4:])
+    render_cpu.tail_batch(out, idx, view_key(9, 2, 1), *spec_constants(spec)[4:])
     _, params = sample_views(spec, 9, 2, idx, 1, 48, 48)
     assert torch.equal(torch.from_numpy(out).permute(0, 3, 1, 2), render_numba(images, params))
     # and the decoder's crop box is the sampler's
@@ -239,9 +237,9 @@ def _batches(backend: str, split: Split, spec: AugmentSpec, seed: int = 7) -> li
     from pipelines.loader import build_loader
 
     if backend == "ffcv":
-        from pipelines.ffcv_ops import write_beton
+        from pipelines.ffcv_writer import write_beton
 
-        write_beton(split, Path(split.root) / f"{split.name}.beton")
+        write_beton(split, beton_file(split.root, split.name))
     ld = build_loader(backend, split, spec, batch_size=32, seed=seed, num_workers=2, shuffle=True, drop_last=False)
     for epoch in (0, 1):
         ld.set_epoch(epoch)

@@ -434,7 +434,7 @@ def test_to_ffcv_calls_write_beton_per_split(tmp_path, monkeypatch):
         calls.append((split.name, len(split), Path(path), max_resolution))
         Path(path).write_bytes(b"beton")
 
-    monkeypatch.setitem(sys.modules, "pipelines.ffcv_loader",
+    monkeypatch.setitem(sys.modules, "pipelines.ffcv_writer",
                         types.SimpleNamespace(write_beton=fake_write_beton))
     code = main([str(src), str(out), "--to", "ffcv", "--max-resolution", "64"])
     assert code == 0
@@ -447,11 +447,11 @@ def test_to_ffcv_calls_write_beton_per_split(tmp_path, monkeypatch):
     assert "train.beton" in json.loads((out / "manifest.json").read_text())["artefacts"]
 
 
-def test_to_ffcv_without_ffcv_loader(tmp_path, monkeypatch, capsys):
+def test_to_ffcv_without_ffcv_writer(tmp_path, monkeypatch, capsys):
     write_idx_dir(tmp_path / "src", gz=False)
-    monkeypatch.setitem(sys.modules, "pipelines.ffcv_loader", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "pipelines.ffcv_writer", None)  # makes the import fail
     code, _, err = run_main([tmp_path / "src", tmp_path / "out", "--to", "ffcv"], capsys)
-    assert_one_line_error(code, err, "pipelines.ffcv_loader", "--to numpy")
+    assert_one_line_error(code, err, "pipelines.ffcv_writer", "--to numpy")
     assert not (tmp_path / "out").exists()
 
 

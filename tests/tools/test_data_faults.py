@@ -516,10 +516,10 @@ def test_evaluation_views_of_a_removed_image_are_one_line_naming_it(converted, t
     assert len(message.splitlines()) == 1 and f"'{split.files[5]}' is unreadable" in message, message
 
 
-def test_dali_header_sizes_of_jpeg_and_png():
-    """The DALI host read's fallback for splits without recorded sizes (PNG raised before)."""
-    pytest.importorskip("nvidia.dali")
-    from pipelines.dali_loader import image_size
+def test_header_sizes_of_jpeg_and_png():
+    """The DALI host read's and the FFCV writer's fallback for splits without recorded sizes (PNG
+    raised before)."""
+    from pipelines.formats import image_size
 
     for make in (FORMATS["jpeg_rgb"][1], FORMATS["png_rgb8"][1], FORMATS["png_named_jpg"][1]):
         assert image_size(make()) == (SIDE, SIDE)

@@ -108,12 +108,12 @@ def test_training_runs_with_each_fast_loader(backend, dataset, tmp_path):
     """`--data.backend` switches the loader; a run completes and its loss is finite and logged."""
     pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[backend])
     if backend == "ffcv":
-        from pipelines.ffcv_loader import write_beton
-        from pipelines.sources import open_dataset
+        from pipelines.ffcv_writer import write_beton
+        from pipelines.sources import beton_file, open_dataset
 
         ds = open_dataset(dataset)
-        if not (dataset / "train.beton").is_file():
-            write_beton(ds.split("train"), dataset / "train.beton")
+        if not beton_file(dataset, "train").is_file():
+            write_beton(ds.split("train"), beton_file(dataset, "train"))
     run([*TINY, f"--data.path={dataset}", f"--data.backend={backend}", "--train.max_steps=3",
          f"--train.out_dir={tmp_path}"])
     summary = json.loads((tmp_path / "summary.json").read_text())
