@@ -25,7 +25,6 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from pipelines.augment_params import DRAW_CROP, SALT_VIEW, crop_box_of, spec_constants, view_key
-from pipelines.ffcv_writer import write_beton  # noqa: F401  (tools.bench_* import it from here)
 from pipelines.render_cpu import tail_batch
 
 # Importing ffcv calls torch.set_num_threads(1) process-wide, which halves a 2-core training

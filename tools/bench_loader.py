@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipelines.loader import build_loader
-from pipelines.sources import Split
+from pipelines.sources import Split, beton_file
 from pipelines.spec import AugmentSpec
 from tools import benchmark
 from tools.cli import at_least
@@ -111,9 +111,9 @@ def main(argv=None) -> int:
             for impl in IMPLS:
                 try:
                     if impl == "ffcv":
-                        from pipelines.ffcv_ops import write_beton
+                        from pipelines.ffcv_writer import write_beton
 
-                        write_beton(split, Path(split.root) / f"{split.name}.beton")
+                        write_beton(split, beton_file(split.root, split.name))
                     loader = build_loader(impl, split, spec, batch_size=bs, seed=0, device=device,
                                           num_workers=args.workers, shuffle=True,
                                           drop_last=False)

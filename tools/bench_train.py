@@ -52,7 +52,7 @@ from model.flops import model_flops_utilisation, peak_flops, training_flops_per_
 from model.nt_xent import nt_xent, resolve_impl
 from model.simclr import SimCLR
 from pipelines.loader import BACKENDS, build_loader
-from pipelines.sources import Split
+from pipelines.sources import Split, beton_file
 from pipelines.spec import AugmentSpec, TwoViewBatch
 from tools import benchmark
 from tools.cli import above, at_least
@@ -167,9 +167,9 @@ def _dataset(size: int, n: int, root: Path, images: Path
 def _real_loader(impl: str, split: Split, spec: AugmentSpec, batch_size: int,
                  device: torch.device, workers: int):
     if impl == "ffcv":
-        beton = Path(split.root) / f"{split.name}.beton"
+        beton = beton_file(split.root, split.name)
         if not beton.is_file():
-            from pipelines.ffcv_ops import write_beton
+            from pipelines.ffcv_writer import write_beton
 
             write_beton(split, beton)
     return build_loader(impl, split, spec, batch_size=batch_size, seed=0, device=device,
