@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,7 +72,6 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-6  # 1e-6 with LARS; ~5e-4 with SGD
     eta: float = 0.001  # LARS trust coefficient
-    lars_strategy: str = "auto"  # auto (numba on CPU, materialize on GPU) | numba | gram | materialize
     warmup_epochs: float = 10.0
     epochs: int = 100
 
@@ -122,7 +122,6 @@ CHOICES = {
     "loss.impl": ("auto", "reference", "chunked", "triton"),
     "optim.name": ("lars", "sgd"),
     "optim.lr_scaling": ("linear", "sqrt"),
-    "optim.lars_strategy": ("auto", "numba", "gram", "materialize"),
     "train.mixed_precision": ("auto", "fp32", "bf16"),
 }
 
@@ -187,6 +186,12 @@ RANGES = {
 }
 NON_EMPTY = ("data.path", "data.train_split", "data.eval_split", "train.out_dir", "eval.l2_grid")
 
+# Keys that older versions wrote into every run's config.yaml: skipped with a warning, so those
+# runs still resume and evaluate. Key -> why it went.
+REMOVED = {
+    "optim.lars_strategy": "LARS picks its CPU or GPU path from the parameters' device",
+}
+
 
 def _check_value(key: str, value) -> None:
     """Raise a one-line ConfigError if `value` is outside the key's choices or range."""
@@ -243,6 +248,10 @@ def _build(cls, values: dict, prefix: str):
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
+        if key not in fields and dotted in REMOVED:
+            print(f"config: warning: ignoring '{dotted}', no longer a setting ({REMOVED[dotted]})",
+                  file=sys.stderr)
+            continue
         if key not in fields:
             close = difflib.get_close_matches(dotted, _all_keys(Config), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""

@@ -141,6 +141,16 @@ def test_unknown_key_in_a_yaml_recipe_is_an_error(tmp_path):
     assert "'optimizer'" in _one_line_error(path=recipe)
 
 
+def test_a_removed_key_in_a_saved_run_is_skipped_with_a_one_line_warning(tmp_path, capsys):
+    saved = tmp_path / "config.yaml"  # as an older version wrote it into a run directory
+    saved.write_text("optim:\n  lr: 0.1\n  lars_strategy: gram\n")
+    assert load_config(saved).optim.lr == 0.1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning" in err and "'optim.lars_strategy'" in err
+    assert build_config(load_yaml(saved)).optim.lr == 0.1  # linear_eval reads a checkpoint so
+    assert "'optim.lars_strategyy'" in _one_line_error(["--optim.lars_strategyy=gram"])
+
+
 @pytest.mark.parametrize("arg,key", [
     ("--optim.lr=fast", "optim.lr"),  # str for float
     ("--optim.epochs=true", "optim.epochs"),  # bool for int
