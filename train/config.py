@@ -20,8 +20,11 @@ from pathlib import Path
 import yaml
 
 from model.encoder import ARCHS
+from model.nt_xent import IMPLS
+from pipelines.loader import BACKENDS
 from pipelines.spec import AugmentSpec
 from train.atomic import write_atomic
+from train.schedule import SCALING_RULES
 
 
 class ConfigError(ValueError):
@@ -116,12 +119,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# Each list comes from the module that acts on the value; the last two only train.pretrain reads,
+# and it imports this module (and accelerate), so they are listed here.
 CHOICES = {
-    "data.backend": ("torchvision", "dali", "ffcv"),
+    "data.backend": BACKENDS,
     "model.arch": tuple(ARCHS),
-    "loss.impl": ("auto", "reference", "chunked", "triton"),
+    "loss.impl": IMPLS,
+    "optim.lr_scaling": SCALING_RULES,
     "optim.name": ("lars", "sgd"),
-    "optim.lr_scaling": ("linear", "sqrt"),
     "train.mixed_precision": ("auto", "fp32", "bf16"),
 }
 

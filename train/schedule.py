@@ -13,6 +13,7 @@ import math
 import torch
 
 __all__ = [
+    "SCALING_RULES",
     "SIMCLR_BASE_LR",
     "base_lr",
     "epochs_to_steps",
@@ -24,13 +25,14 @@ __all__ = [
 
 # Paper defaults for the base learning rate of each scaling rule (LARS, Sec. B.1).
 SIMCLR_BASE_LR = {"linear": 0.3, "sqrt": 0.075}
+SCALING_RULES = tuple(SIMCLR_BASE_LR)
 
 
 def base_lr(lr: float, rule: str) -> float:
     """The base learning rate a run uses: `lr` when set (> 0), else the paper's base for `rule`
     (0.3 for linear scaling, 0.075 for square-root scaling; Sec. B.1)."""
-    if rule not in SIMCLR_BASE_LR:
-        raise ValueError(f"unknown LR scaling rule {rule!r}: use 'linear' or 'sqrt'")
+    if rule not in SCALING_RULES:
+        raise ValueError(f"unknown LR scaling rule {rule!r}: use one of {', '.join(SCALING_RULES)}")
     return lr if lr > 0 else SIMCLR_BASE_LR[rule]
 
 
@@ -40,8 +42,8 @@ def scaled_lr(base_lr: float, batch_size: int, rule: str = "linear") -> float:
     ``rule="linear"``: ``base_lr * batch_size / 256`` (SimCLR: base_lr = 0.3).
     ``rule="sqrt"``:   ``base_lr * sqrt(batch_size)`` (SimCLR: base_lr = 0.075).
     """
-    if rule not in SIMCLR_BASE_LR:
-        raise ValueError(f"unknown LR scaling rule {rule!r}: use 'linear' or 'sqrt'")
+    if rule not in SCALING_RULES:
+        raise ValueError(f"unknown LR scaling rule {rule!r}: use one of {', '.join(SCALING_RULES)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not math.isfinite(base_lr) or base_lr < 0:
