@@ -139,7 +139,8 @@ def adapted_step(
     threads = max(1, min(torch.get_num_threads(), len(jobs)))
     futures: list[Future] = []
     if threads > 1:
-        pool = workers.pool(threads - 1)
+        # sized by torch's count, not this call's, so groups of other sizes reuse it
+        pool = workers.pool(torch.get_num_threads() - 1)
         futures = [pool.submit(_work, jobs, order, hyper) for _ in range(threads - 1)]
     try:
         _work(jobs, order, hyper)
