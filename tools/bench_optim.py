@@ -13,9 +13,7 @@ apart ("first_step_ms"): on the CPU, lars pays numba's compilation there the fir
 caches kernels in train/__pycache__; NUMBA_CACHE_DIR pointing to a new folder shows the cold cost).
 
 Implementations:
-    lars               train.lars.LARS (strategy "auto": "numba" on the CPU, "materialize" on CUDA)
-    lars_gram          train.lars.LARS(strategy="gram"), the eager variant without temporaries
-    lars_materialize   train.lars.LARS(strategy="materialize"), the temporary-building variant
+    lars               train.lars.LARS (numba kernels on the CPU, foreach ops on CUDA)
     lars_reference     train.lars.LARSReference, the per-parameter oracle
     sgd_foreach        torch.optim.SGD(momentum=0.9, foreach=True), same weight-decay groups: the
                        baseline of every ratio (the same passes over memory minus the trust ratio)
@@ -90,8 +88,6 @@ def _peer_status() -> dict[str, str]:
 def _factories(peers: dict[str, str]) -> dict[str, Callable[[list[dict]], torch.optim.Optimizer]]:
     f: dict[str, Callable[[list[dict]], torch.optim.Optimizer]] = {
         "lars": lambda g: LARS(g, lr=LR, momentum=MOMENTUM, eta=ETA),
-        "lars_gram": lambda g: LARS(g, lr=LR, momentum=MOMENTUM, eta=ETA, strategy="gram"),
-        "lars_materialize": lambda g: LARS(g, lr=LR, momentum=MOMENTUM, eta=ETA, strategy="materialize"),
         "lars_reference": lambda g: LARSReference(g, lr=LR, momentum=MOMENTUM, eta=ETA),
         "sgd_foreach": lambda g: torch.optim.SGD(g, lr=LR, momentum=MOMENTUM, foreach=True),
         "sgd_foreach_nowd": lambda g: torch.optim.SGD(

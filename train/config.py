@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +20,11 @@ from pathlib import Path
 import yaml
 
 from model.encoder import ARCHS
+from model.nt_xent import IMPLS
+from pipelines.loader import BACKENDS
 from pipelines.spec import AugmentSpec
 from train.atomic import write_atomic
+from train.schedule import SCALING_RULES
 
 
 class ConfigError(ValueError):
@@ -66,12 +70,12 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     name: str = "lars"  # lars | sgd
-    lr: float = 0.0  # base LR before scaling; 0 = the paper's for lr_scaling: 0.3 (linear), 0.075 (sqrt)
+    # base LR before scaling; 0 = the paper's for lr_scaling: 0.3 (linear), 0.075 (sqrt)
+    lr: float = 0.0
     lr_scaling: str = "linear"  # linear: lr * B/256; sqrt: lr * sqrt(B)
     momentum: float = 0.9
     weight_decay: float = 1e-6  # 1e-6 with LARS; ~5e-4 with SGD
     eta: float = 0.001  # LARS trust coefficient
-    lars_strategy: str = "auto"  # auto (numba on CPU, materialize on GPU) | numba | gram | materialize
     warmup_epochs: float = 10.0
     epochs: int = 100
 
@@ -102,7 +106,8 @@ class EvalConfig:
     # L2 penalties tried, strongest first, each fit starting from the previous one's solution
     # (log-spaced over the paper's transfer-protocol range 1e-6..1e5 and two decades weaker, since
     # on standardised features the best is often near 1e-6; a warning says when it lies on an edge)
-    l2_grid: tuple[float, ...] = (1e5, 1e4, 1e3, 1e2, 1e1, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
+    l2_grid: tuple[float, ...] = (
+        1e5, 1e4, 1e3, 1e2, 1e1, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 
 
 @dataclass
@@ -116,13 +121,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# Each list comes from the module that acts on the value; the last two only train.pretrain reads,
+# and it imports this module (and accelerate), so they are listed here.
 CHOICES = {
-    "data.backend": ("torchvision", "dali", "ffcv"),
+    "data.backend": BACKENDS,
     "model.arch": tuple(ARCHS),
-    "loss.impl": ("auto", "reference", "chunked", "triton"),
+    "loss.impl": IMPLS,
+    "optim.lr_scaling": SCALING_RULES,
     "optim.name": ("lars", "sgd"),
-    "optim.lr_scaling": ("linear", "sqrt"),
-    "optim.lars_strategy": ("auto", "numba", "gram", "materialize"),
     "train.mixed_precision": ("auto", "fp32", "bf16"),
 }
 
@@ -151,7 +157,8 @@ class Range:
             return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
         if self.lo is None:
             return f"{'<' if self.hi_open else '<='} {num(self.hi)}"
-        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+        left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+        return f"in {left}{num(self.lo)}, {num(self.hi)}{right}"
 
 
 # Every int and float key has a range here (a test keeps it so), checked before any work starts.
@@ -187,11 +194,18 @@ RANGES = {
 }
 NON_EMPTY = ("data.path", "data.train_split", "data.eval_split", "train.out_dir", "eval.l2_grid")
 
+# Keys that older versions wrote into every run's config.yaml: skipped with a warning, so those
+# runs still resume and evaluate. Key -> why it went.
+REMOVED = {
+    "optim.lars_strategy": "LARS picks its CPU or GPU path from the parameters' device",
+}
+
 
 def _check_value(key: str, value) -> None:
     """Raise a one-line ConfigError if `value` is outside the key's choices or range."""
     if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"config: '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        raise ConfigError(
+            f"config: '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
     if key in NON_EMPTY and len(value) == 0:
         raise ConfigError(f"config: '{key}' must not be empty")
     values = value if isinstance(value, tuple) else (value,)
@@ -204,7 +218,7 @@ def _check_value(key: str, value) -> None:
 
 
 def _coerce(key: str, value, tp):
-    """Check `value` against the annotation `tp`; return it converted (lists to tuples, int to float)."""
+    """Check `value` against its annotation `tp`; return it converted (list->tuple, int->float)."""
     origin = typing.get_origin(tp)
     if tp is bool:
         if isinstance(value, bool):
@@ -230,7 +244,8 @@ def _coerce(key: str, value, tp):
                 return tuple(_coerce(key, v, args[0]) for v in value)
             if len(value) == len(args):
                 return tuple(_coerce(key, v, a) for v, a in zip(value, args))
-            raise ConfigError(f"config: '{key}' expects {len(args)} values, got {len(value)}: {value!r}")
+            raise ConfigError(
+                f"config: '{key}' expects {len(args)} values, got {len(value)}: {value!r}")
     elif origin in (typing.Union, types.UnionType):
         raise ConfigError(f"config: '{key}' has an unsupported type {tp}")
     name = getattr(tp, "__name__", str(tp))
@@ -243,6 +258,10 @@ def _build(cls, values: dict, prefix: str):
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
+        if key not in fields and dotted in REMOVED:
+            print(f"config: warning: ignoring '{dotted}', no longer a setting ({REMOVED[dotted]})",
+                  file=sys.stderr)
+            continue
         if key not in fields:
             close = difflib.get_close_matches(dotted, _all_keys(Config), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -289,7 +308,8 @@ def parse_overrides(args: list[str]) -> dict:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or arg == "--":
-            raise ConfigError(f"config: unexpected argument '{arg}': overrides look like --section.key=value")
+            raise ConfigError(f"config: unexpected argument '{arg}': overrides look like "
+                              "--section.key=value")
         key, eq, raw = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args):
@@ -314,11 +334,13 @@ def _merge(base: dict, over: dict) -> dict:
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config: file '{path}' not found: pass an existing recipe, e.g. train/configs/fashion_mnist_demo.yaml")
+        raise ConfigError(f"config: file '{path}' not found: pass an existing recipe, "
+                          "e.g. train/configs/fashion_mnist_demo.yaml")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config: '{path}' is not valid YAML ({str(e).splitlines()[0]})") from None
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"config: '{path}' is not valid YAML ({first})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config: '{path}' must hold a mapping of sections")
     return tree

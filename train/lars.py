@@ -16,8 +16,8 @@ Because the velocity accumulates ``lr * trust * u``, a change of learning rate a
 velocity rather than rescaling the whole stored momentum, as in the official implementation.
 
 :class:`LARS` is the fast version (one numba kernel per tensor, spread over threads, on the CPU;
-``torch._foreach_*`` ops elsewhere; no host synchronisation); :class:`LARSReference` is the readable
-per-parameter version kept as the test oracle.
+``torch._foreach_*`` ops elsewhere; no host synchronisation); :class:`LARSReference` is the
+readable per-parameter version kept as the test oracle.
 """
 
 from __future__ import annotations
@@ -31,12 +31,6 @@ from torch import Tensor, nn
 from train import lars_numba
 
 __all__ = ["LARS", "LARSReference", "lars_param_groups"]
-
-_STRATEGIES = ("auto", "numba", "gram", "materialize")
-# Elements per segment of the "gram" path: w, g and v of a segment (12 MiB in float32) stay in a
-# typical L3 cache between the norm pass and the update pass. 1M measured best on a 2-core EPYC VM
-# against 256K and 512K (ResNet-50, 161 tensors).
-_SEGMENT_NUMEL = 1 << 20
 
 
 def lars_param_groups(
@@ -65,7 +59,8 @@ def lars_param_groups(
     for item in params:
         p = item[1] if isinstance(item, tuple) else item
         if not isinstance(p, Tensor):
-            raise TypeError(f"expected a Tensor or a (name, Tensor) pair, got {type(item).__name__}")
+            raise TypeError(
+                f"expected a Tensor or a (name, Tensor) pair, got {type(item).__name__}")
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
@@ -129,7 +124,7 @@ class _LARSBase(torch.optim.Optimizer):
 
 
 class LARSReference(_LARSBase):
-    """Per-parameter LARS written for reading, not speed: the oracle :class:`LARS` is tested against.
+    """Per-parameter LARS written for reading, not speed: the oracle for :class:`LARS`'s tests.
 
     Same constructor, parameter groups and state layout (``momentum_buffer`` per parameter) as
     :class:`LARS`; see the module docstring for the update.
@@ -168,22 +163,22 @@ class LARS(_LARSBase):
         weight_decay: L2 coefficient added to the gradient of adapted groups; SimCLR uses 1e-6.
         eta: trust coefficient; SimCLR uses 0.001.
         lars_exclude: default of the per-group flag that turns off weight decay and adaptation.
-        strategy: how the adapted groups are stepped. ``"numba"`` (CPU only) runs one compiled
-            kernel per tensor (:mod:`train.lars_numba`) that reads ``w`` and ``g`` once for the
-            norms and then updates ``v`` and ``w`` in one pass, with the tensors spread over
-            ``torch.get_num_threads()`` threads; tensors whose ``w``, ``g`` and ``v`` layouts
-            differ take ``"gram"``. ``"materialize"`` builds ``u = g + wd * w`` as a temporary
-            with foreach ops (cheap under the CUDA caching allocator); ``"gram"`` expands
-            ``||u||^2 = ||g||^2 + 2 wd <g, w> + wd^2 ||w||^2`` and applies ``g`` and ``w`` to the
-            velocity separately, so no parameter-sized temporary is allocated, working through
-            the tensors in cache-sized segments. ``"auto"`` picks ``"numba"`` for float32 and
-            float64 tensors on the CPU and ``"materialize"`` elsewhere (on CUDA the foreach
-            kernels beat one launch per tensor). All match :class:`LARSReference` to float
-            rounding.
 
-    Per-tensor trust ratios stay on the device as 0-d tensors: ``torch.where`` handles zero norms and
-    the scaled step enters through ``torch._foreach_addcmul_``, so nothing waits on the host.
+    The tensors' device picks how adapted groups are stepped. On the CPU, float32 and float64
+    tensors whose ``w``, ``g`` and ``v`` share one dense layout take one compiled kernel each
+    (:mod:`train.lars_numba`), which reads ``w`` and ``g`` once for the norms and then updates
+    ``v`` and ``w`` in one pass, with the tensors spread over ``torch.get_num_threads()`` threads.
+    Everything else (CUDA, other dtypes and layouts) takes ``torch._foreach_*`` ops that build
+    ``u = g + wd * w`` as a temporary: on CUDA a few multi-tensor kernels beat one launch per
+    tensor, and the caching allocator makes the temporary cheap. Both match
+    :class:`LARSReference` to float rounding.
+
+    Per-tensor trust ratios stay on the device as 0-d tensors: ``torch.where`` handles zero norms
+    and the scaled step enters through ``torch._foreach_addcmul_``, so nothing waits on the host.
     """
+
+    # tests turn this off to run the foreach path, the one GPUs take, on CPU tensors
+    _numba_on_cpu = True
 
     def __init__(
         self,
@@ -193,13 +188,14 @@ class LARS(_LARSBase):
         weight_decay: float = 1e-6,
         eta: float = 0.001,
         lars_exclude: bool = False,
-        *,
-        strategy: str = "auto",
     ) -> None:
-        if strategy not in _STRATEGIES:
-            raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
         super().__init__(params, lr, momentum, weight_decay, eta, lars_exclude)
-        self.strategy = strategy
+        self._workers = lars_numba.Workers()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if not hasattr(self, "_workers"):  # a copy or unpickled optimizer: the pool is not saved
+            self._workers = lars_numba.Workers()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -216,29 +212,13 @@ class LARS(_LARSBase):
                 if group["lars_exclude"]:
                     _excluded_step(w, g, v, group["lr"], group["momentum"])
                     continue
-                strategy = self._pick(w[0])
-                if strategy == "numba":
-                    if w[0].device.type != "cpu":
-                        raise ValueError(f"LARS strategy 'numba' runs on the CPU only, got tensors on "
-                                         f"{w[0].device}; use strategy='auto' or 'materialize'")
-                    left = lars_numba.adapted_step(w, g, v, group)
+                if self._numba_on_cpu and w[0].device.type == "cpu":
+                    left = lars_numba.adapted_step(w, g, v, group, self._workers)
                     if not left:
                         continue
                     w, g, v = [w[i] for i in left], [g[i] for i in left], [v[i] for i in left]
-                    strategy = "gram"
-                if strategy == "gram":
-                    # one segment at a time, so the norms' reads leave w and g in cache for the update
-                    for seg in _segments([t.numel() for t in w], _SEGMENT_NUMEL):
-                        _gram_step([w[i] for i in seg], [g[i] for i in seg], [v[i] for i in seg], group)
-                else:
-                    _materialize_step(w, g, v, group)
+                _foreach_step(w, g, v, group)
         return loss
-
-    def _pick(self, p: Tensor) -> str:
-        if self.strategy != "auto":
-            return self.strategy
-        cpu_float = p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
-        return "numba" if cpu_float else "materialize"
 
 
 def _by_device_and_dtype(params: list[Tensor], grads: list[Tensor]) -> list[list[int]]:
@@ -247,22 +227,6 @@ def _by_device_and_dtype(params: list[Tensor], grads: list[Tensor]) -> list[list
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         buckets.setdefault((p.device, p.dtype, g.dtype), []).append(i)
     return list(buckets.values())
-
-
-def _segments(numels: list[int], limit: int) -> list[list[int]]:
-    """Consecutive runs of indices whose total size stays within ``limit`` (a larger tensor alone)."""
-    out: list[list[int]] = []
-    cur: list[int] = []
-    total = 0
-    for i, n in enumerate(numels):
-        if cur and total + n > limit:
-            out.append(cur)
-            cur, total = [], 0
-        cur.append(i)
-        total += n
-    if cur:
-        out.append(cur)
-    return out
 
 
 def _excluded_step(w: list[Tensor], g: list[Tensor], v: list[Tensor], lr: Any, m: float) -> None:
@@ -276,52 +240,19 @@ def _excluded_step(w: list[Tensor], g: list[Tensor], v: list[Tensor], lr: Any, m
     torch._foreach_sub_(w, v)
 
 
-def _step_scale(w_norm: Tensor, u_norm: Tensor, group: dict[str, Any], dtype: torch.dtype) -> Tensor:
-    """lr * trust for every tensor, [n]; trust = 1 where either norm is zero (no branch on values)."""
-    ok = (w_norm > 0) & (u_norm > 0)
-    trust = torch.where(ok, group["eta"] * w_norm / u_norm, torch.ones_like(w_norm))
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        lr = lr.to(device=trust.device, dtype=trust.dtype)
-    return (lr * trust).to(dtype)
-
-
-def _materialize_step(w: list[Tensor], g: list[Tensor], v: list[Tensor], group: dict[str, Any]) -> None:
+def _foreach_step(w: list[Tensor], g: list[Tensor], v: list[Tensor], group: dict[str, Any]) -> None:
     wd = group["weight_decay"]
     u = torch._foreach_add(g, w, alpha=wd) if wd != 0 else g  # never modifies p.grad
     acc = torch.promote_types(w[0].dtype, torch.float32)  # bf16/fp16 norms are combined in fp32
     w_norm = torch.stack(torch._foreach_norm(w)).to(acc)  # [n]
     u_norm = torch.stack(torch._foreach_norm(u)).to(acc)  # [n]
-    scale = _step_scale(w_norm, u_norm, group, w[0].dtype)  # [n]
+    # trust = 1 where either norm is zero, chosen on the device (no branch on values)
+    ok = (w_norm > 0) & (u_norm > 0)
+    trust = torch.where(ok, group["eta"] * w_norm / u_norm, torch.ones_like(w_norm))
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        lr = lr.to(device=trust.device, dtype=trust.dtype)
+    scale = (lr * trust).to(w[0].dtype)  # [n]
     torch._foreach_mul_(v, group["momentum"])
     torch._foreach_addcmul_(v, u, list(scale.unbind(0)))
     torch._foreach_sub_(w, v)
-
-
-def _gram_step(w: list[Tensor], g: list[Tensor], v: list[Tensor], group: dict[str, Any]) -> None:
-    wd = group["weight_decay"]
-    acc = torch.float64  # the expansion of ||g + wd w||^2 is formed in double: 3 scalars per tensor
-    w_norm = torch.stack(torch._foreach_norm(w)).to(acc)  # [n]
-    g_norm = torch.stack(torch._foreach_norm(g)).to(acc)  # [n]
-    if wd != 0:
-        gw = torch.stack([_dot(gi, wi) for gi, wi in zip(g, w, strict=True)]).to(acc)  # [n]
-        u_sq = g_norm * g_norm + wd * (2.0 * gw + wd * (w_norm * w_norm))
-        u_norm = u_sq.clamp_min(0.0).sqrt()  # [n]
-    else:
-        u_norm = g_norm
-    scale = _step_scale(w_norm, u_norm, group, w[0].dtype)  # [n]
-    # v = m v + s g + (s wd) w, with u never materialised
-    torch._foreach_mul_(v, group["momentum"])
-    torch._foreach_addcmul_(v, g, list(scale.unbind(0)))
-    if wd != 0:
-        torch._foreach_addcmul_(v, w, list((scale * wd).unbind(0)))
-    torch._foreach_sub_(w, v)
-
-
-def _dot(g: Tensor, w: Tensor) -> Tensor:
-    """<g, w> in one read of each tensor, without a temporary when both share a dense layout."""
-    if g.stride() == w.stride():
-        fg, fw = lars_numba.flat_view(g), lars_numba.flat_view(w)
-        if fg is not None and fw is not None:
-            return torch.dot(fg, fw)
-    return torch.sum(g * w)

@@ -1,4 +1,4 @@
-"""The CPU step of LARS's adapted tensors: one numba kernel per tensor, tensors spread over threads.
+"""The CPU step of LARS's adapted tensors: one numba kernel per tensor, spread over threads.
 
 A LARS step is memory-bound on the CPU. Per tensor, the kernel reads ``w`` and ``g`` once for the
 three sums ``<w, w>``, ``<g, g>`` and ``<g, w>`` (float64 accumulators), forms the trust ratio in
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -25,15 +24,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["adapted_step", "flat_array", "flat_view"]
+__all__ = ["Workers", "adapted_step"]
 
 # reassociation lets LLVM vectorise the sums; no "nnan"/"ninf", so NaN and inf propagate as in torch
 _FASTMATH = {"reassoc", "contract", "nsz"}
 
 
 @numba.njit(fastmath=_FASTMATH, nogil=True, cache=True)
-def _sums(w, g, out):  # pragma: no cover - compiled
-    """out[0:3] = <w, w>, <g, g>, <g, w> over a slice, in float64."""
+def _lars_kernel(w, g, v, lr, wd, eta, momentum):  # pragma: no cover - compiled
+    """One tensor: its three sums in float64, then its update (w and g mostly still in cache)."""
     ww = 0.0
     gg = 0.0
     gw = 0.0
@@ -43,25 +42,6 @@ def _sums(w, g, out):  # pragma: no cover - compiled
         ww += wi * wi
         gg += gi * gi
         gw += gi * wi
-    out[0] = ww
-    out[1] = gg
-    out[2] = gw
-
-
-@numba.njit(fastmath=_FASTMATH, nogil=True, cache=True)
-def _apply(w, g, v, sums, lr, wd, eta, momentum):  # pragma: no cover - compiled
-    """The update of a slice of one tensor, from the per-slice sums of the whole tensor ([k, 3]).
-
-    Every slice combines the rows of ``sums`` in the same order, so all slices of a tensor use
-    bit-identical trust ratios.
-    """
-    ww = 0.0
-    gg = 0.0
-    gw = 0.0
-    for k in range(sums.shape[0]):
-        ww += sums[k, 0]
-        gg += sums[k, 1]
-        gw += sums[k, 2]
     uu = gg + wd * (2.0 * gw + wd * ww)  # ||g + wd w||^2 without forming g + wd w
     w_norm = math.sqrt(ww)
     u_norm = math.sqrt(max(uu, 0.0))
@@ -75,27 +55,16 @@ def _apply(w, g, v, sums, lr, wd, eta, momentum):  # pragma: no cover - compiled
         w[i] -= vi
 
 
-@numba.njit(nogil=True, cache=True)
-def _lars_kernel(w, g, v, lr, wd, eta, momentum):  # pragma: no cover - compiled
-    """A whole tensor: its norms, then its update (w and g mostly still in cache)."""
-    sums = np.empty((1, 3))
-    _sums(w, g, sums[0])
-    _apply(w, g, v, sums, lr, wd, eta, momentum)
-
-
-def flat_view(t: Tensor) -> Tensor | None:
-    """A 1-D view over ``t``'s memory in storage order (e.g. channels_last), or None when it has gaps."""
-    if t.is_contiguous():
-        return t.view(-1)
-    order = sorted(range(t.ndim), key=lambda d: t.stride(d), reverse=True)
-    tp = t.permute(order)
-    return tp.view(-1) if tp.is_contiguous() else None
-
-
-def flat_array(t: Tensor) -> np.ndarray | None:
-    """`flat_view` of ``t`` as a numpy array on the same memory, or None when it has gaps."""
-    v = flat_view(t.detach())
-    return None if v is None else v.numpy()
+def _flat_array(t: Tensor) -> np.ndarray | None:
+    """A 1-D numpy array on ``t``'s memory in storage order (e.g. channels_last), or None when
+    that memory has gaps."""
+    t = t.detach()
+    if not t.is_contiguous():
+        order = sorted(range(t.ndim), key=lambda d: t.stride(d), reverse=True)
+        t = t.permute(order)
+        if not t.is_contiguous():
+            return None
+    return t.view(-1).numpy()
 
 
 def _aliases(w: Tensor, g: Tensor, v: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -103,26 +72,29 @@ def _aliases(w: Tensor, g: Tensor, v: Tensor) -> tuple[np.ndarray, np.ndarray, n
         return None
     if not (w.stride() == g.stride() == v.stride() and w.dtype == g.dtype == v.dtype):
         return None
-    arrays = (flat_array(w), flat_array(g), flat_array(v))
+    arrays = (_flat_array(w), _flat_array(g), _flat_array(v))
     return None if any(a is None for a in arrays) else arrays  # type: ignore[return-value]
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_key: tuple[int, int] = (0, 0)
-_pool_lock = threading.Lock()
+class Workers:
+    """The threads that step tensors beside the caller's, one set per optimizer.
 
+    Made on first use, and made again when the count changes or in a forked child (which copies
+    the pool but none of its threads).
+    """
 
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """A pool of ``workers`` threads for this process (a forked child gets its own)."""
-    global _pool, _pool_key
-    key = (os.getpid(), workers)
-    with _pool_lock:
-        if _pool is None or _pool_key != key:
-            if _pool is not None and _pool_key[0] == key[0]:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(workers, thread_name_prefix="lars")
-            _pool_key = key
-    return _pool
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._key = (0, 0)
+
+    def pool(self, n: int) -> ThreadPoolExecutor:
+        key = (os.getpid(), n)
+        if self._pool is None or self._key != key:
+            if self._pool is not None and self._key[0] == key[0]:
+                self._pool.shutdown(wait=False)
+            self._pool = ThreadPoolExecutor(n, thread_name_prefix="lars")
+            self._key = key
+        return self._pool
 
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -135,7 +107,9 @@ def _work(jobs: list[Arrays], order: Iterator[int], hyper: tuple[Any, ...]) -> N
         _lars_kernel(w, g, v, *hyper)
 
 
-def adapted_step(w: list[Tensor], g: list[Tensor], v: list[Tensor], group: dict[str, Any]) -> list[int]:
+def adapted_step(
+    w: list[Tensor], g: list[Tensor], v: list[Tensor], group: dict[str, Any], workers: Workers
+) -> list[int]:
     """Step the adapted CPU tensors ``w`` in place; return the indices of those left to the caller.
 
     Tensors whose ``w``, ``g`` and ``v`` do not share one dense layout and a float32/float64 dtype
@@ -165,7 +139,8 @@ def adapted_step(w: list[Tensor], g: list[Tensor], v: list[Tensor], group: dict[
     threads = max(1, min(torch.get_num_threads(), len(jobs)))
     futures: list[Future] = []
     if threads > 1:
-        pool = _executor(threads - 1)
+        # sized by torch's count, not this call's, so groups of other sizes reuse it
+        pool = workers.pool(torch.get_num_threads() - 1)
         futures = [pool.submit(_work, jobs, order, hyper) for _ in range(threads - 1)]
     try:
         _work(jobs, order, hyper)

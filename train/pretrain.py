@@ -136,7 +136,7 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
 
     groups = lars_param_groups(model, cfg.optim.weight_decay)
     if cfg.optim.name == "lars":
-        return LARS(groups, lr=0.0, momentum=cfg.optim.momentum, eta=cfg.optim.eta, strategy=cfg.optim.lars_strategy)
+        return LARS(groups, lr=0.0, momentum=cfg.optim.momentum, eta=cfg.optim.eta)
     for g in groups:  # the same exclusions, without layer-wise adaptation
         g.pop("lars_exclude", None)
     return torch.optim.SGD(groups, lr=0.0, momentum=cfg.optim.momentum, foreach=True)

@@ -13,6 +13,7 @@ import math
 import torch
 
 __all__ = [
+    "SCALING_RULES",
     "SIMCLR_BASE_LR",
     "base_lr",
     "epochs_to_steps",
@@ -24,13 +25,14 @@ __all__ = [
 
 # Paper defaults for the base learning rate of each scaling rule (LARS, Sec. B.1).
 SIMCLR_BASE_LR = {"linear": 0.3, "sqrt": 0.075}
+SCALING_RULES = tuple(SIMCLR_BASE_LR)
 
 
 def base_lr(lr: float, rule: str) -> float:
     """The base learning rate a run uses: `lr` when set (> 0), else the paper's base for `rule`
     (0.3 for linear scaling, 0.075 for square-root scaling; Sec. B.1)."""
-    if rule not in SIMCLR_BASE_LR:
-        raise ValueError(f"unknown LR scaling rule {rule!r}: use 'linear' or 'sqrt'")
+    if rule not in SCALING_RULES:
+        raise ValueError(f"unknown LR scaling rule {rule!r}: use one of {', '.join(SCALING_RULES)}")
     return lr if lr > 0 else SIMCLR_BASE_LR[rule]
 
 
@@ -40,8 +42,8 @@ def scaled_lr(base_lr: float, batch_size: int, rule: str = "linear") -> float:
     ``rule="linear"``: ``base_lr * batch_size / 256`` (SimCLR: base_lr = 0.3).
     ``rule="sqrt"``:   ``base_lr * sqrt(batch_size)`` (SimCLR: base_lr = 0.075).
     """
-    if rule not in SIMCLR_BASE_LR:
-        raise ValueError(f"unknown LR scaling rule {rule!r}: use 'linear' or 'sqrt'")
+    if rule not in SCALING_RULES:
+        raise ValueError(f"unknown LR scaling rule {rule!r}: use one of {', '.join(SCALING_RULES)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not math.isfinite(base_lr) or base_lr < 0:
@@ -72,7 +74,8 @@ def lr_schedule(
     if total_steps <= 0:
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+        raise ValueError(
+            f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
     for name, lr in (("peak_lr", peak_lr), ("final_lr", final_lr)):
         if not math.isfinite(lr) or lr < 0:
             raise ValueError(f"{name} must be finite and >= 0, got {lr!r}")
@@ -92,15 +95,13 @@ def steps_per_epoch(num_examples: int, global_batch_size: int, drop_last: bool =
     """Optimizer steps in one pass over ``num_examples``: ``floor(N / B)``, or ``ceil(N / B)`` when
     the last partial batch is kept (``drop_last=False``)."""
     if num_examples <= 0 or global_batch_size <= 0:
-        raise ValueError(
-            f"num_examples and global_batch_size must be > 0, got {num_examples} and {global_batch_size}"
-        )
+        raise ValueError(f"num_examples and global_batch_size must be > 0, got {num_examples} "
+                         f"and {global_batch_size}")
     if drop_last:
         steps = num_examples // global_batch_size
         if steps == 0:
-            raise ValueError(
-                f"global_batch_size {global_batch_size} exceeds num_examples {num_examples} with drop_last"
-            )
+            raise ValueError(f"global_batch_size {global_batch_size} exceeds num_examples "
+                             f"{num_examples} with drop_last")
         return steps
     return -(-num_examples // global_batch_size)
 
@@ -110,7 +111,8 @@ def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
     are allowed (e.g. a 0.5-epoch warmup)."""
     if not math.isfinite(epochs) or epochs < 0:
         raise ValueError(f"epochs must be finite and >= 0, got {epochs!r}")
-    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
+    if (isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int)
+            or steps_per_epoch <= 0):
         raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
     return int(math.floor(epochs * steps_per_epoch + 0.5))
 

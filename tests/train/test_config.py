@@ -1,4 +1,4 @@
-"""Config tree: defaults, dotted overrides, type/key errors, YAML recipes and save/load round trip."""
+"""Config tree: defaults, dotted overrides, type/key errors, YAML recipes, save/load round trip."""
 
 from __future__ import annotations
 
@@ -98,10 +98,12 @@ def test_override_changes_exactly_that_field(key, raw, want, typ, form):
 
 
 def test_parse_overrides_builds_a_nested_tree_of_yaml_values():
-    tree = parse_overrides(["--optim.lr=0.5", "--model.arch", "resnet18", "--augment.crop_area=[0.3, 0.9]",
-                            "--train.knn_every", "-1", "--data.path="])
+    tree = parse_overrides(["--optim.lr=0.5", "--model.arch", "resnet18",
+                            "--augment.crop_area=[0.3, 0.9]", "--train.knn_every", "-1",
+                            "--data.path="])
     assert tree == {"optim": {"lr": 0.5}, "model": {"arch": "resnet18"},
-                    "augment": {"crop_area": [0.3, 0.9]}, "train": {"knn_every": -1}, "data": {"path": ""}}
+                    "augment": {"crop_area": [0.3, 0.9]}, "train": {"knn_every": -1},
+                    "data": {"path": ""}}
 
 
 def test_overrides_win_over_the_recipe_and_keep_its_other_values(tmp_path):
@@ -141,6 +143,16 @@ def test_unknown_key_in_a_yaml_recipe_is_an_error(tmp_path):
     assert "'optimizer'" in _one_line_error(path=recipe)
 
 
+def test_a_removed_key_in_a_saved_run_is_skipped_with_a_one_line_warning(tmp_path, capsys):
+    saved = tmp_path / "config.yaml"  # as an older version wrote it into a run directory
+    saved.write_text("optim:\n  lr: 0.1\n  lars_strategy: gram\n")
+    assert load_config(saved).optim.lr == 0.1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning" in err and "'optim.lars_strategy'" in err
+    assert build_config(load_yaml(saved)).optim.lr == 0.1  # linear_eval reads a checkpoint so
+    assert "'optim.lars_strategyy'" in _one_line_error(["--optim.lars_strategyy=gram"])
+
+
 @pytest.mark.parametrize("arg,key", [
     ("--optim.lr=fast", "optim.lr"),  # str for float
     ("--optim.epochs=true", "optim.epochs"),  # bool for int
@@ -167,7 +179,8 @@ def test_wrong_type_in_a_built_tree_names_the_key():
 
 # every documented choice must be selectable unquoted, from the CLI and from YAML (a choice
 # spelled like a YAML 1.1 bool, e.g. "no", would parse as False and be refused)
-CHOICE_CASES = [pytest.param(key, good, id=f"{key}={good}") for key in sorted(CHOICES) for good in CHOICES[key]]
+CHOICE_CASES = [pytest.param(key, good, id=f"{key}={good}")
+                for key in sorted(CHOICES) for good in CHOICES[key]]
 
 
 @pytest.mark.parametrize("key,good", CHOICE_CASES)
@@ -187,7 +200,9 @@ def test_every_documented_choice_is_accepted(tmp_path, key, good, source):
 def test_values_outside_the_choices_are_rejected(key):
     msg = _one_line_error([f"--{key}=not_a_choice"])
     assert f"'{key}'" in msg and all(c in msg for c in CHOICES[key])
-    assert f"'{key}'" in _one_line_error(tree={key.split(".")[0]: {key.split(".")[1]: CHOICES[key][0].upper() + "x"}})
+    section, leaf = key.split(".")
+    tree = {section: {leaf: CHOICES[key][0].upper() + "x"}}
+    assert f"'{key}'" in _one_line_error(tree=tree)
 
 
 def test_choice_keys_exist_in_the_tree():
@@ -345,10 +360,11 @@ def test_empty_yaml_gives_defaults(tmp_path):
 
 def _non_default_config() -> Config:
     return load_config(None, [
-        "--data.path=/tmp/x y", "--data.batch_size=64", "--augment.size=32", "--augment.crop_area=[0.2, 0.9]",
-        "--augment.mean=[0.5, 0.25, 0.125]", "--augment.blur_sigma=[0.3, 1.7]", "--model.arch=resnet18",
-        "--model.width=0.375", "--model.small_stem=true", "--loss.temperature=0.5", "--optim.name=sgd",
-        "--optim.lr=0.1", "--optim.weight_decay=0.0005", "--train.out_dir=123", "--train.knn_every=-1",
+        "--data.path=/tmp/x y", "--data.batch_size=64", "--augment.size=32",
+        "--augment.crop_area=[0.2, 0.9]", "--augment.mean=[0.5, 0.25, 0.125]",
+        "--augment.blur_sigma=[0.3, 1.7]", "--model.arch=resnet18", "--model.width=0.375",
+        "--model.small_stem=true", "--loss.temperature=0.5", "--optim.name=sgd", "--optim.lr=0.1",
+        "--optim.weight_decay=0.0005", "--train.out_dir=123", "--train.knn_every=-1",
         "--eval.l2_grid=[0.001, 0.01, 0.1]",
     ])
 
@@ -361,8 +377,8 @@ def test_save_then_load_round_trips(tmp_path, make):
     assert not path.with_name(path.name + ".tmp").exists()  # written atomically, temp file gone
     again = load_config(path)
     assert again == cfg
-    assert _leaves(again) == _leaves(cfg) and all(
-        type(a) is type(b) for a, b in zip(_leaves(again).values(), _leaves(cfg).values(), strict=True))
+    pairs = zip(_leaves(again).values(), _leaves(cfg).values(), strict=True)
+    assert _leaves(again) == _leaves(cfg) and all(type(a) is type(b) for a, b in pairs)
     assert yaml.safe_load(path.read_text())["augment"]["crop_area"] == list(cfg.augment.crop_area)
 
 
