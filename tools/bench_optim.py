@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                      "implementations interleaved per round",
         "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, "eta": ETA,
         "grads": "fixed N(0, 1e-2^2), seed 1", "baseline": BASELINE,
-        "lars_strategy": "auto (numba on CPU float32/64, materialize elsewhere)",
+        "lars_path": "numba kernel on CPU float32/64, foreach ops elsewhere (chosen by LARS)",
         "peers": {p: peers[p] for p in PEERS},
     }
     benchmark.write_json(args.json, benchmark.report(device, settings, results))
