@@ -351,7 +351,8 @@ def resume_from(run: Run, resume: str) -> None:
 
 
 def open_run_dir(run: Run) -> None:
-    """Set an --overwrite'n run aside, write config.yaml, open log.jsonl and TensorBoard."""
+    """--overwrite: set the earlier run aside; then write config.yaml, open log.jsonl and
+    TensorBoard."""
     acc, out = run.acc, run.out
     if run.overwrite and acc.is_main_process and out.is_dir():  # after the settings proved usable
         trash = _set_aside_earlier_run(out)
