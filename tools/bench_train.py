@@ -49,7 +49,7 @@ import torch
 
 from model.encoder import ARCHS
 from model.flops import model_flops_utilisation, peak_flops, training_flops_per_image
-from model.nt_xent import nt_xent, resolve_impl
+from model.nt_xent import resolve_impl
 from model.simclr import SimCLR
 from pipelines.loader import BACKENDS, build_loader
 from pipelines.sources import Split, beton_file
@@ -58,6 +58,7 @@ from tools import benchmark
 from tools.cli import above, at_least
 from train.lars import LARS, lars_param_groups
 from train.schedule import lr_schedule, scaled_lr
+from train.step import training_step
 
 BASELINE = "synthetic"
 IMPLS = (BASELINE, *BACKENDS)
@@ -178,21 +179,6 @@ def _real_loader(impl: str, split: Split, spec: AugmentSpec, batch_size: int,
 
 # ---------------------------------------------------------------- the training step
 
-def train_step(model, optimizer, batch: TwoViewBatch, lr: float, temperature: float, loss_impl: str,
-               autocast) -> torch.Tensor:
-    """One step of train/pretrain.py's loop (without Accelerate: one process)."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-    with autocast():
-        _, z = model(torch.cat([batch.view1, batch.view2]))  # [2B, D]: both views in one pass
-    z1, z2 = z.float().chunk(2)
-    loss = nt_xent(z1, z2, temperature, impl=loss_impl)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
 def _time_run(source, model, optimizer, lrs, warmup: int, steps: int, temperature: float, loss_impl: str,
               autocast, device: torch.device, batch_size: int) -> dict:
     """Seconds waiting for data and computing over the `steps` steps after `warmup` ones, and each
@@ -210,7 +196,7 @@ def _time_run(source, model, optimizer, lrs, warmup: int, steps: int, temperatur
                 raise RuntimeError(f"the loader ended after {i} of {warmup + steps} batches")
             if len(batch.index) != batch_size:
                 raise RuntimeError(f"batch {i} holds {len(batch.index)} images, expected {batch_size}")
-            loss = train_step(model, optimizer, batch, lrs[i], temperature, loss_impl, autocast)
+            loss = training_step(model, optimizer, batch, lrs[i], temperature, loss_impl, autocast)
             if cuda:
                 torch.cuda.synchronize(device)
             t2 = time.perf_counter()

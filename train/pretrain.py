@@ -1,6 +1,7 @@
-"""SimCLR pretraining.
+r"""SimCLR pretraining.
 
-    accelerate launch -m train.pretrain --config train/configs/fashion_mnist_demo.yaml [--resume auto] [--section.key=value ...]
+    accelerate launch -m train.pretrain --config train/configs/fashion_mnist_demo.yaml \
+        [--resume auto] [--section.key=value ...]
 
 One process on CPU, several CPU processes over gloo (`accelerate launch --multi_gpu
 --num_processes N` on a machine without GPUs), or GPUs with bf16 autocast. Writes to
@@ -21,14 +22,17 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 
+from model.flops import model_flops_utilisation
 from pipelines.loader import BackendUnavailable, build_loader
 from pipelines.sharding import dropped_per_epoch
-from pipelines.sources import DatasetError, open_dataset
+from pipelines.sources import DatasetDir, DatasetError, Split, open_dataset
 from train.atomic import write_atomic
 from train.checkpoint import (
     CheckpointError,
@@ -40,6 +44,11 @@ from train.checkpoint import (
 )
 from train.config import Config, ConfigError, config_to_dict, load_config, save_config
 from train.features import extract_features, knn_accuracy
+from train.schedule import base_lr, lr_schedule, scaled_lr, steps_within_budget
+from train.step import training_step
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="SimCLR pretraining. Any setting can be overridden as --section.key=value "
         "(e.g. --optim.lr=0.5 --data.batch_size=512); see train/config.py for every key.",
     )
-    p.add_argument("--config", help="YAML recipe (train/configs/*.yaml); defaults apply to keys it omits")
+    p.add_argument("--config",
+                   help="YAML recipe (train/configs/*.yaml); defaults apply to keys it omits")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint: 'auto' (the run's newest complete one, if "
                    "any) or a checkpoint/run path")
@@ -154,20 +164,85 @@ def run_knn(cfg: Config, model, train_split, eval_split, spec, device) -> float:
     return knn_accuracy(th, ty, eh, ey, k=cfg.train.knn_k)
 
 
-def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> dict:
+class Schedule:
+    """The learning rate of every step and the step the run ends at. Without a time budget the
+    schedule spans optim.epochs; with one its length is fixed (`planned`) once the first steps are
+    timed, or taken from the checkpoint."""
+
+    def __init__(self, peak_lr: float, warmup_steps: int, cap_steps: int, budget: float,
+                 max_steps: int):
+        self.peak_lr, self.warmup_steps, self.cap_steps = peak_lr, warmup_steps, cap_steps
+        self.budget, self.max_steps = budget, max_steps
+        self.planned = budget <= 0
+        self.plan(cap_steps)
+
+    def plan(self, total: int) -> None:
+        if self.budget > 0:  # a budget can cut the schedule inside the warmup
+            self.lrs = lr_schedule(self.peak_lr, total, min(self.warmup_steps, total)).tolist()
+        else:
+            self.lrs = lr_schedule(self.peak_lr, total, self.warmup_steps).tolist()
+        self.total_steps = total
+        self.last_step = min(total, self.max_steps) if self.max_steps > 0 else total
+
+    def fix(self, total: int) -> None:
+        self.plan(total)
+        self.planned = True
+
+    @property
+    def planned_steps(self) -> int | None:
+        """The length fitted to the time budget (None without a budget or before the fit)."""
+        return self.total_steps if self.budget > 0 and self.planned else None
+
+
+@dataclass
+class Run:
+    """What a pretraining run works with, built by `set_up`; `step` advances as it trains."""
+
+    cfg: Config
+    acc: Accelerator
+    world: int
+    device: torch.device
+    out: Path  # train.out_dir
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: Any  # pipelines.loader's loader: len, iter, set_epoch, state_dict, load_state_dict
+    ds: DatasetDir
+    train_split: Split
+    schedule: Schedule
+    steps_per_epoch: int
+    precision: str  # Accelerate's mixed_precision: "bf16", "fp16" or "no"
+    loss_impl: str
+    flops_per_image: float  # conv+matmul FLOPs, fwd+bwd, 2 views
+    peak: float | None  # the device's peak FLOP/s, where known
+    overwrite: bool
+    step: int = 0
+    seconds_before: float = 0.0  # training seconds of earlier invocations (time budget)
+    t_start: float = 0.0  # perf_counter() when this invocation's first step began
+    log: RunLog | None = None
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def train_seconds(self, now: float | None = None) -> float:
+        """Training seconds of this run over every invocation, the time budget's clock."""
+        return self.seconds_before + (time.perf_counter() if now is None else now) - self.t_start
+
+
+def set_up(cfg: Config, resume: str | None, overwrite: bool) -> Run:
+    """Accelerator, data, schedule, model and optimizer, once train.out_dir is known to be usable
+    (nothing is written yet)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
 
-    from model.flops import model_flops_utilisation, peak_flops, training_flops_per_image
+    from model.flops import peak_flops, training_flops_per_image
     from model.global_batchnorm import convert_to_global_bn
-    from model.nt_xent import nt_xent, resolve_impl
+    from model.nt_xent import resolve_impl
     from model.simclr import build_simclr
-    from train.schedule import base_lr, lr_schedule, scaled_lr, steps_within_budget
 
     cuda = torch.cuda.is_available()
-    precision = {"auto": "bf16" if cuda else "no", "fp32": "no"}.get(cfg.train.mixed_precision, cfg.train.mixed_precision)
+    precision = {"auto": "bf16" if cuda else "no", "fp32": "no"}.get(cfg.train.mixed_precision,
+                                                                     cfg.train.mixed_precision)
     acc = Accelerator(cpu=not cuda, mixed_precision=precision)
     rank, world, device = acc.process_index, acc.num_processes, acc.device
     if cfg.data.batch_size % world:
@@ -175,7 +250,42 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
                           f"{world} processes: use a multiple of {world}")
     set_seed(cfg.train.seed)
     out = Path(cfg.train.out_dir)
-    ckpt_root = out / "checkpoints"
+    _check_out_dir(out, resume, overwrite)
+    acc.wait_for_everyone()  # every process has looked before the earlier run is moved away
+
+    ds = open_dataset(cfg.data.path)
+    train_split = ds.split(cfg.data.train_split)
+    local_batch = cfg.data.batch_size // world
+    if len(train_split) // world < local_batch:
+        raise ConfigError(f"config: 'data.batch_size' {cfg.data.batch_size} exceeds the "
+                          f"{len(train_split)} images of split '{cfg.data.train_split}' in "
+                          f"'{cfg.data.path}': lower it")
+    loader = build_loader(cfg.data.backend, train_split, cfg.augment, batch_size=local_batch,
+                          rank=rank, world=world, seed=cfg.train.seed, device=device,
+                          num_workers=cfg.data.num_workers, drop_last=True)
+    steps_per_epoch = len(loader)
+    schedule = _schedule(cfg, acc, steps_per_epoch)
+
+    model = build_simclr(cfg.model)
+    if world > 1 and cfg.train.sync_bn:
+        model = convert_to_global_bn(model, device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    flops_per_image = training_flops_per_image(model, cfg.augment.size)
+    peak = peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    optimizer = make_optimizer(cfg, model)
+    model, optimizer = acc.prepare(model, optimizer)
+    if cfg.model.compile:
+        model = torch.compile(model)
+    try:
+        loss_impl = resolve_impl(cfg.loss.impl, device, cfg.model.head_out)
+    except ValueError as e:
+        raise ConfigError(f"config: 'loss.impl': {e}") from None
+    return Run(cfg, acc, world, device, out, model, optimizer, loader, ds, train_split, schedule,
+               steps_per_epoch, precision, loss_impl, flops_per_image, peak, overwrite)
+
+
+def _check_out_dir(out: Path, resume: str | None, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"config: train.out_dir '{out}' is an existing file, not a directory: "
                           f"choose another --train.out_dir")
@@ -187,275 +297,396 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
         raise CheckpointError(f"train.out_dir '{out}' already holds a run ({earlier}): continue it "
                               f"with --resume, replace it with --overwrite, or choose another "
                               f"--train.out_dir")
-    acc.wait_for_everyone()  # every process has looked before the earlier run is moved away
 
-    ds = open_dataset(cfg.data.path)
-    train_split = ds.split(cfg.data.train_split)
-    spec = cfg.augment
-    local_batch = cfg.data.batch_size // world
-    if len(train_split) // world < local_batch:
-        raise ConfigError(f"config: 'data.batch_size' {cfg.data.batch_size} exceeds the {len(train_split)} "
-                          f"images of split '{cfg.data.train_split}' in '{cfg.data.path}': lower it")
-    loader = build_loader(cfg.data.backend, train_split, spec, batch_size=local_batch, rank=rank, world=world,
-                          seed=cfg.train.seed, device=device, num_workers=cfg.data.num_workers, drop_last=True)
-    steps_per_epoch = len(loader)
+
+def _schedule(cfg: Config, acc, steps_per_epoch: int) -> Schedule:
     cap_steps = cfg.optim.epochs * steps_per_epoch
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
     if warmup_steps > cap_steps:
-        acc.print(f"warning: optim.warmup_epochs ({cfg.optim.warmup_epochs:g}) exceeds optim.epochs "
-                  f"({cfg.optim.epochs}): the warmup takes the whole run", file=sys.stderr)
+        acc.print(f"warning: optim.warmup_epochs ({cfg.optim.warmup_epochs:g}) exceeds "
+                  f"optim.epochs ({cfg.optim.epochs}): the warmup takes the whole run",
+                  file=sys.stderr)
         warmup_steps = cap_steps
-    peak_lr = scaled_lr(base_lr(cfg.optim.lr, cfg.optim.lr_scaling), cfg.data.batch_size, cfg.optim.lr_scaling)
-    budget = cfg.train.time_budget_s
+    peak_lr = scaled_lr(base_lr(cfg.optim.lr, cfg.optim.lr_scaling), cfg.data.batch_size,
+                        cfg.optim.lr_scaling)
+    return Schedule(peak_lr, warmup_steps, cap_steps, cfg.train.time_budget_s,
+                    cfg.train.max_steps)
 
-    def plan(total: int) -> tuple[list[float], int]:
-        """The LR of every step and the step the run ends at, for a schedule of `total` steps."""
-        if budget > 0:  # a budget can cut the schedule inside the warmup
-            lrs = lr_schedule(peak_lr, total, min(warmup_steps, total)).tolist()
-        else:
-            lrs = lr_schedule(peak_lr, total, warmup_steps).tolist()
-        return lrs, (min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total)
 
-    total_steps = cap_steps
-    lrs, last_step = plan(total_steps)
-
-    model = build_simclr(cfg.model)
-    if world > 1 and cfg.train.sync_bn:
-        model = convert_to_global_bn(model, device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    flops_per_image = training_flops_per_image(model, spec.size)  # [conv+matmul FLOPs, fwd+bwd, 2 views]
-    peak = peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
-    optimizer = make_optimizer(cfg, model)
-    model, optimizer = acc.prepare(model, optimizer)
-    if cfg.model.compile:
-        model = torch.compile(model)
+def resume_from(run: Run, resume: str) -> None:
+    """Continue from the checkpoint `resume` names ('auto': the run's newest, if any): model,
+    optimizer and RNG state, step, training seconds, the loader's position, the budget's plan."""
+    acc, cfg = run.acc, run.cfg
+    ckpt = latest_checkpoint(run.ckpt_root) if resume == "auto" else resolve_checkpoint(resume)
+    if ckpt is None:
+        if acc.is_main_process:
+            acc.print(f"no checkpoint under {run.ckpt_root}: starting afresh")
+        return
+    state = read_trainer_state(ckpt)
+    if state.get("world") != run.world or state.get("steps_per_epoch") != run.steps_per_epoch:
+        raise CheckpointError(f"checkpoint '{ckpt}' was written with {state.get('world')} "
+                              f"processes and {state.get('steps_per_epoch')} steps/epoch, this "
+                              f"run has {run.world} and {run.steps_per_epoch}: resume with the "
+                              f"same launch settings")
     try:
-        loss_impl = resolve_impl(cfg.loss.impl, device, cfg.model.head_out)
-    except ValueError as e:
-        raise ConfigError(f"config: 'loss.impl': {e}") from None
+        acc.load_state(str(ckpt))
+    except Exception as e:
+        diff = _config_diff(ckpt, config_to_dict(cfg))
+        if diff:
+            raise CheckpointError(
+                f"checkpoint '{ckpt}' does not fit this run: its config differs in "
+                f"{'; '.join(diff)}: resume with the checkpoint's settings, or start a new "
+                f"run with --overwrite or another --train.out_dir") from None
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"checkpoint '{ckpt}' is unreadable ({type(e).__name__}: {first}): pass "
+            f"another with --resume, or start afresh with --overwrite") from None
+    run.step = state["step"]
+    run.seconds_before = state.get("train_seconds", 0.0)
+    _set_aside_later_checkpoints(acc, run.ckpt_root, ckpt, run.step)
+    if run.schedule.budget > 0 and state.get("planned_steps"):
+        run.schedule.fix(state["planned_steps"])
+    run.loader.load_state_dict(state["loader"])
+    acc.print(f"resumed from {ckpt} at step {run.step}")
 
-    step, seconds_before = 0, 0.0  # training seconds of earlier invocations (time budget)
-    planned = budget <= 0  # the schedule's length is final (else fixed once the first steps are timed)
-    if resume is not None:
-        ckpt = latest_checkpoint(ckpt_root) if resume == "auto" else resolve_checkpoint(resume)
-        if ckpt is not None:
-            state = read_trainer_state(ckpt)
-            if state.get("world") != world or state.get("steps_per_epoch") != steps_per_epoch:
-                raise CheckpointError(f"checkpoint '{ckpt}' was written with {state.get('world')} processes and "
-                                      f"{state.get('steps_per_epoch')} steps/epoch, this run has {world} and "
-                                      f"{steps_per_epoch}: resume with the same launch settings")
-            try:
-                acc.load_state(str(ckpt))
-            except Exception as e:
-                diff = _config_diff(ckpt, config_to_dict(cfg))
-                if diff:
-                    raise CheckpointError(
-                        f"checkpoint '{ckpt}' does not fit this run: its config differs in "
-                        f"{'; '.join(diff)}: resume with the checkpoint's settings, or start a new "
-                        f"run with --overwrite or another --train.out_dir") from None
-                first = (str(e).splitlines() or [""])[0][:200]
-                raise CheckpointError(
-                    f"checkpoint '{ckpt}' is unreadable ({type(e).__name__}: {first}): pass "
-                    f"another with --resume, or start afresh with --overwrite") from None
-            step = state["step"]
-            seconds_before = state.get("train_seconds", 0.0)
-            _set_aside_later_checkpoints(acc, ckpt_root, ckpt, step)
-            if budget > 0 and state.get("planned_steps"):
-                total_steps, planned = state["planned_steps"], True
-                lrs, last_step = plan(total_steps)
-            loader.load_state_dict(state["loader"])
-            acc.print(f"resumed from {ckpt} at step {step}")
-        elif acc.is_main_process:
-            acc.print(f"no checkpoint under {ckpt_root}: starting afresh")
 
-    if step >= last_step and (out / "summary.json").is_file():
-        acc.print(f"run '{out}' already finished ({step} steps): nothing to do; start a new one "
-                  f"with --overwrite or another --train.out_dir, or raise optim.epochs / "
-                  f"train.max_steps")
-        return json.loads((out / "summary.json").read_text())
-
-    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    if overwrite and acc.is_main_process and out.is_dir():  # after the settings proved usable
+def open_run_dir(run: Run) -> None:
+    """--overwrite: set the earlier run aside; then write config.yaml, open log.jsonl and
+    TensorBoard."""
+    acc, out = run.acc, run.out
+    if run.overwrite and acc.is_main_process and out.is_dir():  # after the settings proved usable
         trash = _set_aside_earlier_run(out)
         if trash is not None:
             print(f"pretrain: --overwrite: the earlier run in '{out}' was moved to {trash.name}, "
                   f"deleted once this run writes its first checkpoint", file=sys.stderr)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    writer = SummaryWriter(str(out / "tb")) if acc.is_main_process else None
-    log_file = open(out / "log.jsonl", "a") if acc.is_main_process else None
+        save_config(run.cfg, out / "config.yaml")
+    run.log = RunLog(out, acc.is_main_process)
 
-    def log(record: dict) -> None:
-        if log_file:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    writer.add_scalar(k, v, record.get("step", 0))
 
-    def checkpoint() -> Path:
-        state = {"step": step, "loader": loader.state_dict(), "world": world, "steps_per_epoch": steps_per_epoch,
-                 "train_seconds": seconds_before + time.perf_counter() - t_start,
-                 "planned_steps": total_steps if budget > 0 and planned else None}
-        keep = cfg.train.keep_checkpoints
-        saved = save_checkpoint(acc, ckpt_root, step, state, config_yaml, keep=keep)
-        if overwrite and acc.is_main_process:  # the new run has a checkpoint: the old one can go
-            _delete_earlier_runs(out)
-        return saved
+def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> dict:
+    """Pretrain as `cfg` says; the run's summary (also written to summary.json)."""
+    from tqdm import tqdm
 
-    stop = {"now": False, "signal": None}
-    trainer_pid = os.getpid()
+    run = set_up(cfg, resume, overwrite)
+    if resume is not None:
+        resume_from(run, resume)
+    acc, sched = run.acc, run.schedule
+    if run.step >= sched.last_step and (run.out / "summary.json").is_file():
+        acc.print(f"run '{run.out}' already finished ({run.step} steps): nothing to do; start a "
+                  f"new one with --overwrite or another --train.out_dir, or raise optim.epochs / "
+                  f"train.max_steps")
+        return json.loads((run.out / "summary.json").read_text())
 
-    def on_signal(signum, frame):
-        """SIGTERM / first SIGINT: stop after this step and checkpoint; a second SIGINT aborts.
-        Several processes stop together at the next logged step (a signal may reach them at
-        different steps, and one that stopped alone would leave the others waiting)."""
-        if os.getpid() != trainer_pid:  # a forked loader worker: it keeps serving batches
-            return
-        if stop["signal"] is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop["signal"] = signal.Signals(signum).name
-        stop["now"] = stop["now"] or world == 1
-        where = "this step" if world == 1 else "the next logged step"
-        tqdm.write(f"pretrain: {stop['signal']}: stopping after {where} and writing a checkpoint "
-                   f"(Ctrl-C again aborts)", file=sys.stderr)
+    open_run_dir(run)
+    stop = StopSignals(run.world)
+    stop.install()
+    _announce(run)
+    knn = KnnMonitor(run)
 
-    previous_handlers = {sig: signal.signal(sig, on_signal)
-                         for sig in (signal.SIGTERM, signal.SIGINT)}
-    log({"event": "start", "step": step, "world": world, "device": str(device), "precision": precision,
-         "loss_impl": loss_impl, "backend": cfg.data.backend, "global_batch": cfg.data.batch_size,
-         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "peak_lr": peak_lr,
-         "loss_scale": cfg.loss.scale,
-         "dropped_per_epoch": dropped_per_epoch(len(train_split), world, local_batch)})
-    acc.print(f"SimCLR {cfg.model.arch} x{cfg.model.width} | {world} process(es) on {device.type} | "
-              f"batch {cfg.data.batch_size} | loss {loss_impl} | {cfg.data.backend} loader | "
-              f"{steps_per_epoch} steps/epoch, steps {step}->{last_step}")
-    knn_skipped = _knn_skip_reason(cfg, ds, train_split)
-    if knn_skipped and acc.is_main_process:  # said once, here; the summary repeats the reason
-        print(f"pretrain: warning: no kNN monitor: {knn_skipped}", file=sys.stderr)
-        log({"event": "knn_skipped", "step": step, "reason": knn_skipped})
-
-    model.train()
-    bar = tqdm(total=last_step, initial=step, disable=not acc.is_main_process, dynamic_ncols=True, unit="step")
-    t_start, images_seen, wait_s = time.perf_counter(), 0, 0.0
-    tick, tick_images, tick_wait = t_start, 0, 0.0
-    knn_result = None
-    # Time budget: steps [timed_from, timed_to) are timed (after warm-up steps that pay for cuDNN
-    # autotuning, compilation and worker start-up), then the schedule is fitted to the budget. The
-    # steps taken until then follow the schedule of optim.epochs, which is the same while they lie
-    # in the warmup (they do unless the warmup is under 30 steps).
-    timed_from = step + 10
-    timed_to, t_timed = timed_from + 20, None
-    stop_reason = None
-    while step < last_step and not stop["now"]:
-        epoch = step // steps_per_epoch
-        if loader.state_dict()["epoch"] != epoch:
-            loader.set_epoch(epoch)
-        it = iter(loader)
-        while step < last_step and not stop["now"]:
-            t0 = time.perf_counter()
-            try:
-                batch = next(it, None)
-            except Exception:
-                if stop["now"]:  # Ctrl-C in a terminal reaches the loader's workers too
-                    break
-                raise
-            if batch is None:
-                break
-            tick_wait += time.perf_counter() - t0
-            lr = lrs[step]
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            with acc.autocast():
-                _, z = model(torch.cat([batch.view1, batch.view2]))  # [2B, D]: both views in one pass
-            z1, z2 = z.float().chunk(2)
-            loss = nt_xent(z1, z2, cfg.loss.temperature, impl=loss_impl)  # mean over the 2N anchors
-            optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss * cfg.loss.scale if cfg.loss.scale != 1.0 else loss)
-            optimizer.step()
-            step += 1
-            tick_images += len(batch.index) * world
-            bar.update(1)
-            if not planned and step in (timed_from, timed_to):
-                if cuda:
-                    torch.cuda.synchronize(device)
-                now = time.perf_counter()
-                if step == timed_from:
-                    t_timed = now
-                else:  # every process adopts the slowest one's figures, so all agree on the plan
-                    elapsed, step_s = _agree_max(device, world, seconds_before + now - t_start,
-                                                 (now - t_timed) / (timed_to - timed_from))
-                    total_steps = steps_within_budget(budget, elapsed, step, step_s, cap_steps)
-                    lrs, last_step = plan(total_steps)
-                    planned = True
-                    bar.total = last_step
-                    bar.refresh()
-                    log({"event": "time_budget", "step": step, "budget_s": budget, "elapsed_s": elapsed,
-                         "step_s": step_s, "planned_steps": total_steps,
-                         "planned_epochs": total_steps / steps_per_epoch})
-            if step % cfg.train.log_every == 0 or step == last_step:
-                if world > 1 and not stop["now"]:  # a signal stops every process at this step
-                    (asked,) = _agree_max(device, world, 1.0 if stop["signal"] else 0.0)
-                    stop["now"] = asked > 0
-                loss_value = acc.reduce(loss.detach(), reduction="mean").item()  # the only host sync, once per log interval
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss became {loss_value} at step {step}: lower optim.lr "
-                                             f"(now {lr:.3g}) or raise loss.temperature")
-                now = time.perf_counter()
-                ips = tick_images / (now - tick)
-                record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_value, "lr": lr,
-                          "images_per_s": ips, "data_wait_frac": tick_wait / (now - tick),
-                          "tflops": ips * flops_per_image / 1e12}
-                mfu = model_flops_utilisation(flops_per_image, ips, peak)
-                if mfu is not None:
-                    record["mfu"] = mfu
-                log(record)
-                if budget > 0 and planned and step < last_step:  # a hard stop when the plan was too optimistic
-                    elapsed, _ = _agree_max(device, world, seconds_before + now - t_start, 0.0)
-                    if elapsed > 1.2 * budget:
-                        stop_reason = f"time budget: {elapsed:.0f} s > 1.2 x train.time_budget_s"
-                        stop["now"] = True
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
-                images_seen += tick_images
-                wait_s += tick_wait
-                tick, tick_images, tick_wait = now, 0, 0.0
-            if cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0:
-                checkpoint()
-        if (step % steps_per_epoch == 0 and cfg.train.knn_every > 0 and not knn_skipped
-                and (step // steps_per_epoch) % cfg.train.knn_every == 0):
-            knn_result = _knn_on_main(cfg, acc, model, ds, train_split, spec, device, step, log)
+    run.model.train()
+    bar = tqdm(total=sched.last_step, initial=run.step, disable=not acc.is_main_process,
+               dynamic_ncols=True, unit="step")
+    run.t_start = time.perf_counter()
+    meter = ThroughputMeter(run.flops_per_image, run.peak, run.t_start)
+    planner = BudgetPlanner(run.step)
+    while run.step < sched.last_step and not stop.now:
+        train_one_epoch(run, meter, planner, stop, bar)
+        knn.after_epoch(run)
     bar.close()
-    images_seen += tick_images
-    wall = time.perf_counter() - t_start
-    final = checkpoint()
-    if cfg.train.knn_every >= 0 and not knn_skipped and not stop["now"] and step == last_step:
-        knn_result = _knn_on_main(cfg, acc, model, ds, train_split, spec, device, step, log)
-    elif knn_result is None and not knn_skipped:
-        knn_skipped = ("disabled (train.knn_every < 0)" if cfg.train.knn_every < 0
-                       else f"the run stopped at step {step} before the final kNN evaluation")
-    summary = {"steps": step, "total_steps": total_steps, "epochs": step / steps_per_epoch, "world": world,
-               "device": str(device), "loss_impl": loss_impl, "backend": cfg.data.backend,
-               "images_per_s": images_seen / wall if wall > 0 else 0.0, "wall_s": wall,
-               "data_wait_frac": wait_s / wall if wall > 0 else 0.0, "knn_top1": knn_result,
-               "knn_skipped": knn_skipped if knn_result is None else None,
-               "tflops": images_seen / wall * flops_per_image / 1e12 if wall > 0 else 0.0,
-               "mfu": model_flops_utilisation(flops_per_image, images_seen / wall, peak) if wall > 0 else None,
-               "checkpoint": str(final), "interrupted": stop["now"] and stop_reason is None,
-               "signal": stop["signal"],
-               "stopped_by": stop_reason, "time_budget_s": budget or None,
-               "planned_steps": total_steps if budget > 0 and planned else None}
+    totals = meter.finish()
+    final = checkpoint(run)
+    knn.at_end(run, stopped=stop.now)
+
+    summary = _summary(run, totals, knn, stop, final)
     if acc.is_main_process:
-        write_atomic(out / "summary.json", json.dumps(summary, indent=1))
-        log({"event": "end", **{k: v for k, v in summary.items() if k != "checkpoint"}})
-        writer.close()
-        log_file.close()
+        write_atomic(run.out / "summary.json", json.dumps(summary, indent=1))
+        run.log({"event": "end", **{k: v for k, v in summary.items() if k != "checkpoint"}})
+        run.log.close()
         _print_summary(summary)
     acc.end_training()
-    for sig, handler in previous_handlers.items():
-        signal.signal(sig, handler)
+    stop.restore()
     return summary
+
+
+def train_one_epoch(run: Run, meter: ThroughputMeter, planner: BudgetPlanner, stop: StopSignals,
+                    bar) -> None:
+    """Train from run.step until its epoch's batches end, the schedule ends or a stop is asked."""
+    cfg, sched, loader = run.cfg, run.schedule, run.loader
+    epoch = run.step // run.steps_per_epoch
+    if loader.state_dict()["epoch"] != epoch:
+        loader.set_epoch(epoch)
+    it = iter(loader)
+    while run.step < sched.last_step and not stop.now:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it, None)
+        except Exception:
+            if stop.now:  # Ctrl-C in a terminal reaches the loader's workers too
+                break
+            raise
+        if batch is None:
+            break
+        wait = time.perf_counter() - t0
+        lr = sched.lrs[run.step]
+        loss = training_step(run.model, run.optimizer, batch, lr, cfg.loss.temperature,
+                             run.loss_impl, autocast=run.acc.autocast, backward=run.acc.backward,
+                             loss_scale=cfg.loss.scale)
+        run.step += 1
+        meter.add(len(batch.index) * run.world, wait)
+        bar.update(1)
+        planner.after_step(run, bar)
+        if run.step % cfg.train.log_every == 0 or run.step == sched.last_step:
+            _log_step(run, loss, lr, meter, planner, stop, bar)
+        if cfg.train.checkpoint_every > 0 and run.step % cfg.train.checkpoint_every == 0:
+            checkpoint(run)
+
+
+def _log_step(run: Run, loss: torch.Tensor, lr: float, meter: ThroughputMeter,
+              planner: BudgetPlanner, stop: StopSignals, bar) -> None:
+    """At a logged step: the processes agree on a stop, the loss is read and logged with the
+    interval's throughput, and a run far over its time budget stops."""
+    stop.agree(run.device)
+    # the only host sync, once per log interval
+    loss_value = run.acc.reduce(loss, reduction="mean").item()
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"loss became {loss_value} at step {run.step}: lower optim.lr "
+                                 f"(now {lr:.3g}) or raise loss.temperature")
+    now = time.perf_counter()
+    record = {"step": run.step, "epoch": run.step / run.steps_per_epoch, "loss": loss_value,
+              "lr": lr, **meter.interval(now)}
+    run.log(record)
+    overrun = planner.overrun(run, now)
+    if overrun:
+        stop.reason, stop.now = overrun, True
+    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}",
+                    img_s=f"{record['images_per_s']:.0f}")
+
+
+def checkpoint(run: Run) -> Path:
+    state = {"step": run.step, "loader": run.loader.state_dict(), "world": run.world,
+             "steps_per_epoch": run.steps_per_epoch, "train_seconds": run.train_seconds(),
+             "planned_steps": run.schedule.planned_steps}
+    config_yaml = yaml.safe_dump(config_to_dict(run.cfg), sort_keys=False)
+    saved = save_checkpoint(run.acc, run.ckpt_root, run.step, state, config_yaml,
+                            keep=run.cfg.train.keep_checkpoints)
+    if run.overwrite and run.acc.is_main_process:  # the new run has a checkpoint: the old can go
+        _delete_earlier_runs(run.out)
+    return saved
+
+
+def _announce(run: Run) -> None:
+    cfg, sched = run.cfg, run.schedule
+    local_batch = cfg.data.batch_size // run.world
+    run.log({"event": "start", "step": run.step, "world": run.world, "device": str(run.device),
+             "precision": run.precision, "loss_impl": run.loss_impl, "backend": cfg.data.backend,
+             "global_batch": cfg.data.batch_size, "steps_per_epoch": run.steps_per_epoch,
+             "total_steps": sched.total_steps, "peak_lr": sched.peak_lr,
+             "loss_scale": cfg.loss.scale,
+             "dropped_per_epoch": dropped_per_epoch(len(run.train_split), run.world, local_batch)})
+    run.acc.print(f"SimCLR {cfg.model.arch} x{cfg.model.width} | {run.world} process(es) on "
+                  f"{run.device.type} | batch {cfg.data.batch_size} | loss {run.loss_impl} | "
+                  f"{cfg.data.backend} loader | {run.steps_per_epoch} steps/epoch, steps "
+                  f"{run.step}->{sched.last_step}")
+
+
+class RunLog:
+    """log.jsonl, one JSON record a line, its numbers mirrored to TensorBoard; the main process
+    writes, the others hold a RunLog that writes nothing."""
+
+    def __init__(self, out: Path, main: bool):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out / "tb")) if main else None
+        self.file = open(out / "log.jsonl", "a") if main else None
+
+    def __call__(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.writer.add_scalar(k, v, record.get("step", 0))
+
+    def close(self) -> None:
+        self.writer.close()
+        self.file.close()
+
+
+class StopSignals:
+    """SIGTERM / first SIGINT: stop after this step and checkpoint; a second SIGINT aborts.
+    Several processes stop together at the next logged step (a signal may reach them at
+    different steps, and one that stopped alone would leave the others waiting). A time-budget
+    overrun stops the run too, with its `reason`."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self.now = False
+        self.signal: str | None = None
+        self.reason: str | None = None
+        self._pid = os.getpid()
+        self._previous = {}
+
+    def install(self) -> None:
+        self._previous = {sig: signal.signal(sig, self._on_signal)
+                          for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        from tqdm import tqdm
+
+        if os.getpid() != self._pid:  # a forked loader worker: it keeps serving batches
+            return
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        self.now = self.now or self.world == 1
+        where = "this step" if self.world == 1 else "the next logged step"
+        tqdm.write(f"pretrain: {self.signal}: stopping after {where} and writing a checkpoint "
+                   f"(Ctrl-C again aborts)", file=sys.stderr)
+
+    def agree(self, device: torch.device) -> None:
+        """At a logged step: a signal that reached any process stops every process here."""
+        if self.world > 1 and not self.now:
+            (asked,) = _agree_max(device, self.world, 1.0 if self.signal else 0.0)
+            self.now = asked > 0
+
+
+class ThroughputMeter:
+    """Images (each two views), data-wait seconds and model FLOP/s, per log interval and over the
+    run."""
+
+    def __init__(self, flops_per_image: float, peak: float | None, t_start: float):
+        self.flops_per_image, self.peak, self.t_start = flops_per_image, peak, t_start
+        self.images, self.wait_s = 0, 0.0  # up to the last interval
+        self.tick, self.tick_images, self.tick_wait = t_start, 0, 0.0
+
+    def add(self, images: int, wait_s: float) -> None:
+        self.tick_images += images
+        self.tick_wait += wait_s
+
+    def interval(self, now: float) -> dict:
+        """The log record's throughput since the last interval, which ends here."""
+        ips = self.tick_images / (now - self.tick)
+        record = {"images_per_s": ips, "data_wait_frac": self.tick_wait / (now - self.tick),
+                  "tflops": ips * self.flops_per_image / 1e12}
+        mfu = model_flops_utilisation(self.flops_per_image, ips, self.peak)
+        if mfu is not None:
+            record["mfu"] = mfu
+        self.images += self.tick_images
+        self.wait_s += self.tick_wait
+        self.tick, self.tick_images, self.tick_wait = now, 0, 0.0
+        return record
+
+    def finish(self) -> dict:
+        """The summary's throughput over this invocation; the data wait is that of the logged
+        intervals."""
+        wall = time.perf_counter() - self.t_start
+        self.images += self.tick_images
+        ips = self.images / wall if wall > 0 else 0.0
+        return {"images_per_s": ips, "wall_s": wall,
+                "data_wait_frac": self.wait_s / wall if wall > 0 else 0.0,
+                "tflops": ips * self.flops_per_image / 1e12,
+                "mfu": model_flops_utilisation(self.flops_per_image, ips, self.peak)
+                if wall > 0 else None}
+
+
+class BudgetPlanner:
+    """train.time_budget_s: steps [timed_from, timed_to) are timed (after warm-up steps that pay
+    for cuDNN autotuning, compilation and worker start-up), then the schedule is fitted to the
+    budget. The steps taken until then follow the schedule of optim.epochs, which is the same
+    while they lie in the warmup (they do unless the warmup is under 30 steps)."""
+
+    def __init__(self, first_step: int):
+        self.timed_from = first_step + 10
+        self.timed_to = self.timed_from + 20
+        self.t_timed: float | None = None
+
+    def after_step(self, run: Run, bar) -> None:
+        sched = run.schedule
+        if sched.planned or run.step not in (self.timed_from, self.timed_to):
+            return
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        now = time.perf_counter()
+        if run.step == self.timed_from:
+            self.t_timed = now
+            return
+        # every process adopts the slowest one's figures, so all agree on the plan
+        elapsed, step_s = _agree_max(run.device, run.world, run.train_seconds(now),
+                                     (now - self.t_timed) / (self.timed_to - self.timed_from))
+        sched.fix(steps_within_budget(sched.budget, elapsed, run.step, step_s, sched.cap_steps))
+        bar.total = sched.last_step
+        bar.refresh()
+        run.log({"event": "time_budget", "step": run.step, "budget_s": sched.budget,
+                 "elapsed_s": elapsed, "step_s": step_s, "planned_steps": sched.total_steps,
+                 "planned_epochs": sched.total_steps / run.steps_per_epoch})
+
+    def overrun(self, run: Run, now: float) -> str | None:
+        """At a logged step: why the run stops when the plan was too optimistic, else None."""
+        sched = run.schedule
+        if sched.budget > 0 and sched.planned and run.step < sched.last_step:
+            elapsed, _ = _agree_max(run.device, run.world, run.train_seconds(now), 0.0)
+            if elapsed > 1.2 * sched.budget:
+                return f"time budget: {elapsed:.0f} s > 1.2 x train.time_budget_s"
+        return None
+
+
+class KnnMonitor:
+    """kNN top-1 of the encoder on data.eval_split, on the main process: every train.knn_every
+    epochs and at the end (train.knn_every 0: at the end only; < 0: never)."""
+
+    def __init__(self, run: Run):
+        self.result: float | None = None
+        self.skipped = _knn_skip_reason(run.cfg, run.ds, run.train_split)
+        if self.skipped and run.acc.is_main_process:  # said once; the summary repeats the reason
+            print(f"pretrain: warning: no kNN monitor: {self.skipped}", file=sys.stderr)
+            run.log({"event": "knn_skipped", "step": run.step, "reason": self.skipped})
+
+    def after_epoch(self, run: Run) -> None:
+        every, spe = run.cfg.train.knn_every, run.steps_per_epoch
+        if (run.step % spe == 0 and every > 0 and not self.skipped
+                and (run.step // spe) % every == 0):
+            self._evaluate(run)
+
+    def at_end(self, run: Run, stopped: bool) -> None:
+        if (run.cfg.train.knn_every >= 0 and not self.skipped and not stopped
+                and run.step == run.schedule.last_step):
+            self._evaluate(run)
+        elif self.result is None and not self.skipped:
+            self.skipped = ("disabled (train.knn_every < 0)" if run.cfg.train.knn_every < 0
+                            else f"the run stopped at step {run.step} before the final kNN "
+                                 f"evaluation")
+
+    def _evaluate(self, run: Run) -> None:
+        cfg, acc = run.cfg, run.acc
+        self.result = None
+        if acc.is_main_process:
+            self.result = run_knn(cfg, run.model, run.train_split,
+                                  run.ds.split(cfg.data.eval_split), cfg.augment, run.device)
+            run.log({"step": run.step, "knn_top1": self.result})
+            acc.print(f"step {run.step}: kNN top-1 on '{cfg.data.eval_split}' = "
+                      f"{100 * self.result:.2f}%")
+        acc.wait_for_everyone()
+
+
+def _summary(run: Run, totals: dict, knn: KnnMonitor, stop: StopSignals, final: Path) -> dict:
+    sched = run.schedule
+    return {"steps": run.step, "total_steps": sched.total_steps,
+            "epochs": run.step / run.steps_per_epoch, "world": run.world,
+            "device": str(run.device), "loss_impl": run.loss_impl,
+            "backend": run.cfg.data.backend, "images_per_s": totals["images_per_s"],
+            "wall_s": totals["wall_s"], "data_wait_frac": totals["data_wait_frac"],
+            "knn_top1": knn.result, "knn_skipped": knn.skipped if knn.result is None else None,
+            "tflops": totals["tflops"], "mfu": totals["mfu"], "checkpoint": str(final),
+            "interrupted": stop.now and stop.reason is None, "signal": stop.signal,
+            "stopped_by": stop.reason, "time_budget_s": sched.budget or None,
+            "planned_steps": sched.planned_steps}
+
 
 
 def _agree_max(device: torch.device, world: int, *values: float) -> tuple[float, ...]:
@@ -483,22 +714,13 @@ def _knn_skip_reason(cfg, ds, train_split) -> str | None:
     return None
 
 
-def _knn_on_main(cfg, acc, model, ds, train_split, spec, device, step, log):
-    result = None
-    if acc.is_main_process:
-        result = run_knn(cfg, model, train_split, ds.split(cfg.data.eval_split), spec, device)
-        log({"step": step, "knn_top1": result})
-        acc.print(f"step {step}: kNN top-1 on '{cfg.data.eval_split}' = {100 * result:.2f}%")
-    acc.wait_for_everyone()
-    return result
-
-
 def _print_summary(s: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title="SimCLR pretraining")
-    for col in ("steps", "epochs", "processes", "images/s", "data wait", "wall time", "kNN top-1", "loss impl"):
+    for col in ("steps", "epochs", "processes", "images/s", "data wait", "wall time", "kNN top-1",
+                "loss impl"):
         t.add_column(col, justify="right")
     knn = "-" if s["knn_top1"] is None else f"{100 * s['knn_top1']:.2f}%"
     t.add_row(str(s["steps"]), f"{s['epochs']:.2f}", str(s["world"]), f"{s['images_per_s']:.0f}",
@@ -520,7 +742,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         train(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (ConfigError, DatasetError, CheckpointError, FloatingPointError, BackendUnavailable) as e:
+    except (ConfigError, DatasetError, CheckpointError, FloatingPointError,
+            BackendUnavailable) as e:
         _fail(f"pretrain: error: {e}")
         return 2
     except KeyboardInterrupt:
