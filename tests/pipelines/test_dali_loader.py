@@ -1,5 +1,6 @@
-"""DALI two-view loader (CPU graph): contract, the sampler's views rendered, order, resume; the GPU
-graph against the CPU graph."""
+"""DALI two-view loader (CPU graph): the sampler's views rendered, pipeline reuse, JPEG files; the
+GPU graph against the CPU graph. The contract it shares with the other backends is checked in
+test_loader_contract.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from pipelines.dali_loader import DaliTwoViewLoader, jpeg_size  # noqa: E402
-from pipelines.sharding import shard_indices  # noqa: E402
 from pipelines.spec import AugmentSpec  # noqa: E402
 from tests.pipelines.augment_stats import (  # noqa: E402
     area_ratio_stats,
@@ -33,20 +33,6 @@ def make(split, spec, **kw):
     return DaliTwoViewLoader(split, spec, **kw)
 
 
-def test_contract_shape_layout_normalisation():
-    split = noise_split(40, 16)
-    spec = AugmentSpec(size=16, **IDENTITY)
-    batches = list(make(split, spec, shuffle=False))
-    assert [len(b.index) for b in batches] == [32, 8]
-    b = batches[0]
-    assert b.view1.shape == (32, 3, 16, 16) and b.view1.dtype == torch.float32
-    assert b.view1.is_contiguous(memory_format=torch.channels_last)
-    assert b.label.dtype == torch.int64 and b.index.dtype == torch.int64
-    expect = torch.from_numpy(split.images[:32]).permute(0, 3, 1, 2).float()
-    assert torch.allclose(to_uint8(b.view1, spec.mean, spec.std), expect, atol=1e-3)
-    assert torch.equal(b.label, torch.from_numpy(split.labels[:32]))
-
-
 @pytest.mark.parametrize("blur_p", [0.0, 0.5])
 def test_build_and_run_emit_no_warning(blur_p):
     """Every external-source output is consumed (DALI warns about unused ones), with or without blur."""
@@ -56,13 +42,6 @@ def test_build_and_run_emit_no_warning(blur_p):
         batches = list(make(split, AugmentSpec(size=16, blur_p=blur_p), batch_size=8))
     assert len(batches) == 2
     assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
-
-
-def test_grayscale_input_expanded():
-    split = noise_split(8, 16, channels=1)
-    b = next(iter(make(split, AugmentSpec(size=16, **IDENTITY), shuffle=False)))
-    px = to_uint8(b.view1, AugmentSpec().mean, AugmentSpec().std)
-    assert torch.allclose(px[:, 0], px[:, 1], atol=1e-3) and torch.allclose(px[:, 0], px[:, 2], atol=1e-3)
 
 
 def test_crop_box_follows_params_and_spec():
@@ -211,24 +190,6 @@ def test_random_order_changes_output():
     assert (right <= 1.01).all() and (swapped[differs] > 6).all()
 
 
-def test_seed_reproduces_views_differ_and_epochs_change():
-    split = noise_split(64, 24)
-    spec = AugmentSpec(size=16, blur_p=0.5)
-    a, b = list(make(split, spec)), list(make(split, spec))
-    assert all(torch.equal(x.view1, y.view1) and torch.equal(x.view2, y.view2) for x, y in zip(a, b))
-    assert not torch.allclose(a[0].view1, a[0].view2)
-    ld = make(split, spec)
-    ld.set_epoch(1)
-    c = list(ld)
-    assert not torch.equal(torch.cat([x.index for x in a]), torch.cat([x.index for x in c]))
-    # a sample's views depend on (seed, epoch, index) only, not on the batch it lands in
-    ld2 = make(split, spec, batch_size=7)
-    v_a = {int(i): v for x in a for i, v in zip(x.index, x.view1)}
-    for x in ld2:
-        for i, v in zip(x.index, x.view1):
-            assert torch.allclose(v, v_a[int(i)], atol=1e-5)
-
-
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_pipeline_reused_across_epochs_gives_the_fresh_pipelines_batches(drop_last):
     """An epoch run to its end leaves its pipeline to the next pass (reset, not rebuilt); the
@@ -257,46 +218,6 @@ def test_pipeline_reused_across_epochs_gives_the_fresh_pipelines_batches(drop_la
     it.close()  # left midway
     assert ld._idle is None
     assert len(list(ld)) == len(ld)
-
-
-@pytest.mark.parametrize("drop_last", [False, True])
-def test_shards_disjoint_and_cover(drop_last):
-    n, world, bs = 103, 3, 8
-    split = noise_split(n, 8)
-    spec = AugmentSpec(size=8, **IDENTITY)
-    seen = []
-    for rank in range(world):
-        ld = make(split, spec, batch_size=bs, rank=rank, world=world, drop_last=drop_last)
-        ld.set_epoch(2)
-        got = torch.cat([b.index for b in ld]).numpy()
-        assert len(list(ld)) == len(ld)
-        want = shard_indices(n, rank, world, seed=3, epoch=2, batch_size=bs, drop_last=drop_last)
-        assert np.array_equal(got, want)
-        seen.append(got)
-    allseen = np.concatenate(seen)
-    assert len(set(allseen.tolist())) == len(allseen)
-    if not drop_last:
-        assert sorted(allseen.tolist()) == list(range(n))
-
-
-def test_resume_reproduces_next_batches():
-    split = noise_split(100, 16)
-    spec = AugmentSpec(size=16)
-    ld = make(split, spec, batch_size=16)
-    ld.set_epoch(1)
-    full = list(ld)
-    ld2 = make(split, spec, batch_size=16)
-    ld2.set_epoch(1)
-    it = iter(ld2)
-    next(it), next(it), next(it)
-    state = ld2.state_dict()
-    assert state == {"epoch": 1, "batch": 3}
-    ld3 = make(split, spec, batch_size=16)
-    ld3.load_state_dict(state)
-    rest = list(ld3)
-    assert len(rest) == len(full) - 3
-    for x, y in zip(rest, full[3:]):
-        assert torch.equal(x.view1, y.view1) and torch.equal(x.view2, y.view2) and torch.equal(x.index, y.index)
 
 
 def test_jpeg_files(tmp_path):

@@ -1,5 +1,6 @@
-"""FFCV two-view loader: contract, augmentation statistics against the torchvision reference,
-order/sharding, resume, the torch colour tail, and .beton files written by tools.convert.
+"""FFCV two-view loader: augmentation statistics against the torchvision reference, the torch
+colour tail, .beton files written by tools.convert, and stalled epochs. The contract it shares
+with the other backends is checked in test_loader_contract.py.
 
 FFCV compiles every Loader on its first epoch (seconds each), so loaders are module-scoped.
 """
@@ -17,7 +18,6 @@ pytest.importorskip("ffcv")
 
 from pipelines.ffcv_loader import FfcvTwoViewLoader  # noqa: E402
 from pipelines.ffcv_ops import write_beton  # noqa: E402
-from pipelines.sharding import shard_indices  # noqa: E402
 from pipelines.spec import AugmentSpec  # noqa: E402
 from tests.pipelines.augment_stats import (  # noqa: E402
     area_ratio_stats,
@@ -63,33 +63,13 @@ def coord(tmp_path_factory):
     return s
 
 
-def run(ld, epoch=0, rank=0, world=1, drop_last=False):
-    ld.rank, ld.world, ld.drop_last = rank, world, drop_last
+def run(ld, epoch=0):
     ld.set_epoch(epoch)
-    try:
-        return list(ld)
-    finally:
-        ld.rank, ld.world, ld.drop_last = 0, 1, False
+    return list(ld)
 
 
 def pixels(batches, spec, view="view1"):
     return torch.cat([to_uint8(getattr(b, view), spec.mean, spec.std) for b in batches])
-
-
-def test_contract(loader):
-    b = run(loader)[0]
-    assert b.view1.shape == (64, 3, 16, 16) and b.view1.dtype == torch.float32
-    assert b.view1.is_contiguous(memory_format=torch.channels_last)
-    assert b.label.dtype == torch.int64 and torch.equal(b.label, b.index % 10)
-    px = to_uint8(b.view1, SPEC.mean, SPEC.std)
-    assert px.min() > -0.01 and px.max() < 255.01
-    assert not torch.allclose(b.view1, b.view2)
-
-
-def test_reproducible_and_epochs_differ(loader):
-    a, b, c = run(loader), run(loader), run(loader, epoch=1)
-    assert all(torch.equal(x.view1, y.view1) and torch.equal(x.view2, y.view2) for x, y in zip(a, b))
-    assert not torch.equal(a[0].index, c[0].index)
 
 
 def _detect(px, base):
@@ -156,35 +136,6 @@ def test_crop_boxes_follow_keys_and_match_torchvision_reference(crop_loader, coo
     area, ratio = area_ratio_stats(expect, h, w)
     assert area.min() >= CROP_SPEC.crop_area[0] - 0.02 and area.max() <= 1.0
     assert ((ratio >= 0.75 - 0.05) & (ratio <= 4 / 3 + 0.05)).mean() > 0.9  # the rest: centre-crop fallback
-
-
-@pytest.mark.parametrize("drop_last", [False, True])
-def test_shards(loader, drop_last):
-    seen = []
-    for rank in range(2):
-        got = torch.cat([b.index for b in run(loader, epoch=3, rank=rank, world=2, drop_last=drop_last)]).numpy()
-        want = shard_indices(N, rank, 2, seed=5, epoch=3, batch_size=64, drop_last=drop_last)
-        assert np.array_equal(got, want)
-        seen.append(got)
-    allseen = np.concatenate(seen)
-    assert len(set(allseen.tolist())) == len(allseen)
-    if not drop_last:
-        assert sorted(allseen.tolist()) == list(range(N))
-
-
-def test_resume(loader):
-    full = run(loader, epoch=2)
-    loader.set_epoch(2)
-    it = iter(loader)
-    next(it), next(it)
-    state = loader.state_dict()
-    it.close()
-    assert state == {"epoch": 2, "batch": 2}
-    loader.load_state_dict(state)
-    rest = list(loader)
-    assert len(rest) == len(full) - 2
-    for x, y in zip(rest, full[2:]):
-        assert torch.equal(x.view1, y.view1) and torch.equal(x.view2, y.view2) and torch.equal(x.index, y.index)
 
 
 def test_missing_beton_is_an_error(split):
