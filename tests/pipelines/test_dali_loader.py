@@ -25,7 +25,8 @@ from tests.pipelines.augment_stats import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.timeout(120)
-IDENTITY = dict(crop_area=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+IDENTITY = dict(crop_area=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0,
+                grayscale_p=0.0, blur_p=0.0)
 
 
 def make(split, spec, **kw):
@@ -33,9 +34,16 @@ def make(split, spec, **kw):
     return DaliTwoViewLoader(split, spec, **kw)
 
 
+def first_views(split, spec, batch_size: int) -> torch.Tensor:
+    """view1 of every sample, unshuffled, in pixel values."""
+    ld = make(split, spec, batch_size=batch_size, shuffle=False)
+    return torch.cat([to_uint8(b.view1, spec.mean, spec.std) for b in ld])
+
+
 @pytest.mark.parametrize("blur_p", [0.0, 0.5])
 def test_build_and_run_emit_no_warning(blur_p):
-    """Every external-source output is consumed (DALI warns about unused ones), with or without blur."""
+    """Every external-source output is consumed (DALI warns about unused ones), with or without
+    blur."""
     split = noise_split(16, 16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -63,7 +71,8 @@ def test_param_distributions_match_spec():
     n = 4000
     spec = AugmentSpec(size=32, jitter_strength=0.5)
     p = drawn(spec, 0, 0, np.arange(n), 0, np.full(n, 256), np.full(n, 256))
-    for key, prob in (("flip", spec.flip_p), ("jitter", spec.jitter_p), ("gray", spec.grayscale_p), ("blur", spec.blur_p)):
+    for key, prob in (("flip", spec.flip_p), ("jitter", spec.jitter_p), ("gray", spec.grayscale_p),
+                      ("blur", spec.blur_p)):
         assert binomial_ok(int(p[key].sum()), n, prob), key
     f = p["factors"]
     for j, lim in enumerate((spec.brightness, spec.contrast, spec.saturation)):
@@ -76,8 +85,10 @@ def test_param_distributions_match_spec():
     from torchvision.transforms import RandomResizedCrop
 
     torch.manual_seed(0)
-    ref = np.array([np.prod(RandomResizedCrop.get_params(torch.empty(1, 256, 256), list(spec.crop_area),
-                                                         list(spec.crop_ratio))[2:]) / 256**2 for _ in range(n)])
+    img = torch.empty(1, 256, 256)
+    ref = np.array([np.prod(RandomResizedCrop.get_params(img, list(spec.crop_area),
+                                                         list(spec.crop_ratio))[2:]) / 256**2
+                    for _ in range(n)])
     assert abs(area.mean() - ref.mean()) < 4 * ref.std() * np.sqrt(2 / n)
     # random order: every adjustment lands in every slot a quarter of the time
     for slot in range(4):
@@ -93,9 +104,10 @@ def test_pixel_frequencies_flip_gray_jitter():
     split = noise_split(n, 16)
     idx = np.arange(n)
     base = torch.from_numpy(split.images).permute(0, 3, 1, 2).float()
-    for name, kw in (("flip", dict(flip_p=0.5)), ("gray", dict(grayscale_p=0.2)), ("jitter", dict(jitter_p=0.8))):
+    for name, kw in (("flip", dict(flip_p=0.5)), ("gray", dict(grayscale_p=0.2)),
+                     ("jitter", dict(jitter_p=0.8))):
         spec = AugmentSpec(size=16, **{**IDENTITY, **kw})
-        px = torch.cat([to_uint8(b.view1, spec.mean, spec.std) for b in make(split, spec, batch_size=256, shuffle=False)])
+        px = first_views(split, spec, 256)
         if name == "flip":
             hit = (px - base.flip(-1)).abs().amax((1, 2, 3)) < 0.01
         elif name == "gray":
@@ -117,17 +129,20 @@ def test_blur_matches_torchvision_full_kernel_and_frequency():
 
     n, side = 96, 224
     split = noise_split(n, 64)
-    split.images = np.repeat(np.repeat(split.images, 4, axis=1), 4, axis=2)[:, :side, :side].copy()  # 224, smooth-ish
+    # 224, smooth-ish
+    split.images = np.repeat(np.repeat(split.images, 4, axis=1), 4, axis=2)[:, :side, :side].copy()
     spec = AugmentSpec(size=side, **{**IDENTITY, "blur_p": 0.5})
     assert spec.blur_kernel == 23
-    px = torch.cat([to_uint8(b.view1, spec.mean, spec.std) for b in make(split, spec, batch_size=32, shuffle=False)])
+    px = first_views(split, spec, 32)
     p = drawn(spec, 3, 0, np.arange(n), 0, np.full(n, side), np.full(n, side))
     base = torch.from_numpy(split.images).permute(0, 3, 1, 2)
-    assert (blur_windows(p["sigma"], spec.blur_kernel) < spec.blur_kernel).any()  # the cut is exercised
+    # the cut is exercised
+    assert (blur_windows(p["sigma"], spec.blur_kernel) < spec.blur_kernel).any()
     worst = 0.0
     for i in range(n):
         if p["blur"][i]:
-            want = tvf.gaussian_blur(base[i], [spec.blur_kernel] * 2, [float(p["sigma"][i])] * 2).float()
+            sigma = float(p["sigma"][i])
+            want = tvf.gaussian_blur(base[i], [spec.blur_kernel] * 2, [sigma] * 2).float()
             worst = max(worst, (px[i] - want).abs().max().item())
         else:
             assert (px[i] - base[i].float()).abs().max() < 0.01
@@ -145,7 +160,7 @@ def test_jitter_on_a_flat_image_is_torchvisions_in_the_drawn_order():
     split = noise_split(n, 16)
     split.images[:] = 100
     spec = AugmentSpec(size=16, **{**IDENTITY, "jitter_p": 1.0}, jitter_strength=0.5)
-    px = torch.cat([to_uint8(b.view1, spec.mean, spec.std) for b in make(split, spec, batch_size=256, shuffle=False)])
+    px = first_views(split, spec, 256)
     p = drawn(spec, 3, 0, np.arange(n), 0, 16, 16)
     ops = (tvf.adjust_brightness, tvf.adjust_contrast, tvf.adjust_saturation, tvf.adjust_hue)
     img = torch.from_numpy(split.images[0]).permute(2, 0, 1)
@@ -155,7 +170,8 @@ def test_jitter_on_a_flat_image_is_torchvisions_in_the_drawn_order():
             x = ops[op](x, float(p["factors"][i, op]))
         assert (px[i] - x.float()).abs().max() <= 1.01, i
     got = px.mean((1, 2, 3)).numpy() / 100
-    assert np.abs(got - p["factors"][:, 0]).max() < 0.04  # truncations pull each value down by < 1 level
+    # truncations pull each value down by < 1 level
+    assert np.abs(got - p["factors"][:, 0]).max() < 0.04
 
 
 def test_random_order_changes_output():
@@ -168,7 +184,7 @@ def test_random_order_changes_output():
     split.images[:, :8] = 250
     split.images[:, 8:] = 20
     spec = AugmentSpec(size=16, **{**IDENTITY, "jitter_p": 1.0}, jitter_strength=1.0)
-    px = torch.cat([to_uint8(b.view1, spec.mean, spec.std) for b in make(split, spec, batch_size=256, shuffle=False)])
+    px = first_views(split, spec, 256)
     p = drawn(spec, 3, 0, np.arange(n), 0, 16, 16)
     img = torch.from_numpy(split.images[0]).permute(2, 0, 1)
     ops = (tvf.adjust_brightness, tvf.adjust_contrast, tvf.adjust_saturation, tvf.adjust_hue)
@@ -193,7 +209,8 @@ def test_random_order_changes_output():
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_pipeline_reused_across_epochs_gives_the_fresh_pipelines_batches(drop_last):
     """An epoch run to its end leaves its pipeline to the next pass (reset, not rebuilt); the
-    batches equal those of a loader built fresh for each epoch, and an epoch left midway drops it."""
+    batches equal those of a loader built fresh for each epoch, and an epoch left midway drops
+    it."""
     split = noise_split(70, 16)
     spec = AugmentSpec(size=16, blur_p=0.5)
     ld = make(split, spec, batch_size=16, drop_last=drop_last)
@@ -212,7 +229,8 @@ def test_pipeline_reused_across_epochs_gives_the_fresh_pipelines_batches(drop_la
         want = list(fresh)
         assert len(got) == len(want) == len(fresh)
         for x, y in zip(got, want):
-            assert torch.equal(x.index, y.index) and torch.equal(x.view1, y.view1) and torch.equal(x.view2, y.view2)
+            assert torch.equal(x.index, y.index) and torch.equal(x.view1, y.view1)
+            assert torch.equal(x.view2, y.view2)
     it = iter(ld)
     next(it)
     it.close()  # left midway
@@ -242,11 +260,13 @@ def test_matches_torchvision_reference_statistics():
     h, w, n = 48, 64, 256
     split = coord_split(n, h, w)
     spec = AugmentSpec(size=24, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
-    ref = tv.TorchvisionTwoViewLoader(split, spec, batch_size=128, seed=3, device=torch.device("cpu"),
-                                      num_workers=0, shuffle=False, drop_last=False)
+    ref = tv.TorchvisionTwoViewLoader(split, spec, batch_size=128, seed=3,
+                                      device=torch.device("cpu"), num_workers=0, shuffle=False,
+                                      drop_last=False)
     stats = []
     for ld in (ref, make(split, spec, batch_size=128, shuffle=False)):
-        wh = np.concatenate([recover_boxes(to_uint8(b.view1, spec.mean, spec.std), h, w) for b in ld])
+        wh = np.concatenate([recover_boxes(to_uint8(b.view1, spec.mean, spec.std), h, w)
+                             for b in ld])
         stats.append(area_ratio_stats(wh, h, w))
     (a_ref, r_ref), (a_dali, r_dali) = stats
     assert abs(a_ref.mean() - a_dali.mean()) < 0.06
@@ -256,7 +276,8 @@ def test_matches_torchvision_reference_statistics():
 # ---- the GPU graph against the CPU graph --------------------------------------------------------
 
 def _uint8_diff(a, b, spec) -> torch.Tensor:
-    return (to_uint8(a.cpu().float(), spec.mean, spec.std) - to_uint8(b.cpu().float(), spec.mean, spec.std)).abs()
+    a, b = (to_uint8(x.cpu().float(), spec.mean, spec.std) for x in (a, b))
+    return (a - b).abs()
 
 
 def _smooth_jpegs(folder, n: int) -> list[str]:
@@ -268,7 +289,8 @@ def _smooth_jpegs(folder, n: int) -> list[str]:
     for i in range(n):
         h, w = int(rng.integers(90, 200)), int(rng.integers(90, 200))
         y, x = np.mgrid[0:h, 0:w]
-        img = np.stack([x * 255 / w, y * 255 / h, ((x + y) % 64) * 4], axis=-1) + rng.normal(0, 6, (h, w, 3))
+        img = np.stack([x * 255 / w, y * 255 / h, ((x + y) % 64) * 4], axis=-1)
+        img += rng.normal(0, 6, (h, w, 3))
         img[h // 3:h // 2] = [200, 40, 90]
         path = folder / f"{i}.jpg"
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=92)

@@ -34,8 +34,8 @@ from tests.pipelines.augment_stats import (  # noqa: E402
 pytestmark = [pytest.mark.timeout(180), pytest.mark.filterwarnings("ignore::Warning")]
 N = 300
 # Identity crop, so pixels can be compared with the source; blur sigma >= 1 so every blur shows.
-SPEC = AugmentSpec(size=16, crop_area=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_strength=0.5, blur_p=0.5,
-                   blur_sigma=(1.0, 2.0))
+SPEC = AugmentSpec(size=16, crop_area=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_strength=0.5,
+                   blur_p=0.5, blur_sigma=(1.0, 2.0))
 CROP_SPEC = AugmentSpec(size=24, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
 COORD_H, COORD_W, COORD_N = 48, 64, 256
 
@@ -87,7 +87,8 @@ def test_frequencies_match_spec_and_torchvision_reference(loader, split):
     two-sample bounds of the torchvision reference loader on the same images."""
     from pipelines.torchvision_loader import TorchvisionTwoViewLoader
 
-    ref = TorchvisionTwoViewLoader(split, SPEC, batch_size=100, seed=5, num_workers=0, shuffle=False, drop_last=False)
+    ref = TorchvisionTwoViewLoader(split, SPEC, batch_size=100, seed=5, num_workers=0,
+                                   shuffle=False, drop_last=False)
     counts = {}
     for name, batches in (("ffcv", run(loader)), ("torchvision", list(ref))):
         idx = torch.cat([b.index for b in batches]).numpy()
@@ -97,9 +98,11 @@ def test_frequencies_match_spec_and_torchvision_reference(loader, split):
             events.append(_detect(pixels(batches, SPEC, view), base))
         gray, blurred, unchanged, flipped, jittered = (torch.cat(e) for e in zip(*events))
         plain = ~gray & ~blurred
-        counts[name] = {"gray": (int(gray.sum()), len(gray)), "blur": (int(blurred.sum()), len(gray)),
+        counts[name] = {"gray": (int(gray.sum()), len(gray)),
+                        "blur": (int(blurred.sum()), len(gray)),
                         "jitter": (int(jittered[plain].sum()), int(plain.sum())),
-                        "flip_alone": (int(flipped.sum()), len(gray)), "untouched": (int(unchanged.sum()), len(gray))}
+                        "flip_alone": (int(flipped.sum()), len(gray)),
+                        "untouched": (int(unchanged.sum()), len(gray))}
     n_off = (1 - SPEC.jitter_p) * (1 - SPEC.grayscale_p) * (1 - SPEC.blur_p)
     expect = {"gray": SPEC.grayscale_p, "blur": SPEC.blur_p, "jitter": SPEC.jitter_p,
               "flip_alone": SPEC.flip_p * n_off, "untouched": (1 - SPEC.flip_p) * n_off}
@@ -111,7 +114,8 @@ def test_frequencies_match_spec_and_torchvision_reference(loader, split):
 
 @pytest.fixture(scope="module")
 def crop_loader(coord):
-    ld = FfcvTwoViewLoader(coord, CROP_SPEC, batch_size=128, seed=3, num_workers=2, shuffle=False, drop_last=False)
+    ld = FfcvTwoViewLoader(coord, CROP_SPEC, batch_size=128, seed=3, num_workers=2, shuffle=False,
+                           drop_last=False)
     list(ld)
     return ld
 
@@ -123,19 +127,21 @@ def test_crop_boxes_follow_keys_and_match_torchvision_reference(crop_loader, coo
 
     h, w = COORD_H, COORD_W
     batches = run(crop_loader)
-    wh = np.concatenate([recover_boxes(to_uint8(b.view1, CROP_SPEC.mean, CROP_SPEC.std), h, w) for b in batches])
+    wh = recover_boxes(pixels(batches, CROP_SPEC), h, w)
     idx = torch.cat([b.index for b in batches]).numpy()
-    expect = drawn(CROP_SPEC, 3, 0, idx, 0, h, w)["box"][:, [3, 2]].astype(float)  # (w, h): the one sampler
+    # (w, h): the one sampler
+    expect = drawn(CROP_SPEC, 3, 0, idx, 0, h, w)["box"][:, [3, 2]].astype(float)
     assert np.median(np.abs(wh - expect) / expect) < 0.05
-    ref = TorchvisionTwoViewLoader(coord, CROP_SPEC, batch_size=128, seed=3, num_workers=0, shuffle=False,
-                                   drop_last=False)
-    wh_ref = np.concatenate([recover_boxes(to_uint8(b.view1, CROP_SPEC.mean, CROP_SPEC.std), h, w) for b in ref])
+    ref = TorchvisionTwoViewLoader(coord, CROP_SPEC, batch_size=128, seed=3, num_workers=0,
+                                   shuffle=False, drop_last=False)
+    wh_ref = recover_boxes(pixels(list(ref), CROP_SPEC), h, w)
     (a_ffcv, r_ffcv), (a_ref, r_ref) = area_ratio_stats(wh, h, w), area_ratio_stats(wh_ref, h, w)
     assert abs(a_ref.mean() - a_ffcv.mean()) < 0.06
     assert abs(np.log(r_ref).mean() - np.log(r_ffcv).mean()) < 0.06
     area, ratio = area_ratio_stats(expect, h, w)
     assert area.min() >= CROP_SPEC.crop_area[0] - 0.02 and area.max() <= 1.0
-    assert ((ratio >= 0.75 - 0.05) & (ratio <= 4 / 3 + 0.05)).mean() > 0.9  # the rest: centre-crop fallback
+    # the rest: centre-crop fallback
+    assert ((ratio >= 0.75 - 0.05) & (ratio <= 4 / 3 + 0.05)).mean() > 0.9
 
 
 def test_missing_beton_is_an_error(split):
@@ -150,7 +156,8 @@ def test_missing_beton_is_an_error(split):
 
 @pytest.fixture(scope="module")
 def tail_loader(split):
-    return FfcvTwoViewLoader(split, SPEC, batch_size=64, seed=5, num_workers=2, drop_last=False, colour_on_device=True)
+    return FfcvTwoViewLoader(split, SPEC, batch_size=64, seed=5, num_workers=2, drop_last=False,
+                             colour_on_device=True)
 
 
 def test_loader_with_torch_tail_matches_numba_loader(loader, tail_loader):
@@ -160,20 +167,22 @@ def test_loader_with_torch_tail_matches_numba_loader(loader, tail_loader):
         assert torch.equal(a.index, b.index) and torch.equal(a.label, b.label)
         assert b.view1.is_contiguous(memory_format=torch.channels_last)
         for view in ("view1", "view2"):
-            diff = (to_uint8(getattr(a, view), SPEC.mean, SPEC.std) - to_uint8(getattr(b, view), SPEC.mean, SPEC.std)).abs()
+            diff = (pixels([a], SPEC, view) - pixels([b], SPEC, view)).abs()
             assert diff.max() < 1.01 and (diff > 0.01).double().mean() < 1e-3
 
 
 @pytest.mark.gpu
 def test_cuda_loader_matches_cpu_loader(loader, split):
-    """On a GPU, jitter, grayscale and blur run in torch after ToDevice; the views match the CPU's."""
-    ld = FfcvTwoViewLoader(split, SPEC, batch_size=64, seed=5, num_workers=2, drop_last=False, device="cuda")
+    """On a GPU, jitter, grayscale and blur run in torch after ToDevice; the views match the
+    CPU's."""
+    ld = FfcvTwoViewLoader(split, SPEC, batch_size=64, seed=5, num_workers=2, drop_last=False,
+                           device="cuda")
     assert ld.colour_on_device
     for a, b in zip(run(loader, epoch=1), run(ld, epoch=1), strict=True):
         assert b.view1.is_cuda and b.view1.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(a.index, b.index.cpu())
         for view in ("view1", "view2"):
-            diff = (to_uint8(getattr(a, view), SPEC.mean, SPEC.std) - to_uint8(getattr(b, view), SPEC.mean, SPEC.std)).abs()
+            diff = (pixels([a], SPEC, view) - pixels([b], SPEC, view)).abs()
             assert diff.max() < 1.01 and (diff > 0.01).double().mean() < 1e-3
 
 
@@ -181,7 +190,9 @@ def test_cuda_loader_matches_cpu_loader(loader, split):
 
 def _imagenet_sample() -> Path:
     env = os.environ.get("SIMCLR_IMAGENET_SAMPLE")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample"
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample"
 
 
 def test_convert_writes_beton_the_loader_reads(tmp_path):
@@ -191,7 +202,9 @@ def test_convert_writes_beton_the_loader_reads(tmp_path):
     from tools.convert import convert
 
     sample = _imagenet_sample()
-    files = sorted(p for p in sample.glob("*") if p.suffix.lower() in (".jpg", ".jpeg")) if sample.is_dir() else []
+    files = []
+    if sample.is_dir():
+        files = sorted(p for p in sample.glob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
     if not files:
         pytest.skip(f"no ImageNet sample JPEGs in '{sample}' (set SIMCLR_IMAGENET_SAMPLE)")
     modes = {}
@@ -214,7 +227,8 @@ def test_convert_writes_beton_the_loader_reads(tmp_path):
     gray_index = [Path(f).name for f in split.files].index(gray[0].name)
 
     spec = AugmentSpec(size=32)
-    ld = FfcvTwoViewLoader(split, spec, batch_size=5, seed=0, num_workers=2, shuffle=False, drop_last=False)
+    ld = FfcvTwoViewLoader(split, spec, batch_size=5, seed=0, num_workers=2, shuffle=False,
+                           drop_last=False)
     batches = list(ld)
     assert [len(b.index) for b in batches] == [5, 5, 2] == [len(b.label) for b in batches]
     for b in batches:
@@ -227,9 +241,10 @@ def test_convert_writes_beton_the_loader_reads(tmp_path):
     index = torch.cat([b.index for b in batches])
     assert index.tolist() == list(range(12))
     assert torch.equal(torch.cat([b.label for b in batches]), torch.from_numpy(split.labels))
-    # The grayscale JPEG stays gray through every view (jitter keeps gray pixels gray); colour ones do not.
-    spread = torch.cat([(pixels(batches, spec, v).amax(1) - pixels(batches, spec, v).amin(1)).amax((1, 2))
-                        for v in ("view1", "view2")]).view(2, 12)
+    # The grayscale JPEG stays gray through every view (jitter keeps gray pixels gray); colour
+    # ones do not.
+    spread = torch.cat([(pixels(batches, spec, v).amax(1) - pixels(batches, spec, v).amin(1))
+                        .amax((1, 2)) for v in ("view1", "view2")]).view(2, 12)
     assert spread[:, gray_index].max() <= 3
     colour_spread = np.delete(spread.numpy(), gray_index, axis=1)
     assert (colour_spread > 20).mean() > 0.5
@@ -240,8 +255,8 @@ def test_importing_the_ffcv_backend_keeps_torch_threads():
     import subprocess
     import sys
 
-    code = ("import torch; torch.set_num_threads(2); import pipelines.ffcv_loader, pipelines.ffcv_ops; "
-            "print(torch.get_num_threads())")
+    code = ("import torch; torch.set_num_threads(2); "
+            "import pipelines.ffcv_loader, pipelines.ffcv_ops; print(torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=__import__("pathlib").Path(__file__).resolve().parents[2])
     assert out.stdout.strip().splitlines()[-1] == "2"
@@ -262,7 +277,8 @@ class _SilentEpoch:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("items,wording", [((), "produced no batch in 1 s"), ((None,), "ended early")])
+@pytest.mark.parametrize("items,wording",
+                         [((), "produced no batch in 1 s"), ((None,), "ended early")])
 def test_a_stalled_or_short_epoch_is_a_one_line_dataset_error(split, items, wording):
     from pipelines.sources import DatasetError
 
