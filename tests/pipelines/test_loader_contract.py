@@ -210,6 +210,7 @@ def test_set_epoch_changes_the_order_and_the_augmentation(make):
         v = torch.cat([b.view1 for b in batches])
         views.append(v[np.argsort(idx)])  # sorted by sample index
     assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+    assert not np.array_equal(orders[0][:8], orders[1][:8])  # from the first batch on
     assert not torch.equal(views[0], views[1])  # fresh augmentations every epoch
     ld.set_epoch(0)
     assert np.array_equal(torch.cat([b.index for b in ld]).numpy(), orders[0])
