@@ -27,27 +27,27 @@ import torch
 from pipelines.augment_params import sample_views
 from pipelines.dali_ops import simclr_view, view_inputs
 from pipelines.formats import FormatError, image_size
-from pipelines.loader import to_device
-from pipelines.sharding import ShardedEpochs, shard_indices
+from pipelines.loader import TwoViewLoader, pixel_stats, to_device
 from pipelines.sources import DatasetError, Split, show_path
 from pipelines.spec import AugmentSpec, TwoViewBatch
 
 
 class _EpochFeed:
-    """Batch-mode external_source callback: one call per batch, in shard order, then StopIteration."""
+    """Batch-mode external_source callback: one call per batch, in shard order, then
+    StopIteration."""
 
-    def __init__(self, loader: DaliTwoViewLoader, epoch: int, start_batch: int):
+    def __init__(self, loader: DaliTwoViewLoader, epoch: int, indices: np.ndarray,
+                 start_batch: int):
         # A weak reference: loader -> idle pipeline -> feed -> loader would be a cycle, leaving the
         # pipeline to the garbage collector, which might run its destructor in a forked child.
         self.loader = weakref.proxy(loader)
         self.per_view = _per_view_inputs(loader.device.type == "cuda")
-        self.restart(epoch, start_batch)
+        self.restart(epoch, indices, start_batch)
 
-    def restart(self, epoch: int, start_batch: int) -> None:
-        """Feed `epoch` from `start_batch` on (before the pipeline's reset)."""
-        self.epoch = epoch
-        self.indices = self.loader.indices(epoch)
-        self.batch = start_batch
+    def restart(self, epoch: int, indices: np.ndarray, start_batch: int) -> None:
+        """Feed the shard `indices` of `epoch` from `start_batch` on (before the pipeline's
+        reset)."""
+        self.epoch, self.indices, self.batch = epoch, indices, start_batch
 
     def __call__(self):
         ld = self.loader
@@ -98,32 +98,26 @@ def _two_view_pipeline(feed, spec: AugmentSpec, kind: str, device: str, out_dtyp
     return pipe()
 
 
-class DaliTwoViewLoader(ShardedEpochs):
+class DaliTwoViewLoader(TwoViewLoader):
     """Two SimCLR views per sample from DALI; see the module docstring and `pipelines.loader`."""
 
-    def __init__(self, split: Split, spec: AugmentSpec, *, batch_size: int, rank: int = 0, world: int = 1,
-                 seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 num_workers: int = 2, shuffle: bool = True, drop_last: bool = True, prefetch: int = 2):
-        self.split, self.spec = split, spec
-        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
-        self.device, self.dtype = torch.device(device), dtype
-        self.num_workers, self.shuffle, self.drop_last, self.prefetch = max(1, num_workers), shuffle, drop_last, prefetch
+    def __init__(self, split: Split, spec: AugmentSpec, *, prefetch: int = 2, **settings):
+        super().__init__(split, spec, **settings)
+        self.num_workers, self.prefetch = max(1, self.num_workers), prefetch
         self.labels = np.asarray(split.labels, dtype=np.int64)
         self.kind = split.kind
-        self.epoch, self._start_batch, self._batch = 0, 0, 0
         self._idle: tuple | None = None  # (pipeline, feed) of the last epoch run to its end
         if self.kind == "array" and split.images.ndim != 4:
-            raise ValueError(f"split '{split.name}': images must be uint8 [N, H, W, C], got shape {split.images.shape}")
-        shard_indices(len(split), rank, world, seed=seed, shuffle=shuffle, batch_size=batch_size,
-                      drop_last=drop_last)  # fail now on an impossible drop_last
-        self._mean = torch.tensor([255.0 * m for m in spec.mean], device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor([255.0 * s for s in spec.std], device=self.device).view(1, 3, 1, 1)
+            raise ValueError(f"split '{split.name}': images must be uint8 [N, H, W, C], got shape "
+                             f"{split.images.shape}")
+        self._mean, self._std = pixel_stats(spec, self.device)
 
     # ---- host reads -----------------------------------------------------------------------
     def read(self, idx: np.ndarray):
         """The batch's inputs for the feed: (images, heights, widths)."""
         if self.kind == "array":
-            imgs = np.ascontiguousarray(self.split.images[np.sort(idx)][np.argsort(np.argsort(idx))])
+            order = np.argsort(np.argsort(idx))
+            imgs = np.ascontiguousarray(self.split.images[np.sort(idx)][order])
             if imgs.shape[-1] == 1:
                 imgs = np.repeat(imgs, 3, axis=-1)
             n, h, w = imgs.shape[:3]
@@ -180,50 +174,49 @@ class DaliTwoViewLoader(ShardedEpochs):
             from pipelines.render_gpu import render_batch
 
             t = tl.as_tensor()
-            img = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)  # [B, S, S, 3] cropped
+            # [B, S, S, 3] cropped
+            img = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
             feed_ndarray(t, img, cuda_stream=torch.cuda.current_stream(self.device))
-            _, params = sample_views(self.spec, self.seed, epoch, index, view, 1, 1)  # sizes: crop only
+            # the sizes matter to the crop only, done already
+            _, params = sample_views(self.spec, self.seed, epoch, index, view, 1, 1)
             x = render_batch(img, params)  # [B, 3, S, S] pixel values, channels_last
             return ((x - self._mean) / self._std).to(self.dtype)
         out = torch.from_numpy(np.array(tl.as_tensor()))
         return out.permute(0, 3, 1, 2).to(self.dtype)  # HWC storage = channels_last [B, 3, S, S]
 
-    def __iter__(self) -> Iterator[TwoViewBatch]:
-        epoch, start = self.epoch, self._start_batch
-        n_batches = len(self)
-        self._start_batch = 0
-        if start >= n_batches:
-            self._batch = n_batches
-            return
+    def _epoch(self, epoch: int, indices: np.ndarray, batches: range) -> Iterator[TwoViewBatch]:
+        start, n_batches = batches.start, batches.stop
         if self._idle is not None:
             pipe, feed = self._idle
             self._idle = None
-            feed.restart(epoch, start)
+            feed.restart(epoch, indices, start)
             pipe.reset()
         else:
-            feed = _EpochFeed(self, epoch, start)
+            feed = _EpochFeed(self, epoch, indices, start)
             pipe = self._build(feed)
         try:
-            for b in range(start, n_batches):
+            for b in batches:
                 try:
                     v1, v2, labels, index = pipe.run()
                 except StopIteration:
-                    raise RuntimeError(f"DALI pipeline ended after {b} of {n_batches} batches in epoch {epoch}") from None
+                    raise RuntimeError(f"DALI pipeline ended after {b} of {n_batches} batches in "
+                                       f"epoch {epoch}") from None
                 except DatasetError:
                     raise
                 except Exception as e:  # DALI's decode error names no file: find it on the host
                     raise self._culprit(epoch, b, e) from None
                 idx = np.array(index.as_tensor()).reshape(-1)
-                batch = TwoViewBatch(self._to_torch(v1, idx, 0, epoch), self._to_torch(v2, idx, 1, epoch),
-                                     to_device(torch.from_numpy(np.array(labels.as_tensor())).view(-1), self.device),
-                                     to_device(torch.from_numpy(idx), self.device))
-                self._batch = b + 1
-                yield batch
+                label = torch.from_numpy(np.array(labels.as_tensor())).view(-1)
+                yield TwoViewBatch(self._to_torch(v1, idx, 0, epoch),
+                                   self._to_torch(v2, idx, 1, epoch),
+                                   to_device(label, self.device),
+                                   to_device(torch.from_numpy(idx), self.device))
             try:  # the feed is exhausted: this reaches the end of the epoch, so reset() may follow
                 pipe.run()
             except StopIteration:
                 self._idle = (pipe, feed)
             else:
-                raise RuntimeError(f"DALI pipeline yielded more than {n_batches} batches in epoch {epoch}")
+                raise RuntimeError(f"DALI pipeline yielded more than {n_batches} batches in epoch "
+                                   f"{epoch}")
         finally:
             del pipe

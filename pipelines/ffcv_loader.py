@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.loader import to_device
-from pipelines.sharding import ShardedEpochs
+from pipelines.loader import TwoViewLoader, pixel_stats, to_device
 from pipelines.sources import DatasetError, Split, find_beton
 from pipelines.spec import AugmentSpec, TwoViewBatch
 
@@ -54,26 +53,21 @@ def view_pipeline(spec: AugmentSpec, key, device: torch.device,
     return ops
 
 
-class FfcvTwoViewLoader(ShardedEpochs):
-    """Two SimCLR views per sample from an FFCV file; see the module docstring and `pipelines.loader`."""
+class FfcvTwoViewLoader(TwoViewLoader):
+    """Two SimCLR views per sample from an FFCV file; see the module docstring and
+    `pipelines.loader`."""
 
-    def __init__(self, split: Split, spec: AugmentSpec, *, batch_size: int, rank: int = 0, world: int = 1,
-                 seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 num_workers: int = 2, shuffle: bool = True, drop_last: bool = True, timeout_s: float = 300.0,
-                 colour_on_device: bool | None = None):
-        self.split, self.spec = split, spec
-        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
-        self.device, self.dtype = torch.device(device), dtype
-        self.num_workers, self.shuffle, self.drop_last = max(1, num_workers), shuffle, drop_last
-        self.timeout_s = timeout_s
+    def __init__(self, split: Split, spec: AugmentSpec, *, timeout_s: float = 300.0,
+                 colour_on_device: bool | None = None, **settings):
+        super().__init__(split, spec, **settings)
+        self.num_workers, self.timeout_s = max(1, self.num_workers), timeout_s
         # the tail in torch after ToDevice (default: on CUDA devices)
-        self.colour_on_device = self.device.type == "cuda" if colour_on_device is None else bool(colour_on_device)
-        self.epoch, self._start_batch, self._batch = 0, 0, 0
+        self.colour_on_device = (self.device.type == "cuda" if colour_on_device is None
+                                 else bool(colour_on_device))
         self.path = beton_path(split)
         self._order = np.ascontiguousarray(self.indices(0))
         self._ffcv = None
-        self._mean = torch.tensor([255.0 * m for m in spec.mean], device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor([255.0 * s for s in spec.std], device=self.device).view(1, 3, 1, 1)
+        self._mean, self._std = pixel_stats(spec, self.device)
 
     # ---- the FFCV Loader, built once --------------------------------------------------------
     def _loader(self):
@@ -124,43 +118,39 @@ class FfcvTwoViewLoader(ShardedEpochs):
             from pipelines.augment_params import sample_views
             from pipelines.render_gpu import render_batch
 
-            _, params = sample_views(self.spec, self.seed, epoch, index, view, 1, 1)  # sizes: crop only
+            # the sizes matter to the crop only, done already
+            _, params = sample_views(self.spec, self.seed, epoch, index, view, 1, 1)
             x = render_batch(img, params)  # [B, 3, S, S] float32 pixel values
         else:
-            x = img.permute(0, 3, 1, 2).to(torch.float32)  # NHWC storage = channels_last [B, 3, S, S]
-        return ((x - self._mean) / self._std).to(self.dtype).contiguous(memory_format=torch.channels_last)
+            # NHWC storage = channels_last [B, 3, S, S]
+            x = img.permute(0, 3, 1, 2).to(torch.float32)
+        x = ((x - self._mean) / self._std).to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last)
 
-    def __iter__(self) -> Iterator[TwoViewBatch]:
-        epoch, start = self.epoch, self._start_batch
-        n_batches = len(self)
-        self._start_batch = 0
-        if start >= n_batches:
-            self._batch = n_batches
-            return
+    def _epoch(self, epoch: int, indices: np.ndarray, batches: range) -> Iterator[TwoViewBatch]:
         loader = self._loader()
         # Contiguous: a strided shard would give the compiled code new array types and recompile it.
-        self._order = np.ascontiguousarray(self.indices(epoch)[start * self.batch_size:])
+        self._order = np.ascontiguousarray(indices[batches.start * self.batch_size:])
         self._keys[0].set(self.seed, epoch, 0)
         self._keys[1].set(self.seed, epoch, 1)
         threads = torch.get_num_threads()
         it = iter(loader)
         torch.set_num_threads(threads)
         try:
-            for b in range(start, n_batches):
+            for b in batches:
                 img1, label, index, img2 = self._next(it, epoch, b)
                 # FFCV reuses its buffers: normalising copies the views; copy labels and indices.
                 idx = index.reshape(-1).numpy().astype(np.int64) if self.colour_on_device else None
-                batch = TwoViewBatch(self._view(img1, idx, 0, epoch), self._view(img2, idx, 1, epoch),
-                                     to_device(label.reshape(-1).to(torch.int64), self.device),
-                                     to_device(index.reshape(-1).to(torch.int64), self.device))
-                self._batch = b + 1
-                yield batch
+                yield TwoViewBatch(self._view(img1, idx, 0, epoch), self._view(img2, idx, 1, epoch),
+                                   to_device(label.reshape(-1).to(torch.int64), self.device),
+                                   to_device(index.reshape(-1).to(torch.int64), self.device))
         finally:
             it.close()
 
     def _next(self, it, epoch: int, b: int):
         """Next batch of FFCV's epoch thread, or an exception if the thread died or stalled
-        (an error inside an FFCV pipeline kills its thread and would leave `next()` waiting forever)."""
+        (an error inside an FFCV pipeline kills its thread and would leave `next()` waiting
+        forever)."""
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
@@ -175,12 +165,14 @@ class FfcvTwoViewLoader(ShardedEpochs):
                     ) from None
                 if time.monotonic() > deadline:
                     raise DatasetError(
-                        f"FFCV loader produced no batch in {self.timeout_s:.0f} s (batch {b} of epoch "
-                        f"{epoch} of '{self.path}'): check the file with 'python -m tools.convert "
-                        f"--verify {self.path.parent}', or try data.backend=torchvision") from None
+                        f"FFCV loader produced no batch in {self.timeout_s:.0f} s (batch {b} of "
+                        f"epoch {epoch} of '{self.path}'): check the file with 'python -m "
+                        f"tools.convert --verify {self.path.parent}', or try "
+                        f"data.backend=torchvision") from None
         if item is None:
-            raise DatasetError(f"FFCV epoch ended early at batch {b} of epoch {epoch} of '{self.path}': "
-                               f"check it with 'python -m tools.convert --verify {self.path.parent}'")
+            raise DatasetError(f"FFCV epoch ended early at batch {b} of epoch {epoch} of "
+                               f"'{self.path}': check it with 'python -m tools.convert --verify "
+                               f"{self.path.parent}'")
         slot, result = item
         if self.device.type == "cuda":
             it.current_stream.wait_stream(it.cuda_streams[slot])

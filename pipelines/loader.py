@@ -1,4 +1,4 @@
-"""The loader interface every backend implements, and the factory that picks a backend.
+"""The base class of every loader backend, and the factory that picks a backend.
 
 A loader is constructed for one split, one rank, and yields `TwoViewBatch`es:
 
@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
-from typing import Protocol
 
+import numpy as np
 import torch
 
+from pipelines.sharding import shard_indices
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec, TwoViewBatch
 
 BACKENDS = ("torchvision", "dali", "ffcv")
 # backend -> (module it needs, what to install)
-_NEEDS = {"dali": ("nvidia.dali", "nvidia-dali-cuda130"), "ffcv": ("ffcv", "ffcv (after apt-get install "
-                                                                   "libopencv-dev libturbojpeg0-dev)")}
+_NEEDS = {"dali": ("nvidia.dali", "nvidia-dali-cuda130"),
+          "ffcv": ("ffcv", "ffcv (after apt-get install libopencv-dev libturbojpeg0-dev)")}
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -46,59 +47,106 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.clone()
 
 
+def pixel_stats(spec: AugmentSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """spec.mean and spec.std in pixel values (0..255) as [1, 3, 1, 1] on `device`: the backends
+    that normalise in torch compute (x - mean) / std from uint8 pixels."""
+    return tuple(torch.tensor([255.0 * v for v in values], device=device).view(1, 3, 1, 1)
+                 for values in (spec.mean, spec.std))
+
+
 class BackendUnavailable(RuntimeError):
     """A loader backend whose library does not import here; the message says what to do."""
 
 
 def require_backend(backend: str) -> None:
-    """Raise BackendUnavailable, naming the package and the alternative, when `backend` cannot load."""
+    """Raise BackendUnavailable, naming the package and the alternative, when `backend` cannot
+    load."""
     if backend not in _NEEDS:
         return
     module, package = _NEEDS[backend]
     try:
         importlib.import_module(module)
     except Exception as e:  # ImportError, or a broken install's OSError
-        raise BackendUnavailable(f"data.backend '{backend}' needs {module}, which does not import here "
-                                 f"({type(e).__name__}: {e}): install {package}, or use "
+        raise BackendUnavailable(f"data.backend '{backend}' needs {module}, which does not import "
+                                 f"here ({type(e).__name__}: {e}): install {package}, or use "
                                  f"--data.backend=torchvision") from None
 
 
-class TwoViewLoader(Protocol):
-    def __iter__(self) -> Iterator[TwoViewBatch]: ...
-    def __len__(self) -> int: ...
-    def set_epoch(self, epoch: int) -> None: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
+class TwoViewLoader:
+    """The base of every backend: its settings, the epoch's shard and the resume position.
+
+    A backend implements `_epoch`; `__iter__` hands it the epoch, its shard and the batches
+    still to read, and counts the batches handed out for `state_dict`.
+    """
+
+    def __init__(self, split: Split, spec: AugmentSpec, *, batch_size: int, rank: int = 0,
+                 world: int = 1, seed: int = 0, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, num_workers: int = 2, shuffle: bool = True,
+                 drop_last: bool = True):
+        self.split, self.spec = split, spec
+        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
+        self.device, self.dtype = torch.device(device), dtype
+        self.num_workers, self.shuffle, self.drop_last = num_workers, shuffle, drop_last
+        # `_start_batch`: where the next pass starts; `_batch`: batches handed out this epoch
+        self.epoch, self._start_batch, self._batch = 0, 0, 0
+        self.indices()  # fail now on a rank outside the world or an impossible drop_last
+
+    def indices(self, epoch: int | None = None) -> np.ndarray:
+        return shard_indices(len(self.split), self.rank, self.world, seed=self.seed,
+                             epoch=self.epoch if epoch is None else epoch, shuffle=self.shuffle,
+                             batch_size=self.batch_size, drop_last=self.drop_last)
+
+    def __len__(self) -> int:
+        return self._n_batches(self.indices())
+
+    def _n_batches(self, indices: np.ndarray) -> int:
+        return -(-len(indices) // self.batch_size)  # with drop_last the shard is whole batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._start_batch, self._batch = int(epoch), 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self._batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._start_batch = int(state["epoch"]), int(state["batch"])
+        self._batch = self._start_batch
+
+    def __iter__(self) -> Iterator[TwoViewBatch]:
+        epoch, start = self.epoch, self._start_batch
+        self._start_batch = 0  # a resume position serves one pass; the next starts the epoch
+        indices = self.indices(epoch)
+        n_batches = self._n_batches(indices)
+        self._batch = min(start, n_batches)
+        if start >= n_batches:
+            return
+        batches = self._epoch(epoch, indices, range(start, n_batches))
+        try:
+            for batch in batches:
+                self._batch += 1
+                yield batch
+        finally:  # a pass left midway releases the backend's epoch now, not at garbage collection
+            batches.close()
+
+    def _epoch(self, epoch: int, indices: np.ndarray, batches: range) -> Iterator[TwoViewBatch]:
+        """Batches `batches` (numbered from 0 in the epoch; `batches.stop` is the epoch's count)
+        of the shard `indices` of `epoch`, in order."""
+        raise NotImplementedError
 
 
-def build_loader(
-    backend: str,
-    split: Split,
-    spec: AugmentSpec,
-    *,
-    batch_size: int,
-    rank: int = 0,
-    world: int = 1,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    num_workers: int = 2,
-    shuffle: bool = True,
-    drop_last: bool = True,
-) -> TwoViewLoader:
+def build_loader(backend: str, split: Split, spec: AugmentSpec, **settings) -> TwoViewLoader:
+    """The `backend` loader of `split`; `settings` are `TwoViewLoader`'s keyword arguments."""
     require_backend(backend)
-    kwargs = dict(batch_size=batch_size, rank=rank, world=world, seed=seed, device=torch.device(device),
-                  dtype=dtype, num_workers=num_workers, shuffle=shuffle, drop_last=drop_last)
     if backend == "torchvision":
         from pipelines.torchvision_loader import TorchvisionTwoViewLoader
 
-        return TorchvisionTwoViewLoader(split, spec, **kwargs)
+        return TorchvisionTwoViewLoader(split, spec, **settings)
     if backend == "dali":
         from pipelines.dali_loader import DaliTwoViewLoader
 
-        return DaliTwoViewLoader(split, spec, **kwargs)
+        return DaliTwoViewLoader(split, spec, **settings)
     if backend == "ffcv":
         from pipelines.ffcv_loader import FfcvTwoViewLoader
 
-        return FfcvTwoViewLoader(split, spec, **kwargs)
+        return FfcvTwoViewLoader(split, spec, **settings)
     raise ValueError(f"unknown loader backend '{backend}': choose one of {', '.join(BACKENDS)}")

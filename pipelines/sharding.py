@@ -48,28 +48,3 @@ def shard_indices(
 def dropped_per_epoch(n: int, world: int, batch_size: int) -> int:
     return n - (n // (world * batch_size)) * batch_size * world
 
-
-class ShardedEpochs:
-    """Epoch, shard and resume position shared by the loader backends.
-
-    Expects `split`, `rank`, `world`, `seed`, `shuffle`, `batch_size`, `drop_last`, and the
-    position `epoch`, `_start_batch` (where the next iteration starts) and `_batch` (batches
-    handed out so far this epoch).
-    """
-
-    def indices(self, epoch: int | None = None) -> np.ndarray:
-        return shard_indices(len(self.split), self.rank, self.world, seed=self.seed,
-                             epoch=self.epoch if epoch is None else epoch, shuffle=self.shuffle,
-                             batch_size=self.batch_size, drop_last=self.drop_last)
-
-    def __len__(self) -> int:
-        return -(-len(self.indices()) // self.batch_size)  # with drop_last the shard is whole batches
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._start_batch, self._batch = int(epoch), 0, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self._batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._start_batch, self._batch = int(state["epoch"]), int(state["batch"]), int(state["batch"])

@@ -8,8 +8,6 @@ torchvision's own functional op on the uint8 image.
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -27,7 +25,7 @@ from pipelines.augment_params import (
     P_SIGMA,
     sample_views,
 )
-from pipelines.sharding import ShardedEpochs
+from pipelines.loader import TwoViewLoader
 from pipelines.sources import DatasetError, Split, one_line_worker_errors, show_path
 from pipelines.spec import AugmentSpec, TwoViewBatch
 
@@ -76,7 +74,8 @@ def eval_resize(img: torch.Tensor, size: int) -> torch.Tensor:
     if size > 32:
         side = int(np.rint(EVAL_CROP_PROPORTION * min(h, w)))
         x = F.crop(img, (h - side + 1) // 2, (w - side + 1) // 2, side, side)
-        return F.resize(x, [size, size], interpolation=v2.InterpolationMode.BICUBIC, antialias=False)
+        return F.resize(x, [size, size], interpolation=v2.InterpolationMode.BICUBIC,
+                        antialias=False)
     return F.center_crop(F.resize(img, size, antialias=True), [size, size])
 
 
@@ -120,7 +119,8 @@ class TwoViewDataset(Dataset):
 
     def __init__(self, split: Split, spec: AugmentSpec, seed: int):
         self.split, self.seed, self.spec = split, seed, spec
-        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)])
+        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True),
+                                     v2.Normalize(spec.mean, spec.std)])
 
     def __len__(self) -> int:
         return len(self.split)
@@ -130,60 +130,54 @@ class TwoViewDataset(Dataset):
         img = load_image(self.split, index)
         views = []
         for view in (0, 1):
-            boxes, params = sample_views(self.spec, self.seed, epoch, [index], view, img.shape[1], img.shape[2])
+            boxes, params = sample_views(self.spec, self.seed, epoch, [index], view,
+                                         img.shape[1], img.shape[2])
             views.append(self.normalize(render_view(img, boxes[0], params[0], self.spec)))
         return views[0], views[1], int(self.split.labels[index]), index
 
 
 class _EpochBatches:
-    """Batch sampler reading the owning loader's epoch and start position at each iteration."""
+    """Batch sampler of the keys (epoch, index) of the batches the loader's current pass reads."""
 
-    def __init__(self, loader: TorchvisionTwoViewLoader):
-        # A weak reference: a cycle loader -> DataLoader -> sampler -> loader would leave the
-        # workers to the cycle collector, which joins each one with a 5 s timeout.
-        self.loader = weakref.proxy(loader)
+    def __init__(self, batch_size: int):
+        self.batch_size, self.epoch, self.batches = batch_size, 0, range(0)
+        self.indices = np.empty(0, dtype=np.int64)
 
     def __iter__(self):
-        ld = self.loader
-        idx = ld.indices()
-        for b in range(ld._start_batch, len(ld)):
-            yield [(ld.epoch, int(i)) for i in idx[b * ld.batch_size : (b + 1) * ld.batch_size]]
+        bs = self.batch_size
+        for b in self.batches:
+            yield [(self.epoch, int(i)) for i in self.indices[b * bs:(b + 1) * bs]]
 
     def __len__(self) -> int:
-        return len(self.loader) - self.loader._start_batch
+        return len(self.batches)
 
 
 def _worker_init(_):
     torch.set_num_threads(1)  # workers are processes already; threads would oversubscribe
 
 
-class TorchvisionTwoViewLoader(ShardedEpochs):
-    def __init__(self, split: Split, spec: AugmentSpec, *, batch_size: int, rank: int = 0, world: int = 1,
-                 seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 num_workers: int = 2, shuffle: bool = True, drop_last: bool = True):
-        self.split, self.spec = split, spec
-        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
-        self.device, self.dtype = torch.device(device), dtype
-        self.shuffle, self.drop_last = shuffle, drop_last
-        self.epoch, self._start_batch, self._batch = 0, 0, 0
+class TorchvisionTwoViewLoader(TwoViewLoader):
+    def __init__(self, split: Split, spec: AugmentSpec, **settings):
+        super().__init__(split, spec, **settings)
+        self._sampler = _EpochBatches(self.batch_size)
+        workers = self.num_workers
         self._dl = DataLoader(
-            TwoViewDataset(split, spec, seed),
-            batch_sampler=_EpochBatches(self),
-            num_workers=num_workers,
-            persistent_workers=num_workers > 0,
+            TwoViewDataset(split, spec, self.seed),
+            batch_sampler=self._sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=self.device.type == "cuda",
-            worker_init_fn=_worker_init if num_workers > 0 else None,
-            prefetch_factor=4 if num_workers > 0 else None,
+            worker_init_fn=_worker_init if workers > 0 else None,
+            prefetch_factor=4 if workers > 0 else None,
         )
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         return x.to(dtype=self.dtype, memory_format=torch.channels_last)
 
-    def __iter__(self):
-        self._batch = self._start_batch
+    def _epoch(self, epoch: int, indices: np.ndarray, batches: range):
+        self._sampler.epoch, self._sampler.indices, self._sampler.batches = epoch, indices, batches
         for v1, v2_, label, index in one_line_worker_errors(self._dl):
-            self._batch += 1
-            yield TwoViewBatch(self._to_device(v1), self._to_device(v2_), label.to(self.device, non_blocking=True),
+            yield TwoViewBatch(self._to_device(v1), self._to_device(v2_),
+                               label.to(self.device, non_blocking=True),
                                index.to(self.device, non_blocking=True))
-        self._start_batch = 0
