@@ -81,7 +81,8 @@ def resolve_impl(impl: str, device: torch.device | str, dim: int | None = None,
         if dev.type != "cuda" and not _interpreting():
             raise ValueError(f"impl='triton' needs CUDA tensors, got device {dev.type!r}")
         if wide:
-            raise ValueError(f"impl='triton' supports D <= {TRITON_MAX_DIM}, got D={dim}; use 'chunked'")
+            raise ValueError(f"impl='triton' supports D <= {TRITON_MAX_DIM}, got D={dim}; "
+                             "use 'chunked'")
     return impl
 
 
@@ -96,9 +97,11 @@ def _check_inputs(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> flo
     if not isinstance(z1, torch.Tensor) or not isinstance(z2, torch.Tensor):
         raise ValueError("z1 and z2 must be tensors")
     if z1.ndim != 2 or z2.ndim != 2:
-        raise ValueError(f"z1 and z2 must be 2-D [N, D], got shapes {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(f"z1 and z2 must be 2-D [N, D], got shapes {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}")
     if z1.shape != z2.shape:
-        raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}")
     if z1.shape[0] == 0 or z1.shape[1] == 0:
         raise ValueError(f"z1 and z2 must be non-empty, got shape {tuple(z1.shape)}")
     if not z1.is_floating_point() or not z2.is_floating_point():
@@ -141,7 +144,8 @@ def _chunked_forward(z: torch.Tensor, row_start: int, n: int, inv_tau: float,
 
 def _chunked_backward(z: torch.Tensor, row_start: int, n: int, inv_tau: float, lse: torch.Tensor,
                       scale: torch.Tensor, block: int) -> torch.Tensor:
-    """d loss / d z for loss = scale_0 * sum_j (lse_j - pos_j), scale = scale_0 / tau (0-dim tensor).
+    """d loss / d z for loss = scale_0 * sum_j (lse_j - pos_j), scale = scale_0 / tau
+    (0-dim tensor).
 
     G = softmax(S) - onehot(positive) per anchor row; dz = scale * (G z + G^T z_a). The softmax part
     is accumulated block by block (rows into the anchors' rows, columns into every row); the one-hot
@@ -272,7 +276,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, impl: str
     # Normalise in >= fp32 (and differentiably) before any gather: it is per row, so local.
     z = F.normalize(torch.cat([z1, z2]).to(compute_dtype), dim=1)  # [2N, D]
 
-    distributed = gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    distributed = (gather and dist.is_available() and dist.is_initialized()
+                   and dist.get_world_size() > 1)
     row_start = 0
     if distributed:
         row_start = dist.get_rank() * 2 * n
@@ -297,10 +302,12 @@ class NTXentLoss(nn.Module):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
         if impl not in IMPLS:
             raise ValueError(f"unknown NT-Xent impl {impl!r}; expected one of {', '.join(IMPLS)}")
-        self.temperature, self.impl, self.block, self.gather = float(temperature), impl, block, gather
+        self.temperature, self.impl, self.block, self.gather = (
+            float(temperature), impl, block, gather)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return nt_xent(z1, z2, self.temperature, impl=self.impl, block=self.block, gather=self.gather)
+        return nt_xent(z1, z2, self.temperature, impl=self.impl, block=self.block,
+                       gather=self.gather)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, impl={self.impl!r}, gather={self.gather}"

@@ -24,7 +24,8 @@ import numpy as np
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
-_S30, _S27, _S31, _S11, _S56 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11), np.uint64(56)
+_S30, _S27, _S31, _S11, _S56 = (np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11),
+                                np.uint64(56))
 _TWO_POW_53 = 9007199254740992.0
 _U64_MASK = 0xFFFFFFFFFFFFFFFF
 
@@ -98,7 +99,8 @@ def _uniform_table(key, index, salt, first, n):
 
 def uniform_table(key, index: np.ndarray, salt: int, first: int, n: int) -> np.ndarray:
     """float64 [B, n]: draws first .. first+n-1 of each sample's stream."""
-    return _uniform_table(np.uint64(key), np.asarray(index, dtype=np.int64), np.uint64(salt), first, n)
+    return _uniform_table(np.uint64(key), np.asarray(index, dtype=np.int64), np.uint64(salt),
+                          first, n)
 
 
 # ---- random resized crop ---------------------------------------------------------------------
@@ -136,35 +138,42 @@ def crop_box(s, first, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi):
 
 @numba.njit(cache=True)
 def crop_box_of(key, index, salt, first, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi):
-    """`crop_box` of sample `index`'s stream under `key`, compiled once (not inlined into callers)."""
-    return crop_box(stream(key, index, salt), first, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi)
+    """`crop_box` of sample `index`'s stream under `key`, compiled once (not inlined into
+    callers)."""
+    return crop_box(stream(key, index, salt), first, height, width, scale_lo, scale_hi,
+                    ratio_lo, ratio_hi)
 
 
 @numba.njit(cache=True)
 def _crop_boxes(key, index, heights, widths, salt, first, scale_lo, scale_hi, ratio_lo, ratio_hi):
     out = np.empty((index.shape[0], 4), dtype=np.int64)
     for i in range(index.shape[0]):
-        top, left, h, w = crop_box(stream(key, index[i], salt), first, np.int64(heights[i]), np.int64(widths[i]),
+        top, left, h, w = crop_box(stream(key, index[i], salt), first,
+                                   np.int64(heights[i]), np.int64(widths[i]),
                                    scale_lo, scale_hi, ratio_lo, ratio_hi)
         out[i, 0], out[i, 1], out[i, 2], out[i, 3] = top, left, h, w
     return out
 
 
-def crop_boxes(key, index: np.ndarray, heights: np.ndarray, widths: np.ndarray, salt: int, first: int,
-               scale: tuple[float, float], ratio: tuple[float, float]) -> np.ndarray:
+def crop_boxes(key, index: np.ndarray, heights: np.ndarray, widths: np.ndarray, salt: int,
+               first: int, scale: tuple[float, float], ratio: tuple[float, float]) -> np.ndarray:
     """int64 [B, 4] crop boxes (top, left, h, w), `crop_box` per sample."""
     index = np.asarray(index, dtype=np.int64)
-    return _crop_boxes(np.uint64(key), index, np.broadcast_to(np.asarray(heights, dtype=np.int64), index.shape),
-                       np.broadcast_to(np.asarray(widths, dtype=np.int64), index.shape), np.uint64(salt), first,
+    return _crop_boxes(np.uint64(key), index,
+                       np.broadcast_to(np.asarray(heights, dtype=np.int64), index.shape),
+                       np.broadcast_to(np.asarray(widths, dtype=np.int64), index.shape),
+                       np.uint64(salt), first,
                        float(scale[0]), float(scale[1]), float(ratio[0]), float(ratio[1]))
 
 
 # ---- the rest of a view: flip, colour jitter, grayscale, blur ----------------------------------
 
-def jitter_ranges(brightness: float, contrast: float, saturation: float, hue: float) -> tuple[np.ndarray, np.ndarray]:
+def jitter_ranges(brightness: float, contrast: float, saturation: float,
+                  hue: float) -> tuple[np.ndarray, np.ndarray]:
     """torchvision ColorJitter's factor ranges: float64 [4] lo, hi for (brightness, contrast,
     saturation, hue in turns)."""
-    lo = np.array([max(0.0, 1 - brightness), max(0.0, 1 - contrast), max(0.0, 1 - saturation), -hue])
+    lo = np.array([max(0.0, 1 - brightness), max(0.0, 1 - contrast), max(0.0, 1 - saturation),
+                   -hue])
     hi = np.array([1 + brightness, 1 + contrast, 1 + saturation, hue])
     return lo, hi
 
@@ -214,24 +223,28 @@ def tail_params(s, flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo, s_hi, kernel_
 
 
 @numba.njit(cache=True)
-def _sample(key, index, heights, widths, c_lo, c_hi, r_lo, r_hi, flip_p, jitter_p, lo, hi, gray_p, blur_p,
-            s_lo, s_hi, kernel_size):
+def _sample(key, index, heights, widths, c_lo, c_hi, r_lo, r_hi, flip_p, jitter_p, lo, hi,
+            gray_p, blur_p, s_lo, s_hi, kernel_size):
     b = index.shape[0]
     boxes = np.empty((b, 4), dtype=np.int64)
     params = np.empty((b, N_P))
     for i in range(b):
         s = stream(key, index[i])
-        top, left, h, w = crop_box(s, DRAW_CROP, np.int64(heights[i]), np.int64(widths[i]), c_lo, c_hi, r_lo, r_hi)
+        top, left, h, w = crop_box(s, DRAW_CROP, np.int64(heights[i]), np.int64(widths[i]),
+                                   c_lo, c_hi, r_lo, r_hi)
         boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3] = top, left, h, w
         tail_params(s, flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo, s_hi, kernel_size, params[i])
     return boxes, params
 
 
 def spec_constants(spec) -> tuple:
-    """The sampler's arguments that come from an `AugmentSpec`, in `_sample`'s order after the sizes."""
+    """The sampler's arguments that come from an `AugmentSpec`, in `_sample`'s order after the
+    sizes."""
     lo, hi = jitter_ranges(spec.brightness, spec.contrast, spec.saturation, spec.hue)
-    return (float(spec.crop_area[0]), float(spec.crop_area[1]), float(spec.crop_ratio[0]), float(spec.crop_ratio[1]),
-            float(spec.flip_p), float(spec.jitter_p), lo, hi, float(spec.grayscale_p), float(spec.blur_p),
+    return (float(spec.crop_area[0]), float(spec.crop_area[1]),
+            float(spec.crop_ratio[0]), float(spec.crop_ratio[1]),
+            float(spec.flip_p), float(spec.jitter_p), lo, hi,
+            float(spec.grayscale_p), float(spec.blur_p),
             float(spec.blur_sigma[0]), float(spec.blur_sigma[1]), int(spec.blur_kernel))
 
 
@@ -248,4 +261,5 @@ def sample_views(spec, seed: int, epoch: int, index: np.ndarray, view: int, heig
     shape = index.shape
     return _sample(view_key(seed, epoch, view), index,
                    np.broadcast_to(np.asarray(heights, dtype=np.int64), shape),
-                   np.broadcast_to(np.asarray(widths, dtype=np.int64), shape), *spec_constants(spec))
+                   np.broadcast_to(np.asarray(widths, dtype=np.int64), shape),
+                   *spec_constants(spec))

@@ -29,7 +29,8 @@ def view_inputs(boxes: np.ndarray, params: np.ndarray) -> tuple[np.ndarray, np.n
     """One view's feed inputs from `sample_views`: roi_start, roi_end float32 [B, 2] (y, x: DALI
     follows the tensor's axis order) and params float64 [B, N_P]."""
     top, left, h, w = (boxes[:, j].astype(np.float32) for j in range(4))
-    return np.stack([top, left], axis=1), np.stack([top + h, left + w], axis=1), np.ascontiguousarray(params)
+    return (np.stack([top, left], axis=1), np.stack([top + h, left + w], axis=1),
+            np.ascontiguousarray(params))
 
 
 @functools.cache
@@ -49,13 +50,15 @@ def simclr_view(image, roi_start, roi_end, params, spec: AugmentSpec, device: st
 
     # 1. random resized crop: the box was drawn by the one sampler; bilinear with antialiasing,
     #    as torchvision.
-    x = fn.resize(image, roi_start=roi_start, roi_end=roi_end, roi_relative=False, size=[spec.size, spec.size],
-                  interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.UINT8)  # [S, S, 3] uint8
+    x = fn.resize(image, roi_start=roi_start, roi_end=roi_end, roi_relative=False,
+                  size=[spec.size, spec.size], interp_type=types.INTERP_LINEAR, antialias=True,
+                  dtype=types.UINT8)  # [S, S, 3] uint8
     if device == "gpu":
         return x
     # 2. the tail: flip, colour jitter in the sample's random order, grayscale, blur (+-4 sigma
     #    window), each as torchvision's functional op on uint8; one numba kernel per sample.
     x = _cpu_tail()(x, params)
     # 3. normalise, keep HWC = channels_last.
-    return fn.crop_mirror_normalize(x, mean=[255.0 * m for m in spec.mean], std=[255.0 * s for s in spec.std],
+    return fn.crop_mirror_normalize(x, mean=[255.0 * m for m in spec.mean],
+                                    std=[255.0 * s for s in spec.std],
                                     dtype=out_dtype, output_layout="HWC")

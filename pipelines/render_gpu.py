@@ -30,7 +30,8 @@ from pipelines.augment_params import (
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
-    """torchvision's r * 0.2989 + g * 0.587 + b * 0.114, with its own ops (fused where torch fuses). [B, 1, H, W]"""
+    """torchvision's r * 0.2989 + g * 0.587 + b * 0.114, with its own ops (fused where torch
+    fuses). [B, 1, H, W]"""
     r, g, b = x.unbind(dim=1)
     return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
 
@@ -60,7 +61,8 @@ def _brightness(x, f):
 
 
 def _blend(x, f, gray):
-    return _trunc(torch.addcmul(x * _factor(f, x), gray, _factor(1.0 - f, x)))  # one rounding, as add_(alpha=)
+    # one rounding, as add_(alpha=)
+    return _trunc(torch.addcmul(x * _factor(f, x), gray, _factor(1.0 - f, x)))
 
 
 def _contrast(x, f):
@@ -114,15 +116,18 @@ def _kernels(sigma: np.ndarray, windows: np.ndarray, device) -> torch.Tensor:
         x = torch.linspace(-lim, lim, steps=int(w), dtype=torch.float32)
         off = (k_max - w) // 2
         out[i, off:off + w] = torch.softmax(x.div(float(s)).pow(2).neg(), dim=0)
-    return out.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else out
+    return (out.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda"
+            else out)
 
 
 def _blur(x: torch.Tensor, sigma: np.ndarray, windows: np.ndarray) -> torch.Tensor:
     """Separable Gaussian per sample, reflect-101 borders, rounded half to even."""
     b, c, h, w = x.shape
-    k = _kernels(sigma, windows, x.device).repeat_interleave(c, dim=0)  # [B*3, k]: one filter per (sample, channel)
+    # [B*3, k]: one filter per (sample, channel)
+    k = _kernels(sigma, windows, x.device).repeat_interleave(c, dim=0)
     r = k.shape[1] // 2
-    y = F.pad(x.reshape(1, b * c, h, w), (r, r, 0, 0), mode="reflect")  # torch's reflect is reflect-101
+    # torch's reflect is reflect-101
+    y = F.pad(x.reshape(1, b * c, h, w), (r, r, 0, 0), mode="reflect")
     y = F.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c)
     y = F.pad(y, (0, 0, r, r), mode="reflect")
     y = F.conv2d(y, k.view(b * c, 1, -1, 1), groups=b * c)

@@ -36,11 +36,17 @@ class AugmentSpec:
     def __post_init__(self):
         checks = [
             (self.size >= 8, f"size must be >= 8, got {self.size}"),
-            (0 < self.crop_area[0] <= self.crop_area[1] <= 1, f"crop_area must satisfy 0 < lo <= hi <= 1, got {self.crop_area}"),
-            (0 < self.crop_ratio[0] <= self.crop_ratio[1], f"crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}"),
-            (0 <= self.jitter_strength <= 1.25, f"jitter_strength must be in [0, 1.25] (hue 0.2s <= 0.25), got {self.jitter_strength}"),
-            (0 < self.blur_sigma[0] <= self.blur_sigma[1], f"blur_sigma must satisfy 0 < lo <= hi, got {self.blur_sigma}"),
-            (len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0, "mean and std need 3 values each, std > 0"),
+            (0 < self.crop_area[0] <= self.crop_area[1] <= 1,
+             f"crop_area must satisfy 0 < lo <= hi <= 1, got {self.crop_area}"),
+            (0 < self.crop_ratio[0] <= self.crop_ratio[1],
+             f"crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}"),
+            (0 <= self.jitter_strength <= 1.25,
+             f"jitter_strength must be in [0, 1.25] (hue 0.2s <= 0.25), "
+             f"got {self.jitter_strength}"),
+            (0 < self.blur_sigma[0] <= self.blur_sigma[1],
+             f"blur_sigma must satisfy 0 < lo <= hi, got {self.blur_sigma}"),
+            (len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0,
+             "mean and std need 3 values each, std > 0"),
         ]
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
             p = getattr(self, name)

@@ -99,7 +99,8 @@ def _factories(peers: dict[str, str]) -> dict[str, Callable[[list[dict]], torch.
         f["timm_lars"] = lambda g: Lars(_strip(g), lr=LR, momentum=MOMENTUM, trust_coeff=ETA)
     if not peers["lightly_lars"].startswith(("not installed", "unusable")):
         from lightly.utils.lars import LARS as LightlyLARS
-        f["lightly_lars"] = lambda g: LightlyLARS(_strip(g), lr=LR, momentum=MOMENTUM, trust_coefficient=ETA)
+        f["lightly_lars"] = lambda g: LightlyLARS(_strip(g), lr=LR, momentum=MOMENTUM,
+                                                  trust_coefficient=ETA)
     return f
 
 

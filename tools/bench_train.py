@@ -179,8 +179,8 @@ def _real_loader(impl: str, split: Split, spec: AugmentSpec, batch_size: int,
 
 # ---------------------------------------------------------------- the training step
 
-def _time_run(source, model, optimizer, lrs, warmup: int, steps: int, temperature: float, loss_impl: str,
-              autocast, device: torch.device, batch_size: int) -> dict:
+def _time_run(source, model, optimizer, lrs, warmup: int, steps: int, temperature: float,
+              loss_impl: str, autocast, device: torch.device, batch_size: int) -> dict:
     """Seconds waiting for data and computing over the `steps` steps after `warmup` ones, and each
     timed step's wall time."""
     cuda = device.type == "cuda"
@@ -195,7 +195,8 @@ def _time_run(source, model, optimizer, lrs, warmup: int, steps: int, temperatur
             if batch is None:
                 raise RuntimeError(f"the loader ended after {i} of {warmup + steps} batches")
             if len(batch.index) != batch_size:
-                raise RuntimeError(f"batch {i} holds {len(batch.index)} images, expected {batch_size}")
+                raise RuntimeError(f"batch {i} holds {len(batch.index)} images, "
+                                   f"expected {batch_size}")
             loss = training_step(model, optimizer, batch, lrs[i], temperature, loss_impl, autocast)
             if cuda:
                 torch.cuda.synchronize(device)

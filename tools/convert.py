@@ -128,7 +128,8 @@ def _idx_files(src: Path) -> dict[tuple[str, str], Path]:
 def _cifar_root(src: Path) -> Path | None:
     """The directory holding the CIFAR pickles: SRC itself or its extracted-archive child."""
     for root in (src, src / "cifar-10-batches-py", src / "cifar-100-python"):
-        if (root / "batches.meta").is_file() or all((root / n).is_file() for n in ("train", "test", "meta")):
+        if (root / "batches.meta").is_file() or all((root / n).is_file()
+                                                    for n in ("train", "test", "meta")):
             return root
     return None
 
@@ -216,11 +217,13 @@ def read_idx_dataset(src: Path, name: str | None) -> Converted:
             raise ConvertError(f"'{pair[1]}': {labels.shape[0]} labels for {len(images)} images "
                                f"in '{pair[0].name}'", "use images and labels of the same release")
         labels = _check_labels(labels, len(classes), f"'{pair[1]}'")
-        splits[split] = SplitData(labels, images=images, extra=_array_extra(images, labels, len(classes)))
+        splits[split] = SplitData(labels, images=images,
+                                  extra=_array_extra(images, labels, len(classes)))
         for p in pair:
             inputs[p.name] = sha256_file(p)
     if not splits:
-        raise ConvertError(f"no IDX files in '{src}'", "expected train-images-idx3-ubyte[.gz] and friends")
+        raise ConvertError(f"no IDX files in '{src}'",
+                           "expected train-images-idx3-ubyte[.gz] and friends")
     return Converted("idx", name or src.name, "array", classes, splits, inputs)
 
 
@@ -350,7 +353,8 @@ def _map(fn, items: list, workers: int, desc: str) -> list:
 def read_folder_dataset(src: Path, name: str | None, workers: int) -> Converted:
     classes, layout = _folder_layout(src)
     if not any(layout.values()):
-        raise ConvertError(f"no images found in '{src}' (looked for {', '.join(sorted(IMAGE_SUFFIXES))})",
+        raise ConvertError(f"no images found in '{src}' "
+                           f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})",
                            "point SRC at a folder of images, class folders or train/ and val/")
     splits, inputs, skipped = {}, {}, []
     for split, items in layout.items():
@@ -371,8 +375,8 @@ def read_folder_dataset(src: Path, name: str | None, workers: int) -> Converted:
             plain.append(check.plain)
             dims.append((check.size[1], check.size[0], check.nbytes))
         if items and not good:
-            raise ConvertError(f"none of the {len(items)} images in split '{split}' of '{src}' decode "
-                               f"(first: {show_path(skipped[-bad]['path'])}: "
+            raise ConvertError(f"none of the {len(items)} images in split '{split}' of '{src}' "
+                               f"decode (first: {show_path(skipped[-bad]['path'])}: "
                                f"{skipped[-bad]['reason']})",
                                "check that the files are intact images")
         labels = np.array([label for _, label in good], dtype=np.int64)
@@ -514,13 +518,16 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:
     if out == src or src.is_relative_to(out):
-        raise ConvertError(f"OUT '{out}' is SRC or contains it", "choose an OUT outside the source data")
+        raise ConvertError(f"OUT '{out}' is SRC or contains it",
+                           "choose an OUT outside the source data")
     if not out.exists() and not out.is_symlink():
         return
     if not overwrite:
-        raise ConvertError(f"output '{out}' already exists", "pass --overwrite to replace it, or choose another OUT")
+        raise ConvertError(f"output '{out}' already exists",
+                           "pass --overwrite to replace it, or choose another OUT")
     if not out.is_dir() or out.is_symlink():
-        raise ConvertError(f"output '{out}' exists and is not a directory", "remove it yourself or choose another OUT")
+        raise ConvertError(f"output '{out}' exists and is not a directory",
+                           "remove it yourself or choose another OUT")
     if any(out.iterdir()) and not _written_by_us(out):
         # --overwrite deletes OUT: only ever a dataset directory this tool wrote, or an empty one.
         raise ConvertError(f"output '{out}' is not a converted dataset (no {MANIFEST} with "
@@ -552,7 +559,8 @@ def convert(src: str | Path, out: str | Path, *, fmt: str = "auto", name: str | 
     if to not in TARGETS:
         raise ConvertError(f"unknown target '{to}'", f"use one of {', '.join(TARGETS)}")
     if src.is_file() and src.name.endswith((".tar.gz", ".tgz", ".tar")):
-        raise ConvertError(f"SRC '{src}' is an archive", f"extract it first (tar xf '{src}') and pass the directory")
+        raise ConvertError(f"SRC '{src}' is an archive",
+                           f"extract it first (tar xf '{src}') and pass the directory")
     if not src.is_dir():
         raise ConvertError(f"source '{src}' does not exist or is not a directory",
                            "pass the directory that holds the dataset files")
@@ -561,7 +569,8 @@ def convert(src: str | Path, out: str | Path, *, fmt: str = "auto", name: str | 
         _load_write_beton()  # fail before the slow part
     fmt = detect_format(src) if fmt == "auto" else fmt
     if fmt == "folder" and out.is_relative_to(src):
-        raise ConvertError(f"OUT '{out}' is inside the image folder SRC", "choose an OUT outside SRC")
+        raise ConvertError(f"OUT '{out}' is inside the image folder SRC",
+                           "choose an OUT outside SRC")
 
     if fmt == "idx":
         conv = read_idx_dataset(src, name)
@@ -731,19 +740,20 @@ def main(argv: list[str] | None = None) -> int:
     if __name__ == "__main__":
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     if args.max_resolution is not None and args.to != "ffcv":
-        print("convert: error: --max-resolution applies only to .beton files: add --to ffcv or drop it",
-              file=sys.stderr)
+        print("convert: error: --max-resolution applies only to .beton files: "
+              "add --to ffcv or drop it", file=sys.stderr)
         return 2
     try:
-        manifest = convert(args.src, args.out, fmt=args.fmt, name=args.name, overwrite=args.overwrite,
-                           to=args.to, workers=args.workers, max_resolution=args.max_resolution)
+        manifest = convert(args.src, args.out, fmt=args.fmt, name=args.name,
+                           overwrite=args.overwrite, to=args.to, workers=args.workers,
+                           max_resolution=args.max_resolution)
     except (ConvertError, FormatError, DatasetError) as e:
         print(f"convert: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except OSError as e:
         where = f" '{e.filename}'" if e.filename else ""
-        print(f"convert: error: {e.strerror or e}{where}: check the path, free space and permissions",
-              file=sys.stderr)
+        print(f"convert: error: {e.strerror or e}{where}: "
+              "check the path, free space and permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"convert: interrupted: '{args.out}' was not written or changed", file=sys.stderr)

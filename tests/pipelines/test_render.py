@@ -42,10 +42,12 @@ from pipelines.spec import AugmentSpec
 from pipelines.torchvision_loader import ADJUST, TorchvisionTwoViewLoader, reference_tail
 from tests.pipelines.augment_stats import to_uint8
 
-EXACT = (0.02, 1.0)  # (mean, max) |difference| in uint8 levels for one operation against torchvision
+# (mean, max) |difference| in uint8 levels for one operation against torchvision
+EXACT = (0.02, 1.0)
 
 
-def assert_close_levels(got: torch.Tensor, want: torch.Tensor, mean: float, worst: float, what: str = ""):
+def assert_close_levels(got: torch.Tensor, want: torch.Tensor, mean: float, worst: float,
+                        what: str = ""):
     d = (got.float() - want.float()).abs()
     stats = f"{what}: mean {d.mean():.4f}, max {d.max():.0f} levels"
     assert d.mean() <= mean and d.max() <= worst + 1e-6, stats
@@ -70,11 +72,13 @@ def photo_like(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 
 def _imagenet_sample() -> Path:
     env = os.environ.get("SIMCLR_IMAGENET_SAMPLE")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample"
+    return (Path(env) if env
+            else Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample")
 
 
 def real_photos(n: int = 16, size: tuple[int, int] = (112, 96)) -> np.ndarray | None:
-    files = sorted(p for p in _imagenet_sample().glob("*") if p.suffix.lower() in (".jpeg", ".jpg"))[:n]
+    files = sorted(p for p in _imagenet_sample().glob("*")
+                   if p.suffix.lower() in (".jpeg", ".jpg"))[:n]
     if not files:
         return None
     from PIL import Image
@@ -88,7 +92,8 @@ def images(request) -> np.ndarray:
         return photo_like(16, 80, 96)
     real = real_photos()
     if real is None:
-        pytest.skip(f"no ImageNet sample JPEGs in '{_imagenet_sample()}' (set SIMCLR_IMAGENET_SAMPLE)")
+        pytest.skip(f"no ImageNet sample JPEGs in '{_imagenet_sample()}' "
+                    "(set SIMCLR_IMAGENET_SAMPLE)")
     return real
 
 
@@ -135,26 +140,33 @@ def render_torch(images: np.ndarray, params: np.ndarray) -> torch.Tensor:
 
 
 RENDERERS = {"numba": render_numba, "torch": render_torch}
-OPS = [("flip", 0.0), ("brightness", 0.6), ("brightness", 1.37), ("contrast", 0.55), ("contrast", 1.42),
-       ("saturation", 0.0), ("saturation", 0.61), ("saturation", 1.5), ("hue", -0.2), ("hue", 0.047),
-       ("hue", 0.5), ("grayscale", 0.0), ("blur", 0.4), ("blur", 1.3), ("blur", 2.0)]
+OPS = [("flip", 0.0), ("brightness", 0.6), ("brightness", 1.37),
+       ("contrast", 0.55), ("contrast", 1.42),
+       ("saturation", 0.0), ("saturation", 0.61), ("saturation", 1.5),
+       ("hue", -0.2), ("hue", 0.047), ("hue", 0.5),
+       ("grayscale", 0.0), ("blur", 0.4), ("blur", 1.3), ("blur", 2.0)]
 
 
 @pytest.mark.parametrize("renderer", list(RENDERERS))
 @pytest.mark.parametrize("op,factor", OPS)
 def test_each_operation_is_torchvisions(op, factor, renderer, images):
-    want = torch.stack([_torchvision_op(op, factor)(torch.from_numpy(im).permute(2, 0, 1)) for im in images])
+    want = torch.stack([_torchvision_op(op, factor)(torch.from_numpy(im).permute(2, 0, 1))
+                        for im in images])
     got = RENDERERS[renderer](images, _params(op, factor, len(images)))
     assert_close_levels(got, want, *EXACT, what=f"{renderer} {op}({factor})")
     if op != "flip" and not (op == "saturation" and factor == 0.0):
-        assert (want.float() != torch.from_numpy(images).permute(0, 3, 1, 2).float()).any()  # the op acted
+        # the op acted
+        assert (want.float() != torch.from_numpy(images).permute(0, 3, 1, 2).float()).any()
 
 
 def _yiq_hue(x: torch.Tensor, turns: float) -> torch.Tensor:
-    """A hue 'shift' as a rotation of the chroma plane in YIQ (what DALI's color_twist and hsv do)."""
-    m = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+    """A hue 'shift' as a rotation of the chroma plane in YIQ
+    (what DALI's color_twist and hsv do)."""
+    m = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                     dtype=torch.float64)
     a = 2 * np.pi * turns
-    rot = torch.tensor([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]], dtype=torch.float64)
+    rot = torch.tensor([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]],
+                       dtype=torch.float64)
     t = torch.linalg.inv(m) @ rot @ m
     y = torch.einsum("ij,jhw->ihw", t, x.double())
     return y.round().clamp(0, 255).to(torch.uint8)
@@ -162,9 +174,12 @@ def _yiq_hue(x: torch.Tensor, turns: float) -> torch.Tensor:
 
 WRONG = {
     "hue as a YIQ rotation": ("hue", 0.1, lambda x: _yiq_hue(x, 0.1)),
-    "brightness rounded, not truncated": ("brightness", 1.3, lambda x: (x.double() * 1.3).round().clamp(0, 255)),
-    "grayscale as the channel mean": ("grayscale", 0.0, lambda x: x.double().mean(0, keepdim=True).floor().expand(3, -1, -1)),
-    "contrast about mid-gray": ("contrast", 1.4, lambda x: ((x.double() - 127.5) * 1.4 + 127.5).clamp(0, 255).floor()),
+    "brightness rounded, not truncated":
+        ("brightness", 1.3, lambda x: (x.double() * 1.3).round().clamp(0, 255)),
+    "grayscale as the channel mean":
+        ("grayscale", 0.0, lambda x: x.double().mean(0, keepdim=True).floor().expand(3, -1, -1)),
+    "contrast about mid-gray":
+        ("contrast", 1.4, lambda x: ((x.double() - 127.5) * 1.4 + 127.5).clamp(0, 255).floor()),
     "blur with 1.2x the sigma": ("blur", 1.0, lambda x: tvf.gaussian_blur(x, [9, 9], [1.2, 1.2])),
 }
 
@@ -173,7 +188,8 @@ WRONG = {
 def test_the_bound_rejects_wrong_operators(name, images):
     """The per-operation bound is tight enough to fail on each of these plausible mistakes."""
     op, factor, wrong = WRONG[name]
-    want = torch.stack([_torchvision_op(op, factor)(torch.from_numpy(im).permute(2, 0, 1)) for im in images])
+    want = torch.stack([_torchvision_op(op, factor)(torch.from_numpy(im).permute(2, 0, 1))
+                        for im in images])
     got = torch.stack([wrong(torch.from_numpy(im).permute(2, 0, 1)) for im in images])
     with pytest.raises(AssertionError):
         assert_close_levels(got, want, *EXACT, what=name)
@@ -192,12 +208,13 @@ def test_dalis_own_hue_operator_fails_the_bound(images):
     p = pipe()
     p.build()
     got = torch.from_numpy(np.array(p.run()[0].as_tensor())).permute(0, 3, 1, 2)
-    want = torch.stack([tvf.adjust_hue(torch.from_numpy(im).permute(2, 0, 1), 0.1) for im in images])
+    want = torch.stack([tvf.adjust_hue(torch.from_numpy(im).permute(2, 0, 1), 0.1)
+                        for im in images])
     with pytest.raises(AssertionError):
         assert_close_levels(got, want, *EXACT, what="DALI color_twist hue")
 
 
-# ---- the whole tail, with drawn parameters --------------------------------------------------------
+# ---- the whole tail, with drawn parameters -------------------------------------------------------
 
 @pytest.mark.parametrize("renderer", list(RENDERERS))
 def test_whole_tail_is_torchvisions_chain(renderer, images):
@@ -210,7 +227,8 @@ def test_whole_tail_is_torchvisions_chain(renderer, images):
         _, params = sample_views(spec, 5, epoch, np.arange(n), 0, images.shape[1], images.shape[2])
         got.append(RENDERERS[renderer](images, params))
         for i in range(n):
-            want.append(reference_tail(torch.from_numpy(images[i]).permute(2, 0, 1), params[i], spec))
+            want.append(reference_tail(torch.from_numpy(images[i]).permute(2, 0, 1),
+                                       params[i], spec))
     got, want = torch.cat(got), torch.stack(want)
     assert_close_levels(got, want, 0.02, 1.0, what=f"{renderer} chain")
 
@@ -227,11 +245,12 @@ def test_ffcv_compiled_tail_draws_and_renders_what_the_sampler_drew():
     _, params = sample_views(spec, 9, 2, idx, 1, 48, 48)
     assert torch.equal(torch.from_numpy(out).permute(0, 3, 1, 2), render_numba(images, params))
     # and the decoder's crop box is the sampler's
-    boxes = crop_boxes(view_key(9, 2, 1), idx, 300, 200, SALT_VIEW, DRAW_CROP, spec.crop_area, spec.crop_ratio)
+    boxes = crop_boxes(view_key(9, 2, 1), idx, 300, 200, SALT_VIEW, DRAW_CROP,
+                       spec.crop_area, spec.crop_ratio)
     assert np.array_equal(boxes, sample_views(spec, 9, 2, idx, 1, 300, 200)[0])
 
 
-# ---- every backend against the torchvision reference loader ----------------------------------------
+# ---- every backend against the torchvision reference loader --------------------------------------
 
 def _batches(backend: str, split: Split, spec: AugmentSpec, seed: int = 7) -> list:
     from pipelines.loader import build_loader
@@ -240,7 +259,8 @@ def _batches(backend: str, split: Split, spec: AugmentSpec, seed: int = 7) -> li
         from pipelines.ffcv_writer import write_beton
 
         write_beton(split, beton_file(split.root, split.name))
-    ld = build_loader(backend, split, spec, batch_size=32, seed=seed, num_workers=2, shuffle=True, drop_last=False)
+    ld = build_loader(backend, split, spec, batch_size=32, seed=seed, num_workers=2, shuffle=True,
+                      drop_last=False)
     for epoch in (0, 1):
         ld.set_epoch(epoch)
         yield from ld
@@ -248,7 +268,8 @@ def _batches(backend: str, split: Split, spec: AugmentSpec, seed: int = 7) -> li
 
 def _compare(backend: str, split: Split, spec: AugmentSpec):
     """uint8-level differences of every view against the torchvision reference loader."""
-    ref = TorchvisionTwoViewLoader(split, spec, batch_size=32, seed=7, num_workers=0, shuffle=True, drop_last=False)
+    ref = TorchvisionTwoViewLoader(split, spec, batch_size=32, seed=7, num_workers=0, shuffle=True,
+                                   drop_last=False)
     want = []
     for epoch in (0, 1):
         ref.set_epoch(epoch)
@@ -278,12 +299,13 @@ def test_backend_renders_each_operation_as_the_reference(backend, op, tmp_path):
     """Identity crop, one operation always on: a backend's view is the reference loader's."""
     pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[backend])
     off = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
-    on = {"flip": dict(flip_p=1.0), "jitter": dict(jitter_p=1.0), "grayscale": dict(grayscale_p=1.0),
-          "blur": dict(blur_p=1.0)}[op]
+    on = {"flip": dict(flip_p=1.0), "jitter": dict(jitter_p=1.0),
+          "grayscale": dict(grayscale_p=1.0), "blur": dict(blur_p=1.0)}[op]
     spec = AugmentSpec(size=48, jitter_strength=1.0, **IDENTITY_CROP, **{**off, **on})
     split = Split("train", np.arange(64) % 10, images=photo_like(64, 48, 48, seed=4), root=tmp_path)
     d = _compare(backend, split, spec)
-    assert d.mean() <= 0.02 and d.max() <= 1.01, f"{backend} {op}: {_stats(d)}"  # views: float round trip
+    # views: float round trip
+    assert d.mean() <= 0.02 and d.max() <= 1.01, f"{backend} {op}: {_stats(d)}"
 
 
 @pytest.mark.parametrize("backend", ["dali", "ffcv"])
@@ -298,10 +320,12 @@ def test_backend_whole_views_match_the_reference_on_arrays(backend, tmp_path):
     crop = _compare(backend, Split("train", np.arange(64) % 10, images=images, root=tmp_path / "a"),
                     AugmentSpec(size=40, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0))
     mean, p99 = CROP_TOLERANCE[backend]
-    assert crop.mean() <= mean and crop.quantile(0.99) <= p99, f"{backend} crop alone: {_stats(crop)}"
+    assert crop.mean() <= mean and crop.quantile(0.99) <= p99, (
+        f"{backend} crop alone: {_stats(crop)}")
     full = _compare(backend, Split("train", np.arange(64) % 10, images=images, root=tmp_path / "b"),
                     AugmentSpec(size=40, blur_p=0.5, blur_kernel_frac=0.2))
-    assert full.mean() <= 1.5 * mean and full.quantile(0.99) <= 1.5 * p99, f"{backend} whole view: {_stats(full)}"
+    assert full.mean() <= 1.5 * mean and full.quantile(0.99) <= 1.5 * p99, (
+        f"{backend} whole view: {_stats(full)}")
 
 
 # On the same JPEG files: DALI decodes them itself; FFCV decodes its own re-encoding (quality 90)
@@ -313,9 +337,11 @@ JPEG_TOLERANCE = {"dali": (0.75, 6.0), "ffcv": (4.0, 21.0)}
 @pytest.mark.parametrize("backend", ["dali", "ffcv"])
 def test_whole_views_match_the_reference_on_real_jpegs(backend, tmp_path):
     """The same JPEG files through a backend and through torchvision (libjpeg-turbo via
-    torchvision.io): crop, flip, jitter, grayscale and blur as drawn, within decode/resize tolerance."""
+    torchvision.io): crop, flip, jitter, grayscale and blur as drawn, within decode/resize
+    tolerance."""
     pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[backend])
-    real = sorted(p for p in _imagenet_sample().glob("*") if p.suffix.lower() in (".jpeg", ".jpg"))[:64]
+    real = sorted(p for p in _imagenet_sample().glob("*")
+                  if p.suffix.lower() in (".jpeg", ".jpg"))[:64]
     if not real:
         files = []
         from PIL import Image
@@ -334,7 +360,8 @@ def test_whole_views_match_the_reference_on_real_jpegs(backend, tmp_path):
 @pytest.mark.gpu
 def test_gpu_renderer_on_cuda_matches_cpu_and_never_waits_for_the_device():
     """On a GPU the torch renderer equals its CPU run (to a level, where CUDA fuses differently) and
-    enqueues its work without one host synchronisation (the training step before it keeps running)."""
+    enqueues its work without one host synchronisation (the training step before it keeps
+    running)."""
     spec = AugmentSpec(size=64, jitter_strength=1.0, blur_p=0.5, grayscale_p=0.3)
     images = photo_like(48, 64, 64, seed=9)
     _, params = sample_views(spec, 2, 0, np.arange(48), 0, 64, 64)

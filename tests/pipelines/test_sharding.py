@@ -1,4 +1,5 @@
-"""Epoch order and per-rank shards: disjoint, covering, equal-length under drop_last, reproducible."""
+"""Epoch order and per-rank shards: disjoint, covering, equal-length under drop_last,
+reproducible."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ CASES = [(64, 2, 8), (100, 4, 8), (101, 3, 7), (37, 1, 5), (1000, 8, 16), (17, 4
 
 
 def _shards(n, world, batch_size, drop_last, seed=0, epoch=0):
-    return [shard_indices(n, r, world, seed=seed, epoch=epoch, batch_size=batch_size, drop_last=drop_last)
+    return [shard_indices(n, r, world, seed=seed, epoch=epoch, batch_size=batch_size,
+                          drop_last=drop_last)
             for r in range(world)]
 
 
@@ -33,7 +35,8 @@ def test_shards_partition_the_split_without_drop_last(n, world, batch_size, epoc
 
 @pytest.mark.parametrize("n,world,batch_size", CASES)
 @pytest.mark.parametrize("epoch", [0, 3])
-def test_drop_last_gives_equal_whole_batches_and_drops_exactly_the_reported_count(n, world, batch_size, epoch):
+def test_drop_last_gives_equal_whole_batches_and_drops_exactly_the_reported_count(
+        n, world, batch_size, epoch):
     shards = _shards(n, world, batch_size, drop_last=True, seed=5, epoch=epoch)
     lengths = {len(s) for s in shards}
     assert len(lengths) == 1
@@ -57,7 +60,8 @@ def test_dropped_per_epoch_closed_form():
 
 def test_drop_last_drops_different_samples_in_different_epochs():
     n, world, bs = 100, 4, 8
-    dropped = [frozenset(set(range(n)) - set(np.concatenate(_shards(n, world, bs, True, epoch=e)).tolist()))
+    dropped = [frozenset(set(range(n))
+                         - set(np.concatenate(_shards(n, world, bs, True, epoch=e)).tolist()))
                for e in range(5)]
     assert len(set(dropped)) > 1
 
@@ -73,19 +77,23 @@ def test_epoch_order_is_a_permutation_that_changes_with_epoch_and_seed():
     base = epoch_order(n, seed=1, epoch=0)
     assert sorted(base.tolist()) == list(range(n))
     assert np.array_equal(base, epoch_order(n, seed=1, epoch=0))  # same (seed, epoch), same order
-    others = [epoch_order(n, seed=1, epoch=e) for e in (1, 2, 3)] + [epoch_order(n, seed=2, epoch=0)]
+    others = ([epoch_order(n, seed=1, epoch=e) for e in (1, 2, 3)]
+              + [epoch_order(n, seed=2, epoch=0)])
     for o in others:
         assert sorted(o.tolist()) == list(range(n))
         assert not np.array_equal(o, base)
     # and so do the shards built on them
-    assert not np.array_equal(shard_indices(n, 0, 2, seed=1, epoch=0), shard_indices(n, 0, 2, seed=1, epoch=1))
-    assert np.array_equal(shard_indices(n, 1, 2, seed=1, epoch=4), shard_indices(n, 1, 2, seed=1, epoch=4))
+    assert not np.array_equal(shard_indices(n, 0, 2, seed=1, epoch=0),
+                              shard_indices(n, 0, 2, seed=1, epoch=1))
+    assert np.array_equal(shard_indices(n, 1, 2, seed=1, epoch=4),
+                          shard_indices(n, 1, 2, seed=1, epoch=4))
 
 
 def test_no_shuffle_reads_in_order():
     assert np.array_equal(epoch_order(10, 7, 3, shuffle=False), np.arange(10))
     assert shard_indices(10, 1, 3, epoch=5, shuffle=False).tolist() == [1, 4, 7]
-    assert shard_indices(10, 1, 2, shuffle=False, batch_size=2, drop_last=True).tolist() == [1, 3, 5, 7]
+    assert (shard_indices(10, 1, 2, shuffle=False, batch_size=2, drop_last=True).tolist()
+            == [1, 3, 5, 7])
 
 
 @pytest.mark.parametrize("rank,world", [(-1, 2), (2, 2), (5, 4), (0, 0)])
@@ -100,7 +108,8 @@ def test_dataset_too_small_for_one_batch_per_rank_raises(n, world, batch_size):
         shard_indices(n, 0, world, batch_size=batch_size, drop_last=True)
     # exactly one batch on every rank is enough
     m = world * batch_size
-    assert len(shard_indices(m, world - 1, world, batch_size=batch_size, drop_last=True)) == batch_size
+    assert len(shard_indices(m, world - 1, world, batch_size=batch_size,
+                             drop_last=True)) == batch_size
 
 
 def test_drop_last_without_batch_size_raises():

@@ -10,14 +10,15 @@ import pytest
 
 from tools.bench_train import build_parser, main
 
-TINY = ["--device", "cpu", "--archs", "resnet18", "--width", "0.25", "--batch-size", "4", "--steps", "2", "--warmup", "1",
-        "--workers", "1"]
+TINY = ["--device", "cpu", "--archs", "resnet18", "--width", "0.25", "--batch-size", "4",
+        "--steps", "2", "--warmup", "1", "--workers", "1"]
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench_train") / "out.json"
-    assert main(TINY + ["--sizes", "32", "--backends", "synthetic,torchvision", "--json", str(path)]) == 0
+    assert main(TINY + ["--sizes", "32", "--backends", "synthetic,torchvision",
+                        "--json", str(path)]) == 0
     return json.loads(path.read_text())
 
 
@@ -29,7 +30,8 @@ def test_schema(report):
     assert report["results"]
     for r in report["results"]:
         assert set(r) == {"case", "impl", "metric", "value", "baseline", "ratio"}
-        assert isinstance(r["case"], str) and isinstance(r["impl"], str) and isinstance(r["metric"], str)
+        assert (isinstance(r["case"], str) and isinstance(r["impl"], str)
+                and isinstance(r["metric"], str))
         assert isinstance(r["value"], float) and isinstance(r["ratio"], float)
         assert r["baseline"] == "synthetic"
     assert {r["impl"] for r in report["results"]} == {"synthetic", "torchvision"}
@@ -68,7 +70,8 @@ def test_throughput_and_split(report):
 def test_missing_jpegs_skip_with_reason(tmp_path):
     path = tmp_path / "out.json"
     args = TINY + ["--sizes", "72", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-                   "--backends", "synthetic,torchvision", "--images", str(tmp_path / "none"), "--json", str(path)]
+                   "--backends", "synthetic,torchvision", "--images", str(tmp_path / "none"),
+                   "--json", str(path)]
     assert main(args) == 0
     report = json.loads(path.read_text())
     assert {r["impl"] for r in report["results"]} == {"synthetic"}

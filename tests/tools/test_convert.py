@@ -32,7 +32,8 @@ from tools.convert import ConvertError, convert, main
 
 REPO = Path(__file__).resolve().parents[2]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-IMAGENET_SAMPLE = Path(os.environ.get("SIMCLR_IMAGENET_SAMPLE", REPO / "../shared/data/imagenet-sample"))
+IMAGENET_SAMPLE = Path(os.environ.get("SIMCLR_IMAGENET_SAMPLE",
+                                      REPO / "../shared/data/imagenet-sample"))
 
 
 # ---------------------------------------------------------------- helpers
@@ -44,7 +45,8 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
-def write_idx_dir(root: Path, gz: bool, n_train=7, n_test=3, side=5, seed=0) -> dict[str, np.ndarray]:
+def write_idx_dir(root: Path, gz: bool, n_train=7, n_test=3, side=5,
+                  seed=0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     arrays = {}
@@ -123,7 +125,8 @@ def test_idx_round_trip(tmp_path, gz):
 def test_idx_fashion_class_names_from_name(tmp_path):
     write_idx_dir(tmp_path / "src", gz=False)
     manifest = convert(tmp_path / "src", tmp_path / "out", name="fashion-mnist")
-    assert manifest["classes"] == list(FASHION_MNIST_CLASSES) and manifest["name"] == "fashion-mnist"
+    assert (manifest["classes"] == list(FASHION_MNIST_CLASSES)
+            and manifest["name"] == "fashion-mnist")
 
 
 def test_truncated_idx_is_one_line_error(tmp_path, capsys):
@@ -132,7 +135,8 @@ def test_truncated_idx_is_one_line_error(tmp_path, capsys):
     header = struct.pack(">HBBIII", 0, 0x08, 3, 60000, 28, 28)
     (src / "train-images-idx3-ubyte").write_bytes(header + bytes(1000))
     code, out, err = run_main([src, tmp_path / "out"], capsys)
-    assert_one_line_error(code, err, "train-images-idx3-ubyte", "expected 47040000 bytes of pixels, found 1000")
+    assert_one_line_error(code, err, "train-images-idx3-ubyte",
+                          "expected 47040000 bytes of pixels, found 1000")
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
 
 
@@ -163,7 +167,8 @@ def test_cli_entry_point_exit_code(tmp_path):
     ]
 
 
-@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason=f"{FASHION_MNIST} absent (Debian dataset-fashion-mnist)")
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(),
+                    reason=f"{FASHION_MNIST} absent (Debian dataset-fashion-mnist)")
 def test_real_fashion_mnist(tmp_path):
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
@@ -213,8 +218,10 @@ def test_cifar10_round_trip(tmp_path):
     rng = np.random.default_rng(1)
     src = tmp_path / "cifar-10-batches-py"
     src.mkdir()
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
-    dump_legacy_pickle({b"label_names": names, b"num_cases_per_batch": 4, b"num_vis": 3072}, src / "batches.meta")
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
+             b"ship", b"truck"]
+    dump_legacy_pickle({b"label_names": names, b"num_cases_per_batch": 4, b"num_vis": 3072},
+                       src / "batches.meta")
     batches = []
     for i in range(1, 6):
         rows, labels = fake_cifar_rows(rng, 4), rng.integers(0, 10, 4).tolist()
@@ -222,9 +229,11 @@ def test_cifar10_round_trip(tmp_path):
         dump_legacy_pickle({b"batch_label": b"training batch", b"labels": labels, b"data": rows,
                             b"filenames": [b"x.png"] * 4}, src / f"data_batch_{i}")
     test_rows, test_labels = fake_cifar_rows(rng, 3), [9, 0, 5]
-    (src / "test_batch").write_bytes(pickle.dumps({b"labels": test_labels, b"data": test_rows}, protocol=5))
+    (src / "test_batch").write_bytes(pickle.dumps({b"labels": test_labels, b"data": test_rows},
+                                                  protocol=5))
 
-    manifest = convert(tmp_path, tmp_path / "out")  # SRC may be the folder holding the extracted archive
+    # SRC may be the folder holding the extracted archive
+    manifest = convert(tmp_path, tmp_path / "out")
     assert manifest["name"] == "cifar-10" and manifest["source_format"] == "cifar"
     ds = open_dataset(tmp_path / "out")
     assert ds.classes == tuple(n.decode() for n in names)
@@ -238,7 +247,8 @@ def test_cifar10_round_trip(tmp_path):
     for i, y, x, c in rng.integers(0, [20, 32, 32, 3], (200, 4)):
         assert train.images[i, y, x, c] == hand_pixel(all_rows, i, y, x, c)
     assert sorted(manifest["inputs"]) == sorted(
-        [f"cifar-10-batches-py/{n}" for n in ["batches.meta", "test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]])
+        [f"cifar-10-batches-py/{n}"
+         for n in ["batches.meta", "test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]])
     assert manifest["inputs"]["cifar-10-batches-py/test_batch"] == hashlib.sha256(
         (src / "test_batch").read_bytes()).hexdigest()
 
@@ -248,7 +258,8 @@ def test_cifar100_fine_labels(tmp_path):
     src = tmp_path / "cifar-100-python"
     src.mkdir()
     fine = [f"class{i:02d}".encode() for i in range(100)]
-    dump_legacy_pickle({b"fine_label_names": fine, b"coarse_label_names": [b"c"] * 20}, src / "meta")
+    dump_legacy_pickle({b"fine_label_names": fine, b"coarse_label_names": [b"c"] * 20},
+                       src / "meta")
     rows = {"train": fake_cifar_rows(rng, 6), "test": fake_cifar_rows(rng, 2)}
     fine_labels = {"train": [99, 0, 42, 7, 7, 63], "test": [5, 98]}
     for split in ("train", "test"):
@@ -257,7 +268,8 @@ def test_cifar100_fine_labels(tmp_path):
 
     manifest = convert(src, tmp_path / "out", fmt="cifar")
     ds = open_dataset(tmp_path / "out")
-    assert manifest["name"] == "cifar-100" and len(ds.classes) == 100 and ds.classes[42] == "class42"
+    assert (manifest["name"] == "cifar-100" and len(ds.classes) == 100
+            and ds.classes[42] == "class42")
     for split in ("train", "test"):
         s = ds.split(split)
         np.testing.assert_array_equal(s.labels, fine_labels[split])
@@ -280,7 +292,8 @@ def test_imagenet_layout_skips_corrupt_images(tmp_path, capsys):
         for c, cls in enumerate(("n02_dog", "n01_cat")):
             (src / split / cls).mkdir(parents=True)
             for i in range(per_class):
-                (src / split / cls / f"{split}_{i}.JPEG").write_bytes(jpeg_bytes(100 * c + i + len(split)))
+                (src / split / cls / f"{split}_{i}.JPEG").write_bytes(
+                    jpeg_bytes(100 * c + i + len(split)))
     Image.new("RGB", (9, 7), (200, 10, 10)).save(src / "train" / "n01_cat" / "extra.png")
     (src / "train" / "n01_cat" / "corrupt.JPEG").write_bytes(np.random.default_rng(3).bytes(2000))
     whole = jpeg_bytes(7, side=64)
@@ -299,7 +312,8 @@ def test_imagenet_layout_skips_corrupt_images(tmp_path, capsys):
             assert Path(path).is_absolute() and Path(path).is_file()
             assert Path(path).parent.name == ds.classes[label]
     assert str(src / "train" / "n01_cat" / "extra.png") in train.files
-    assert {s["path"] for s in manifest["skipped"]} == {"train/n01_cat/corrupt.JPEG", "train/n02_dog/truncated.JPEG"}
+    assert {s["path"] for s in manifest["skipped"]} == {"train/n01_cat/corrupt.JPEG",
+                                                        "train/n02_dog/truncated.JPEG"}
     reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
     assert "truncated" in reasons["train/n02_dog/truncated.JPEG"]
     assert manifest["splits"]["train"]["skipped"] == 2 and manifest["splits"]["val"]["skipped"] == 0
@@ -308,7 +322,8 @@ def test_imagenet_layout_skips_corrupt_images(tmp_path, capsys):
     # every file read is checksummed, skipped ones included; the .txt is not an input
     assert len(manifest["inputs"]) == 11 and "train/n02_dog/notes.txt" not in manifest["inputs"]
     corrupt = src / "train" / "n01_cat" / "corrupt.JPEG"
-    assert manifest["inputs"]["train/n01_cat/corrupt.JPEG"] == hashlib.sha256(corrupt.read_bytes()).hexdigest()
+    assert manifest["inputs"]["train/n01_cat/corrupt.JPEG"] == hashlib.sha256(
+        corrupt.read_bytes()).hexdigest()
     table = out.splitlines()
     assert table[0].split() == ["split", "count", "skipped", "shape", "classes"]
     assert table[2].split() == ["train", "7", "2", "files", "2"]
@@ -336,7 +351,8 @@ def test_raw_val_folder_is_unlabelled_and_foreign_classes_refused(tmp_path, caps
         (src / "val" / f"ILSVRC2012_val_{i}.JPEG").write_bytes(jpeg_bytes(i))
     manifest = convert(src, tmp_path / "out", workers=1)
     val = open_dataset(tmp_path / "out").split("val")
-    assert (val.labels == -1).all() and len(val) == 2 and manifest["splits"]["val"]["labelled"] is False
+    assert ((val.labels == -1).all() and len(val) == 2
+            and manifest["splits"]["val"]["labelled"] is False)
 
     (src / "val" / "zebra").mkdir()
     (src / "val" / "zebra" / "z.jpg").write_bytes(jpeg_bytes(9))
@@ -367,7 +383,8 @@ def test_flat_imagenet_sample_unlabelled(tmp_path):
     assert (train.labels == -1).all() and train.labels.dtype == np.int64
     assert manifest["splits"]["train"]["modes"]["L"] >= 1 and manifest["skipped"] == []
     assert manifest["splits"]["train"]["labelled"] is False
-    assert manifest["inputs"][gray] == hashlib.sha256((tmp_path / "sample" / gray).read_bytes()).hexdigest()
+    assert manifest["inputs"][gray] == hashlib.sha256(
+        (tmp_path / "sample" / gray).read_bytes()).hexdigest()
     assert sorted(manifest["inputs"]) == names
 
 
@@ -387,7 +404,8 @@ def test_out_exists_refused_then_overwritten(tmp_path, capsys):
     arrays = write_idx_dir(src, gz=False, n_train=4, seed=2)
     code, _, err = run_main([src, out, "--overwrite"], capsys)
     assert code == 0, err
-    np.testing.assert_array_equal(open_dataset(out).split("train").images[..., 0], arrays["train-images"])
+    np.testing.assert_array_equal(open_dataset(out).split("train").images[..., 0],
+                                  arrays["train-images"])
     assert no_leftovers(tmp_path)
 
     stranger = tmp_path / "stranger"

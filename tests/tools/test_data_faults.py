@@ -70,13 +70,15 @@ def _png16(pixels: np.ndarray) -> bytes:
     import zlib
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
 
     h, w = pixels.shape[:2]
     colour = 2 if pixels.ndim == 3 else 0
     rows = pixels.astype(">u2").reshape(h, -1).view(np.uint8)
     raw = b"".join(b"\x00" + row.tobytes() for row in rows)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0))
+    return (b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
@@ -513,7 +515,8 @@ def test_evaluation_views_of_a_removed_image_are_one_line_naming_it(converted, t
     with pytest.raises(DatasetError) as info:
         list(eval_views(split, IDENTITY, np.arange(len(split)), batch_size=4, num_workers=1))
     message = str(info.value)
-    assert len(message.splitlines()) == 1 and f"'{split.files[5]}' is unreadable" in message, message
+    assert (len(message.splitlines()) == 1
+            and f"'{split.files[5]}' is unreadable" in message), message
 
 
 def test_header_sizes_of_jpeg_and_png():

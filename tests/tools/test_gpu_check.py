@@ -61,31 +61,38 @@ def test_a_hanging_step_and_its_children_are_killed_at_the_limit_with_the_log_ta
     assert "working on it" in rec["headline"]  # the last log line is quoted
 
 
-def test_failing_and_contract_breaking_steps_are_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+def test_failing_and_contract_breaking_steps_are_reported_and_the_run_goes_on(
+        tmp_path, monkeypatch):
     good = {"device": "cpu", "versions": {}, "settings": {},
-            "results": [{"case": "c", "impl": "lars", "metric": "step_ms", "value": 2.0, "baseline": "sgd_foreach",
-                         "ratio": 0.5}, {"case": "c", "impl": "lars_reference", "metric": "step_ms", "value": 8.0,
-                                         "baseline": "sgd_foreach", "ratio": 2.0}]}
-    bad = {"device": "cpu", "versions": {}, "results": [{"case": "c", "impl": "x", "metric": "m", "value": 1.0}]}
+            "results": [{"case": "c", "impl": "lars", "metric": "step_ms", "value": 2.0,
+                         "baseline": "sgd_foreach", "ratio": 0.5},
+                        {"case": "c", "impl": "lars_reference", "metric": "step_ms", "value": 8.0,
+                         "baseline": "sgd_foreach", "ratio": 2.0}]}
+    bad = {"device": "cpu", "versions": {},
+           "results": [{"case": "c", "impl": "x", "metric": "m", "value": 1.0}]}
     write = "import json, sys; json.dump({!r}, open(sys.argv[1], 'w'))"
     steps = [
-        _step("loss-fp32", "import sys; print('boom: CUDA error', flush=True); sys.exit(3)", tmp_path, weight=1),
+        _step("loss-fp32", "import sys; print('boom: CUDA error', flush=True); sys.exit(3)",
+              tmp_path, weight=1),
         _step("loss-bf16", "import time; time.sleep(60)", tmp_path, weight=1),
         _step("optim", write.format(good), tmp_path, weight=1),
         _step("train", write.format(bad), tmp_path, weight=1),
         gc.Step("loader", "no images", 1, None, None, skip="no --images DIR given"),
     ]
     monkeypatch.setattr(gc, "plan_steps", lambda args, env, out: steps)
-    args = gc.build_parser().parse_args(["--device", "cpu", "--budget-s", "12", "--out", str(tmp_path)])
+    args = gc.build_parser().parse_args(["--device", "cpu", "--budget-s", "12",
+                                         "--out", str(tmp_path)])
     t0 = time.perf_counter()
     report = gc.run_all(args)
     assert time.perf_counter() - t0 < 12 + gc.KILL_GRACE_S + 5
     by = {r["name"]: r for r in report["steps"]}
-    assert [r["name"] for r in report["steps"]] == ["loss-fp32", "loss-bf16", "optim", "train", "loader"]
+    assert ([r["name"] for r in report["steps"]]
+            == ["loss-fp32", "loss-bf16", "optim", "train", "loader"])
     assert by["loss-fp32"]["status"] == "fail" and by["loss-fp32"]["returncode"] == 3
     assert "boom: CUDA error" in by["loss-fp32"]["headline"]
     assert by["loss-bf16"]["status"] == "timeout"
-    assert by["optim"]["status"] == "pass" and "4.0x the per-parameter form" in by["optim"]["headline"]
+    assert (by["optim"]["status"] == "pass"
+            and "4.0x the per-parameter form" in by["optim"]["headline"])
     assert by["train"]["status"] == "fail" and "baseline" in by["train"]["headline"]
     assert by["loader"]["status"] == "skip" and by["loader"]["headline"] == "no --images DIR given"
     assert report["counts"] == {"pass": 1, "fail": 2, "timeout": 1, "skip": 1}
@@ -114,21 +121,25 @@ def test_pytest_junit_summary_against_a_real_pytest_run(tmp_path):
         def boom(): raise RuntimeError("fixture exploded")
     """))
     xml = tmp_path / "r.xml"
-    subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", str(tmp_path)],
+    subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+                    str(tmp_path)],
                    cwd=tmp_path, capture_output=True)
     s = gc.summarise_tests(xml)
     assert (s["tests"], s["passed"], s["failures"], s["errors"], s["skipped"]) == (5, 2, 1, 1, 1)
     assert s["skip_reasons"] == {"needs a CUDA device": 1}
     msgs = {f["test"].split("::")[-1]: f for f in s["failed"]}
-    assert "one is not two" in msgs["test_broken"]["message"] and msgs["test_error"]["kind"] == "error"
+    assert ("one is not two" in msgs["test_broken"]["message"]
+            and msgs["test_error"]["kind"] == "error")
     assert gc.summarise_tests(tmp_path / "missing.xml") is None
 
 
 def test_contract_problems_names_what_is_missing():
     row = {"case": "c", "impl": "i", "metric": "m", "value": 1.0, "baseline": "i", "ratio": 1.0}
-    assert gc.contract_problems({"device": "cpu", "versions": {}, "settings": {}, "results": [row]}) == []
+    assert gc.contract_problems({"device": "cpu", "versions": {}, "settings": {},
+                                 "results": [row]}) == []
     assert gc.contract_problems(None) == ["no JSON written"]
-    problems = gc.contract_problems({"device": "cpu", "results": [{k: v for k, v in row.items() if k != "ratio"}]})
+    problems = gc.contract_problems({"device": "cpu",
+                                     "results": [{k: v for k, v in row.items() if k != "ratio"}]})
     assert "missing 'versions'" in problems and "missing 'settings'" in problems
     assert any("['ratio']" in p for p in problems)
 
@@ -138,7 +149,8 @@ def test_cuda_without_a_gpu_is_a_one_line_error():
 
     if torch.cuda.is_available():
         pytest.skip("checks the error raised where CUDA is absent")
-    proc = subprocess.run([PY, "-m", "tools.gpu_check", "--device", "cuda"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([PY, "-m", "tools.gpu_check", "--device", "cuda"], cwd=REPO,
+                          capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("gpu_check: error: --device cuda but torch sees no CUDA device")
     assert "Traceback" not in proc.stderr
@@ -158,9 +170,10 @@ def test_cpu_quick_run_covers_every_step_and_writes_the_report(tmp_path):
     the contract, the report is strict JSON, and nothing fails or hangs."""
     out = tmp_path / "gc"
     report_path = tmp_path / "report.json"
-    env = {**os.environ, "SIMCLR_IMAGENET_SAMPLE": str(tmp_path / "no-images")}  # the array cases only
-    proc = subprocess.run([PY, "-m", "tools.gpu_check", "--device", "cpu", "--quick", "--budget-s", "600",
-                           "--out", str(out), "--json", str(report_path)],
+    # the array cases only
+    env = {**os.environ, "SIMCLR_IMAGENET_SAMPLE": str(tmp_path / "no-images")}
+    proc = subprocess.run([PY, "-m", "tools.gpu_check", "--device", "cpu", "--quick",
+                           "--budget-s", "600", "--out", str(out), "--json", str(report_path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = _strict_json(report_path.read_text())
@@ -180,7 +193,8 @@ def test_cpu_quick_run_covers_every_step_and_writes_the_report(tmp_path):
         assert v["ok"] or v["error"]  # a backend that does not import says why
 
     tests = steps["tests"]
-    assert tests["status"] == "skip" and tests["results"]["passed"] == 0 and tests["results"]["tests"] >= 10
+    assert (tests["status"] == "skip" and tests["results"]["passed"] == 0
+            and tests["results"]["tests"] >= 10)
     assert "needs a CUDA device" in tests["headline"]
     for name in ("loss-fp32", "loss-bf16", "optim", "train", "loader", "train-loaders"):
         assert steps[name]["status"] == "pass", steps[name]
@@ -195,6 +209,7 @@ def test_cpu_quick_run_covers_every_step_and_writes_the_report(tmp_path):
         assert q["status"] == "pass", q
         res = q["results"]
         assert 0.1 < res["encoder_top1"] <= 1 and 0.1 < res["raw_pixels_top1"] <= 1
-        assert res["eval_count"] == 1000 and res["pretraining"]["time_budget_s"] == res["time_budget_s"]
+        assert (res["eval_count"] == 1000
+                and res["pretraining"]["time_budget_s"] == res["time_budget_s"])
         assert math.isfinite(res["pretraining"]["images_per_s"])
     assert "step" in proc.stdout and "headline" in proc.stdout  # the table

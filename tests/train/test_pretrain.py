@@ -19,13 +19,13 @@ from tests.fashion_mnist import REPO, make_subset
 from train.checkpoint import load_model_weights, resolve_checkpoint
 
 PY = sys.executable
-ACCELERATE = [PY, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]
+ACCELERATE = [PY, "-m", "accelerate.commands.launch", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
 TINY = [
     "--config", str(REPO / "train/configs/fashion_mnist_demo.yaml"),
     "--model.width=0.125", "--model.head_out=16", "--data.batch_size=32", "--data.num_workers=0",
-    "--optim.epochs=2", "--optim.warmup_epochs=0.5", "--train.log_every=1", "--train.checkpoint_every=2",
-    "--train.knn_every=-1",
+    "--optim.epochs=2", "--optim.warmup_epochs=0.5",
+    "--train.log_every=1", "--train.checkpoint_every=2", "--train.knn_every=-1",
 ]
 if importlib.util.find_spec("nvidia.dali") is None:  # the demo recipe's DALI is optional: fall back
     TINY.append("--data.backend=torchvision")
@@ -38,9 +38,11 @@ def dataset(tmp_path_factory) -> Path:
 
 def run(args, *, launcher=(PY, "-m", "train.pretrain"), check=True, timeout=300, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([*launcher, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+    proc = subprocess.run([*launcher, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\n"
+                             f"STDERR:\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -59,11 +61,13 @@ def test_resume_after_sigterm_reproduces_uninterrupted_run(dataset, tmp_path):
     run([*common, f"--train.out_dir={full}"])
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([PY, "-m", "train.pretrain", *common, f"--train.out_dir={cut}"], cwd=REPO, env=env,
+    proc = subprocess.Popen([PY, "-m", "train.pretrain", *common, f"--train.out_dir={cut}"],
+                            cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if (cut / "log.jsonl").is_file() and any(r.get("step", 0) >= 3 and "loss" in r for r in records(cut)):
+        if (cut / "log.jsonl").is_file() and any(r.get("step", 0) >= 3 and "loss" in r
+                                                 for r in records(cut)):
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.05)
@@ -92,7 +96,8 @@ def test_two_gloo_processes_really_run_and_match_one_process_forward(dataset, tm
     common = [*TINY, f"--data.path={dataset}", "--train.max_steps=3"]
     one, two = tmp_path / "one", tmp_path / "two"
     run([*common, f"--train.out_dir={one}"])
-    run([*common, f"--train.out_dir={two}"], launcher=[*ACCELERATE, "--multi_gpu", "--num_processes", "2", "-m", "train.pretrain"])
+    run([*common, f"--train.out_dir={two}"],
+        launcher=[*ACCELERATE, "--multi_gpu", "--num_processes", "2", "-m", "train.pretrain"])
     start = next(r for r in records(two) if r.get("event") == "start")
     assert start["world"] == 2
     assert json.loads((two / "summary.json").read_text())["world"] == 2
@@ -131,16 +136,20 @@ def _one_line_error(proc, *needles):
 
 
 def test_missing_dataset_names_the_converter(tmp_path):
-    proc = run([*TINY, f"--data.path={tmp_path / 'nope'}", f"--train.out_dir={tmp_path / 'r'}"], check=False)
+    proc = run([*TINY, f"--data.path={tmp_path / 'nope'}", f"--train.out_dir={tmp_path / 'r'}"],
+               check=False)
     _one_line_error(proc, "nope", "tools.convert")
 
 
 def test_backend_that_does_not_import_is_a_one_line_error(dataset, tmp_path):
-    code = ("import sys, pipelines.loader as l; l._NEEDS['dali'] = ('no_such_module_for_this_test', "
-            "'nvidia-dali-cuda130'); from train.pretrain import main; sys.exit(main(sys.argv[1:]))")
-    proc = run([*TINY, f"--data.path={dataset}", "--data.backend=dali", f"--train.out_dir={tmp_path}"],
+    code = ("import sys, pipelines.loader as l; "
+            "l._NEEDS['dali'] = ('no_such_module_for_this_test', 'nvidia-dali-cuda130'); "
+            "from train.pretrain import main; sys.exit(main(sys.argv[1:]))")
+    proc = run([*TINY, f"--data.path={dataset}", "--data.backend=dali",
+                f"--train.out_dir={tmp_path}"],
                launcher=(PY, "-c", code), check=False)
-    _one_line_error(proc, "data.backend 'dali'", "nvidia-dali-cuda130", "--data.backend=torchvision")
+    _one_line_error(proc, "data.backend 'dali'", "nvidia-dali-cuda130",
+                    "--data.backend=torchvision")
 
 
 def test_bad_config_key_and_type(tmp_path):
@@ -148,29 +157,37 @@ def test_bad_config_key_and_type(tmp_path):
     _one_line_error(run([*TINY, "--data.batch_size=big"], check=False), "data.batch_size", "int")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is absent")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="checks the error raised where CUDA is absent")
 def test_triton_loss_without_cuda_is_a_config_error(dataset, tmp_path):
     env_free = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([PY, "-m", "train.pretrain", *TINY, f"--data.path={dataset}", "--loss.impl=triton",
-                           f"--train.out_dir={tmp_path}"], cwd=REPO, env=env_free, capture_output=True, text=True)
+    proc = subprocess.run([PY, "-m", "train.pretrain", *TINY, f"--data.path={dataset}",
+                           "--loss.impl=triton", f"--train.out_dir={tmp_path}"],
+                          cwd=REPO, env=env_free, capture_output=True, text=True)
     _one_line_error(proc, "loss.impl", "CUDA")
 
 
 @pytest.mark.timeout(300)
 def test_batch_not_divisible_by_processes(dataset, tmp_path):
-    proc = run([*TINY, f"--data.path={dataset}", "--data.batch_size=33", f"--train.out_dir={tmp_path}"],
-               launcher=[*ACCELERATE, "--multi_gpu", "--num_processes", "2", "-m", "train.pretrain"], check=False)
+    proc = run([*TINY, f"--data.path={dataset}", "--data.batch_size=33",
+                f"--train.out_dir={tmp_path}"],
+               launcher=[*ACCELERATE, "--multi_gpu", "--num_processes", "2",
+                         "-m", "train.pretrain"],
+               check=False)
     assert proc.returncode != 0
-    assert "data.batch_size 33 is not divisible by the 2 processes: use a multiple of 2" in proc.stderr
+    assert ("data.batch_size 33 is not divisible by the 2 processes: use a multiple of 2"
+            in proc.stderr)
 
 
 def test_unreadable_checkpoint(dataset, tmp_path):
     ckpt = tmp_path / "checkpoints" / "step-00000002"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text("{not json")
-    proc = run([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}", f"--resume={ckpt}"], check=False)
+    proc = run([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
+                f"--resume={ckpt}"], check=False)
     _one_line_error(proc, "unreadable")
-    proc = run([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}", f"--resume={tmp_path / 'void'}"], check=False)
+    proc = run([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
+                f"--resume={tmp_path / 'void'}"], check=False)
     _one_line_error(proc, "no readable checkpoint")
 
 
@@ -178,9 +195,10 @@ def test_unreadable_checkpoint(dataset, tmp_path):
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "train/configs").glob("*.yaml")))
 def test_every_shipped_recipe_runs_two_steps(recipe, dataset, tmp_path):
     """Each recipe's keys and choices are valid and its loop runs (shrunk to CPU size)."""
-    run(["--config", str(REPO / "train/configs" / recipe), f"--data.path={dataset}", "--data.backend=torchvision",
-         "--data.batch_size=16", "--data.num_workers=0", "--model.width=0.125", "--augment.size=32",
-         "--train.max_steps=2", "--train.knn_every=-1", f"--train.out_dir={tmp_path}", "--train.mixed_precision=fp32"])
+    run(["--config", str(REPO / "train/configs" / recipe), f"--data.path={dataset}",
+         "--data.backend=torchvision", "--data.batch_size=16", "--data.num_workers=0",
+         "--model.width=0.125", "--augment.size=32", "--train.max_steps=2", "--train.knn_every=-1",
+         f"--train.out_dir={tmp_path}", "--train.mixed_precision=fp32"])
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
 
 
@@ -204,7 +222,8 @@ def test_time_budget_fits_the_schedule_to_the_time_left(budget, dataset, tmp_pat
         assert p == 30
     assert summary["time_budget_s"] == budget and summary["stopped_by"] is None
     plan = [r for r in records(tmp_path) if r.get("event") == "time_budget"]
-    assert len(plan) == 1 and plan[0]["step"] == 30 and plan[0]["planned_steps"] == p and plan[0]["step_s"] > 0
+    assert (len(plan) == 1 and plan[0]["step"] == 30 and plan[0]["planned_steps"] == p
+            and plan[0]["step_s"] > 0)
     peak = scaled_lr(1.0, 32)  # the demo recipe's base LR at batch 32; warmup 0.5 epoch = 4 steps
     before, after = lr_schedule(peak, 40, 4).tolist(), lr_schedule(peak, p, 4).tolist()
     lrs = {r["step"]: r["lr"] for r in records(tmp_path) if "lr" in r}
@@ -222,7 +241,8 @@ def test_steps_within_budget_closed_form():
     # 100 s budget, 20 s spent at step 30, 0.5 s per step: 0.97 * 100 - 20 = 77 s -> 154 more steps
     assert steps_within_budget(100.0, 20.0, 30, 0.5, cap=10_000) == 184
     assert steps_within_budget(100.0, 20.0, 30, 0.5, cap=100) == 100  # the configured epochs cap it
-    assert steps_within_budget(10.0, 20.0, 30, 0.5, cap=100) == 30  # spent already: stop where it is
+    # spent already: stop where it is
+    assert steps_within_budget(10.0, 20.0, 30, 0.5, cap=100) == 30
     assert steps_within_budget(100.0, 0.0, 0, 1.0, cap=1000, margin=1.0) == 100
     with pytest.raises(ValueError, match="step_s"):
         steps_within_budget(100.0, 1.0, 3, 0.0, cap=10)
@@ -245,7 +265,8 @@ def test_cuda_run_bf16_triton_channels_last_reports_mfu_and_resumes(dataset, tmp
               "--train.mixed_precision=auto", f"--train.out_dir={tmp_path}"]
     run([*common, "--train.max_steps=6"])
     first = json.loads((tmp_path / "summary.json").read_text())
-    assert first["device"].startswith("cuda") and first["loss_impl"] == "triton" and first["steps"] == 6
+    assert (first["device"].startswith("cuda") and first["loss_impl"] == "triton"
+            and first["steps"] == 6)
     start = next(r for r in records(tmp_path) if r.get("event") == "start")
     assert start["precision"] == "bf16"
     losses = [r for r in records(tmp_path) if "loss" in r]
