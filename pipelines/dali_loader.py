@@ -78,7 +78,8 @@ def _two_view_pipeline(feed, spec: AugmentSpec, kind: str, device: str, out_dtyp
     def pipe():
         # 0. host feed: images (JPEG/PNG bytes or HWC uint8), two views' parameters, label, index;
         #    every output is consumed below (an unused one makes DALI warn)
-        outs = fn.external_source(source=feed, num_outputs=3 + 2 * n_view, batch=True, no_copy=False)
+        outs = fn.external_source(source=feed, num_outputs=3 + 2 * n_view, batch=True,
+                                  no_copy=False)
         data, labels, index = outs[0], outs[-2], outs[-1]
         # 1. decode (nvJPEG on the GPU via "mixed"), or copy the arrays to the device
         if kind == "files":
@@ -92,7 +93,8 @@ def _two_view_pipeline(feed, spec: AugmentSpec, kind: str, device: str, out_dtyp
         views = []
         for v in range(2):
             start, end, *params = outs[1 + v * n_view:1 + (v + 1) * n_view]
-            views.append(simclr_view(image, start, end, params[0] if params else None, spec, device, out_dtype))
+            views.append(simclr_view(image, start, end, params[0] if params else None, spec, device,
+                                     out_dtype))
         return views[0], views[1], labels, index
 
     return pipe()
@@ -159,9 +161,13 @@ class DaliTwoViewLoader(TwoViewLoader):
 
         on_gpu = self.device.type == "cuda"
         out_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
-        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if on_gpu else None
+        device_id = None
+        if on_gpu:
+            device_id = (self.device.index if self.device.index is not None
+                         else torch.cuda.current_device())
         pipe = _two_view_pipeline(feed, self.spec, self.kind, "gpu" if on_gpu else "cpu", out_dtype,
-                                  batch_size=self.batch_size, num_threads=self.num_workers, device_id=device_id,
+                                  batch_size=self.batch_size, num_threads=self.num_workers,
+                                  device_id=device_id,
                                   prefetch_queue_depth=self.prefetch, seed=self.seed & 0x7FFFFFFF,
                                   exec_async=True, exec_pipelined=True)
         pipe.build()

@@ -97,16 +97,17 @@ class FfcvTwoViewLoader(TwoViewLoader):
 
         self._keys = (EpochKey(), EpochKey())
         threads = torch.get_num_threads()
+        views = [view_pipeline(self.spec, key, self.device, self.colour_on_device)
+                 for key in self._keys]
         self._ffcv = Loader(
-            str(self.path), batch_size=self.batch_size, num_workers=self.num_workers, order=ShardOrder(),
+            str(self.path), batch_size=self.batch_size, num_workers=self.num_workers,
+            order=ShardOrder(),
             os_cache=True, drop_last=False, batches_ahead=2,
             pipelines={
-                "image": view_pipeline(self.spec, self._keys[0], self.device, self.colour_on_device),
+                "image": views[0],
                 "label": [IntDecoder(), ToTensor()],
                 "index": [IntDecoder(), ToTensor()],
-                "image_0": PipelineSpec("image", decoder=None,
-                                        transforms=view_pipeline(self.spec, self._keys[1], self.device,
-                                                                 self.colour_on_device)),
+                "image_0": PipelineSpec("image", decoder=None, transforms=views[1]),
             },
         )
         torch.set_num_threads(threads)  # FFCV's Loader sets it to num_workers process-wide
