@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,7 +82,8 @@ class FfcvTwoViewLoader(TwoViewLoader):
 
         from pipelines.ffcv_ops import EpochKey
 
-        owner = self
+        # weak: self -> FFCV Loader -> order -> self would leave the loader to the cycle collector
+        owner = weakref.proxy(self)
 
         class ShardOrder(TraversalOrder):
             # FFCV accepts an order instance and calls it with the loader.

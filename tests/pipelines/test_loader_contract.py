@@ -291,10 +291,11 @@ def test_state_after_a_whole_epoch_resumes_to_nothing(make):
     assert epoch(resumed) == []
 
 
-def test_a_dropped_loader_is_freed_by_reference_count(make, backend, request):
-    if backend == "ffcv":  # known: once its FFCV Loader is built it sits in a reference cycle
-        request.applymarker(pytest.mark.xfail(strict=True, reason="the FFCV loader is freed by "
-                                              "the cycle collector, not by reference count"))
+def test_a_dropped_loader_is_freed_by_reference_count(make, backend):
+    if backend == "dali":
+        # The first compile of DALI's numba tail in a process keeps the frames that built it in a
+        # cycle with that one loader (the collector frees it); later loaders reuse the compile.
+        epoch(make(make.split(8, 16), DEFAULT, 4, fresh=True))
     ld = make(make.split(8, 16), DEFAULT, 4, fresh=True)
     epoch(ld)
     ref = weakref.ref(ld)
