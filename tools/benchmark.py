@@ -71,7 +71,8 @@ def default_images() -> Path:
     return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imagenet-sample"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (gpu_check's environment record uses it too)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -95,7 +96,7 @@ def versions(device) -> dict:
             if name == package or name.startswith(package + "-cuda"):
                 found[package] = dist.version
     out = {"python": platform.python_version(), "torch": torch.__version__,
-           **{package: found.get(package) for package in PACKAGES}, "cpu": _cpu_model()}
+           **{package: found.get(package) for package in PACKAGES}, "cpu": cpu_model()}
     if device.type == "cuda":
         out["cuda"] = torch.version.cuda
         out["gpu"] = torch.cuda.get_device_name(device)

@@ -49,7 +49,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.benchmark import contract_problems
+from tools.benchmark import contract_problems, cpu_model
 from tools.cli import above, at_least
 from train.atomic import write_atomic
 
@@ -549,18 +549,12 @@ def environment() -> dict:
     env: dict = {"python": platform.python_version(), "executable": sys.executable,
                  "platform": platform.platform(),
                  "time_utc": dt.datetime.now(dt.timezone.utc).isoformat()}
-    cpu_model = None
-    try:
-        cpu_model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                          if line.startswith("model name")), None)
-    except OSError:
-        pass
     mem_gib = None
     try:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         pass
-    env["cpu"] = {"model": cpu_model, "cores": os.cpu_count(), "memory_gib": mem_gib,
+    env["cpu"] = {"model": cpu_model(), "cores": os.cpu_count(), "memory_gib": mem_gib,
                   "torch_threads": torch.get_num_threads()}
     env["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda,
                     "cudnn": (torch.backends.cudnn.version()
