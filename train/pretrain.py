@@ -219,6 +219,7 @@ class Run:
     seconds_before: float = 0.0  # training seconds of earlier invocations (time budget)
     t_start: float = 0.0  # perf_counter() when this invocation's first step began
     log: RunLog | None = None
+    config_yaml: str = ""  # the resolved settings, written into every checkpoint
 
     @property
     def ckpt_root(self) -> Path:
@@ -363,6 +364,7 @@ def open_run_dir(run: Run) -> None:
         out.mkdir(parents=True, exist_ok=True)
         save_config(run.cfg, out / "config.yaml")
     run.log = RunLog(out, acc.is_main_process)
+    run.config_yaml = yaml.safe_dump(config_to_dict(run.cfg), sort_keys=False)
 
 
 def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> dict:
@@ -468,8 +470,7 @@ def checkpoint(run: Run) -> Path:
     state = {"step": run.step, "loader": run.loader.state_dict(), "world": run.world,
              "steps_per_epoch": run.steps_per_epoch, "train_seconds": run.train_seconds(),
              "planned_steps": run.schedule.planned_steps}
-    config_yaml = yaml.safe_dump(config_to_dict(run.cfg), sort_keys=False)
-    saved = save_checkpoint(run.acc, run.ckpt_root, run.step, state, config_yaml,
+    saved = save_checkpoint(run.acc, run.ckpt_root, run.step, state, run.config_yaml,
                             keep=run.cfg.train.keep_checkpoints)
     if run.overwrite and run.acc.is_main_process:  # the new run has a checkpoint: the old can go
         _delete_earlier_runs(run.out)

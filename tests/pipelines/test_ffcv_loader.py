@@ -7,7 +7,6 @@ FFCV compiles every Loader on its first epoch (seconds each), so loaders are mod
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -190,10 +189,9 @@ def test_cuda_loader_matches_cpu_loader(loader, split):
 # ---- real JPEGs through tools.convert ---------------------------------------------------------
 
 def _imagenet_sample() -> Path:
-    env = os.environ.get("SIMCLR_IMAGENET_SAMPLE")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample"
+    from tools.benchmark import default_images
+
+    return default_images()
 
 
 def test_convert_writes_beton_the_loader_reads(tmp_path):

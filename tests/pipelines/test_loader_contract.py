@@ -23,20 +23,12 @@ from pipelines.sources import beton_file
 from pipelines.spec import AugmentSpec
 from tests.pipelines.augment_stats import noise_split
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.filterwarnings("ignore::Warning")]
+pytestmark = [pytest.mark.timeout(180), pytest.mark.filterwarnings("ignore::Warning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 IDENTITY = dict(crop_area=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0,
                 grayscale_p=0.0, blur_p=0.0)
 DEFAULT = AugmentSpec(size=16)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The images are tiny: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -10,7 +10,6 @@ Whole views also carry the backends' own decoders and resizers, measured and bou
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +70,9 @@ def photo_like(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def _imagenet_sample() -> Path:
-    env = os.environ.get("SIMCLR_IMAGENET_SAMPLE")
-    return (Path(env) if env
-            else Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample")
+    from tools.benchmark import default_images
+
+    return default_images()
 
 
 def real_photos(n: int = 16, size: tuple[int, int] = (112, 96)) -> np.ndarray | None:

@@ -19,13 +19,7 @@ PLAIN = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, flip_p=0.0, mean=(0.0, 0
 FULL_CROP = dict(crop_area=(1.0, 1.0), crop_ratio=(1.0, 1.0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The images are tiny: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def coord_split(n: int, side: int) -> Split:

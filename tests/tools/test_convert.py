@@ -28,12 +28,12 @@ from PIL import Image
 import tools.convert as convert_mod
 from pipelines.formats import FASHION_MNIST_CLASSES, FormatError, read_cifar_pickle, read_idx
 from pipelines.sources import open_dataset
+from tools.benchmark import default_images
 from tools.convert import ConvertError, convert, main
 
 REPO = Path(__file__).resolve().parents[2]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-IMAGENET_SAMPLE = Path(os.environ.get("SIMCLR_IMAGENET_SAMPLE",
-                                      REPO / "../shared/data/imagenet-sample"))
+IMAGENET_SAMPLE = default_images()
 
 
 # ---------------------------------------------------------------- helpers
