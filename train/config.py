@@ -94,6 +94,8 @@ class TrainConfig:
     # schedule is fitted to end within the budget (optim.epochs stays the upper bound)
     time_budget_s: float = 0.0
     knn_every: int = 0  # epochs between kNN-monitor evaluations (0 = only at the end, -1 = never)
+    knn_every_s: float = 0.0  # also every this many seconds of training (0 = off); kNN time is
+    # kept off the training clock, so throughput and the time budget are unaffected
     knn_k: int = 200
     knn_train_samples: int = 10000  # bank size drawn from the train split
 
@@ -185,6 +187,7 @@ RANGES = {
     "train.max_steps": Range(0),  # 0 = the whole schedule
     "train.time_budget_s": Range(0),  # 0 = no limit
     "train.knn_every": Range(-1),  # -1 = never, 0 = only at the end
+    "train.knn_every_s": Range(0),  # 0 = off
     "train.knn_k": Range(1),
     "train.knn_train_samples": Range(1),
     "eval.batch_size": Range(1),

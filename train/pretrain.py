@@ -22,7 +22,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -218,6 +218,8 @@ class Run:
     step: int = 0
     seconds_before: float = 0.0  # training seconds of earlier invocations (time budget)
     t_start: float = 0.0  # perf_counter() when this invocation's first step began
+    paused_s: float = 0.0  # seconds of this invocation spent on kNN evaluations, off the clock
+    knn_history: list = field(default_factory=list)  # [step, kNN top-1] of every evaluation
     log: RunLog | None = None
     config_yaml: str = ""  # the resolved settings, written into every checkpoint
 
@@ -226,8 +228,10 @@ class Run:
         return self.out / "checkpoints"
 
     def train_seconds(self, now: float | None = None) -> float:
-        """Training seconds of this run over every invocation, the time budget's clock."""
-        return self.seconds_before + (time.perf_counter() if now is None else now) - self.t_start
+        """Training seconds of this run over every invocation, the time budget's clock (kNN
+        evaluations excluded)."""
+        now = time.perf_counter() if now is None else now
+        return self.seconds_before + now - self.t_start - self.paused_s
 
 
 def set_up(cfg: Config, resume: str | None, overwrite: bool) -> Run:
@@ -344,6 +348,7 @@ def resume_from(run: Run, resume: str) -> None:
             f"another with --resume, or start afresh with --overwrite") from None
     run.step = state["step"]
     run.seconds_before = state.get("train_seconds", 0.0)
+    run.knn_history = [list(h) for h in state.get("knn_history", [])]
     _set_aside_later_checkpoints(acc, run.ckpt_root, ckpt, run.step)
     if run.schedule.budget > 0 and state.get("planned_steps"):
         run.schedule.fix(state["planned_steps"])
@@ -394,12 +399,12 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
     meter = ThroughputMeter(run.flops_per_image, run.peak, run.t_start)
     planner = BudgetPlanner(run.step)
     while run.step < sched.last_step and not stop.now:
-        train_one_epoch(run, meter, planner, stop, bar)
-        knn.after_epoch(run)
+        train_one_epoch(run, meter, planner, stop, knn, bar)
+        knn.after_epoch(run, meter)
     bar.close()
+    knn.at_end(run, meter, stopped=stop.now)  # first, so the last checkpoint holds its result
     totals = meter.finish()
     final = checkpoint(run)
-    knn.at_end(run, stopped=stop.now)
 
     summary = _summary(run, totals, knn, stop, final)
     if acc.is_main_process:
@@ -413,7 +418,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
 
 
 def train_one_epoch(run: Run, meter: ThroughputMeter, planner: BudgetPlanner, stop: StopSignals,
-                    bar) -> None:
+                    knn: KnnMonitor, bar) -> None:
     """Train from run.step until its epoch's batches end, the schedule ends or a stop is asked."""
     cfg, sched, loader = run.cfg, run.schedule, run.loader
     epoch = run.step // run.steps_per_epoch
@@ -441,6 +446,7 @@ def train_one_epoch(run: Run, meter: ThroughputMeter, planner: BudgetPlanner, st
         planner.after_step(run, bar)
         if run.step % cfg.train.log_every == 0 or run.step == sched.last_step:
             _log_step(run, loss, lr, meter, planner, stop, bar)
+            knn.at_logged_step(run, meter, time.perf_counter())
         if cfg.train.checkpoint_every > 0 and run.step % cfg.train.checkpoint_every == 0:
             checkpoint(run)
 
@@ -469,7 +475,7 @@ def _log_step(run: Run, loss: torch.Tensor, lr: float, meter: ThroughputMeter,
 def checkpoint(run: Run) -> Path:
     state = {"step": run.step, "loader": run.loader.state_dict(), "world": run.world,
              "steps_per_epoch": run.steps_per_epoch, "train_seconds": run.train_seconds(),
-             "planned_steps": run.schedule.planned_steps}
+             "planned_steps": run.schedule.planned_steps, "knn_history": run.knn_history}
     saved = save_checkpoint(run.acc, run.ckpt_root, run.step, state, run.config_yaml,
                             keep=run.cfg.train.keep_checkpoints)
     if run.overwrite and run.acc.is_main_process:  # the new run has a checkpoint: the old can go
@@ -493,7 +499,7 @@ def _announce(run: Run) -> None:
 
 
 class RunLog:
-    """log.jsonl, one JSON record a line, its numbers mirrored to TensorBoard; the main process
+    """log.jsonl, one JSON record a line, its curves mirrored to TensorBoard; the main process
     writes, the others hold a RunLog that writes nothing."""
 
     def __init__(self, out: Path, main: bool):
@@ -506,9 +512,18 @@ class RunLog:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.writer.add_scalar(k, v, record.get("step", 0))
+            for k in self._curves(record):
+                self.writer.add_scalar(k, record[k], record["step"])
+
+    @staticmethod
+    def _curves(record: dict) -> list[str]:
+        """The keys TensorBoard draws: a step record's numbers and a kNN point's accuracy; the
+        other events (start, time budget, end) are facts of the run, not points of a curve."""
+        if record.get("event") == "knn":
+            return ["knn_top1"]
+        if "event" in record:
+            return []
+        return [k for k, v in record.items() if isinstance(v, (int, float)) and k != "step"]
 
     def close(self) -> None:
         self.writer.close()
@@ -564,11 +579,17 @@ class ThroughputMeter:
     def __init__(self, flops_per_image: float, peak: float | None, t_start: float):
         self.flops_per_image, self.peak, self.t_start = flops_per_image, peak, t_start
         self.images, self.wait_s = 0, 0.0  # up to the last interval
+        self.paused_s = 0.0  # kNN evaluations: wall time, but not training time
         self.tick, self.tick_images, self.tick_wait = t_start, 0, 0.0
 
     def add(self, images: int, wait_s: float) -> None:
         self.tick_images += images
         self.tick_wait += wait_s
+
+    def pause(self, seconds: float) -> None:
+        """`seconds` just spent off training: out of the interval's and the run's throughput."""
+        self.tick += seconds
+        self.paused_s += seconds
 
     def interval(self, now: float) -> dict:
         """The log record's throughput since the last interval, which ends here."""
@@ -587,10 +608,11 @@ class ThroughputMeter:
         """The summary's throughput over this invocation; the data wait is that of the logged
         intervals."""
         wall = time.perf_counter() - self.t_start
+        train_s = wall - self.paused_s
         self.images += self.tick_images
-        ips = self.images / wall if wall > 0 else 0.0
+        ips = self.images / train_s if train_s > 0 else 0.0
         return {"images_per_s": ips, "wall_s": wall,
-                "data_wait_frac": self.wait_s / wall if wall > 0 else 0.0,
+                "data_wait_frac": self.wait_s / train_s if train_s > 0 else 0.0,
                 "tflops": ips * self.flops_per_image / 1e12,
                 "mfu": model_flops_utilisation(self.flops_per_image, ips, self.peak)
                 if wall > 0 else None}
@@ -615,11 +637,12 @@ class BudgetPlanner:
             torch.cuda.synchronize(run.device)
         now = time.perf_counter()
         if run.step == self.timed_from:
-            self.t_timed = now
+            self.t_timed = run.train_seconds(now)  # the training clock: kNN time is off it
             return
         # every process adopts the slowest one's figures, so all agree on the plan
-        elapsed, step_s = _agree_max(run.device, run.world, run.train_seconds(now),
-                                     (now - self.t_timed) / (self.timed_to - self.timed_from))
+        elapsed = run.train_seconds(now)
+        elapsed, step_s = _agree_max(run.device, run.world, elapsed,
+                                     (elapsed - self.t_timed) / (self.timed_to - self.timed_from))
         sched.fix(steps_within_budget(sched.budget, elapsed, run.step, step_s, sched.cap_steps))
         bar.total = sched.last_step
         bar.refresh()
@@ -639,7 +662,10 @@ class BudgetPlanner:
 
 class KnnMonitor:
     """kNN top-1 of the encoder on data.eval_split, on the main process: every train.knn_every
-    epochs and at the end (train.knn_every 0: at the end only; < 0: never)."""
+    epochs, every train.knn_every_s seconds of training, and at the end (train.knn_every 0: at
+    the end only; < 0: never). Each result is a log record (a curve in TensorBoard) and joins
+    run.knn_history, which checkpoints carry so that the best value survives a resume. The time
+    an evaluation takes is kept off the training clock: throughput and the time budget ignore it."""
 
     def __init__(self, run: Run):
         self.result: float | None = None
@@ -647,42 +673,82 @@ class KnnMonitor:
         if self.skipped and run.acc.is_main_process:  # said once; the summary repeats the reason
             print(f"pretrain: warning: no kNN monitor: {self.skipped}", file=sys.stderr)
             run.log({"event": "knn_skipped", "step": run.step, "reason": self.skipped})
+        every_s = run.cfg.train.knn_every_s
+        # the next point on the training clock (resumed runs continue the same grid)
+        self.next_s = (math.floor(run.seconds_before / every_s) + 1) * every_s if every_s else 0
 
-    def after_epoch(self, run: Run) -> None:
+    @property
+    def enabled(self) -> bool:
+        return not self.skipped
+
+    def after_epoch(self, run: Run, meter: ThroughputMeter) -> None:
         every, spe = run.cfg.train.knn_every, run.steps_per_epoch
-        if (run.step % spe == 0 and every > 0 and not self.skipped
-                and (run.step // spe) % every == 0):
-            self._evaluate(run)
+        if (run.step % spe == 0 and every > 0 and self.enabled
+                and (run.step // spe) % every == 0 and not _evaluated_at(run)):
+            self._evaluate(run, meter)
 
-    def at_end(self, run: Run, stopped: bool) -> None:
-        if (run.cfg.train.knn_every >= 0 and not self.skipped and not stopped
-                and run.step == run.schedule.last_step):
-            self._evaluate(run)
+    def at_logged_step(self, run: Run, meter: ThroughputMeter, now: float) -> None:
+        """train.knn_every_s: every process sees the same (slowest) clock, so all agree."""
+        if not self.next_s or not self.enabled or run.step >= run.schedule.last_step:
+            return
+        (elapsed,) = _agree_max(run.device, run.world, run.train_seconds(now))
+        if elapsed >= self.next_s:
+            every_s = run.cfg.train.knn_every_s
+            self.next_s = (math.floor(elapsed / every_s) + 1) * every_s
+            self._evaluate(run, meter)
+
+    def at_end(self, run: Run, meter: ThroughputMeter, stopped: bool) -> None:
+        if (run.cfg.train.knn_every >= 0 and self.enabled and not stopped
+                and run.step == run.schedule.last_step and not _evaluated_at(run)):
+            self._evaluate(run, meter)
+        elif self.result is None and run.knn_history and not stopped:
+            self.result = run.knn_history[-1][1]  # resumed after the last evaluation
         elif self.result is None and not self.skipped:
             self.skipped = ("disabled (train.knn_every < 0)" if run.cfg.train.knn_every < 0
                             else f"the run stopped at step {run.step} before the final kNN "
                                  f"evaluation")
 
-    def _evaluate(self, run: Run) -> None:
+    def best(self, run: Run) -> tuple[float, int] | tuple[None, None]:
+        """The highest kNN top-1 of the run (every invocation) and its step."""
+        if not run.knn_history:
+            return None, None
+        step, top1 = max(run.knn_history, key=lambda h: (h[1], -h[0]))
+        return top1, step
+
+    def _evaluate(self, run: Run, meter: ThroughputMeter) -> None:
         cfg, acc = run.cfg, run.acc
+        t0 = time.perf_counter()
         self.result = None
         if acc.is_main_process:
             self.result = run_knn(cfg, run.model, run.train_split,
                                   run.ds.split(cfg.data.eval_split), cfg.augment, run.device)
-            run.log({"step": run.step, "knn_top1": self.result})
+            run.log({"event": "knn", "step": run.step, "epoch": run.step / run.steps_per_epoch,
+                     "images": run.step * cfg.data.batch_size,
+                     "train_s": run.train_seconds(t0), "knn_top1": self.result})
             acc.print(f"step {run.step}: kNN top-1 on '{cfg.data.eval_split}' = "
                       f"{100 * self.result:.2f}%")
         acc.wait_for_everyone()
+        run.knn_history.append([run.step, self.result])
+        paused = time.perf_counter() - t0
+        run.paused_s += paused
+        meter.pause(paused)
+
+
+def _evaluated_at(run: Run) -> bool:
+    """Whether the kNN monitor already evaluated this step (two cadences, or a resumed run)."""
+    return bool(run.knn_history) and run.knn_history[-1][0] == run.step
 
 
 def _summary(run: Run, totals: dict, knn: KnnMonitor, stop: StopSignals, final: Path) -> dict:
     sched = run.schedule
+    best, best_step = knn.best(run)
     return {"steps": run.step, "total_steps": sched.total_steps,
             "epochs": run.step / run.steps_per_epoch, "world": run.world,
             "device": str(run.device), "loss_impl": run.loss_impl,
             "backend": run.cfg.data.backend, "images_per_s": totals["images_per_s"],
             "wall_s": totals["wall_s"], "data_wait_frac": totals["data_wait_frac"],
-            "knn_top1": knn.result, "knn_skipped": knn.skipped if knn.result is None else None,
+            "knn_top1": knn.result, "knn_best": best, "knn_best_step": best_step,
+            "knn_skipped": knn.skipped if knn.result is None else None,
             "tflops": totals["tflops"], "mfu": totals["mfu"], "checkpoint": str(final),
             "interrupted": stop.now and stop.reason is None, "signal": stop.signal,
             "stopped_by": stop.reason, "time_budget_s": sched.budget or None,
@@ -720,12 +786,15 @@ def _print_summary(s: dict) -> None:
     from rich.table import Table
 
     t = Table(title="SimCLR pretraining")
-    for col in ("steps", "epochs", "processes", "images/s", "data wait", "wall time", "kNN top-1",
-                "loss impl"):
+    for col in ("steps", "epochs", "processes", "images/s", "data wait", "wall time",
+                "kNN top-1 final", "kNN top-1 best", "loss impl"):
         t.add_column(col, justify="right")
-    knn = "-" if s["knn_top1"] is None else f"{100 * s['knn_top1']:.2f}%"
+    final = "-" if s["knn_top1"] is None else f"{100 * s['knn_top1']:.2f}%"
+    best = ("-" if s["knn_best"] is None
+            else f"{100 * s['knn_best']:.2f}% (step {s['knn_best_step']})")
     t.add_row(str(s["steps"]), f"{s['epochs']:.2f}", str(s["world"]), f"{s['images_per_s']:.0f}",
-              f"{100 * s['data_wait_frac']:.0f}%", f"{s['wall_s']:.0f} s", knn, s["loss_impl"])
+              f"{100 * s['data_wait_frac']:.0f}%", f"{s['wall_s']:.0f} s", final, best,
+              s["loss_impl"])
     Console().print(t)
 
 

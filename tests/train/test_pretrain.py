@@ -425,3 +425,82 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(dataset, tm
     from train.checkpoint import read_trainer_state
 
     assert read_trainer_state(resolve_checkpoint(tmp_path))["step"] == summary["steps"]
+
+
+def _knn_records(run_dir: Path) -> list[dict]:
+    return [r for r in records(run_dir) if r.get("event") == "knn"]
+
+
+@pytest.mark.timeout(600)
+def test_knn_curve_lands_in_the_log_tensorboard_and_summary_and_survives_resume(dataset, tmp_path):
+    """train.knn_every_s: a kNN point at each logged step past the interval, one at the end; the
+    points are log records and TensorBoard scalars, the summary has the final and best values,
+    and the best over a resumed run counts the points before the resume."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from train.pretrain import run_knn
+
+    knn = ["--train.knn_every=0", "--train.knn_every_s=0.001", "--train.knn_k=5",
+           "--train.knn_train_samples=64", "--optim.epochs=1"]
+    run([*TINY, *knn, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
+         "--train.max_steps=4"])
+    first = _knn_records(tmp_path)
+    assert [r["step"] for r in first] == [1, 2, 3, 4]  # every logged step, the last once
+    for r in first:
+        assert r["images"] == 32 * r["step"] and r["epoch"] == pytest.approx(r["step"] / 8)
+        assert 0.0 <= r["knn_top1"] <= 1.0
+    assert all(a["train_s"] < b["train_s"] for a, b in zip(first, first[1:]))
+
+    # the last point is the final weights' kNN top-1
+    from model.simclr import build_simclr
+    from pipelines.sources import open_dataset
+    from train.config import load_config
+
+    cfg = load_config(tmp_path / "config.yaml")
+    model = build_simclr(cfg.model).to(memory_format=torch.channels_last)
+    model.load_state_dict({k.removeprefix("module."): v for k, v in weights(tmp_path).items()})
+    ds = open_dataset(dataset)
+    assert first[-1]["knn_top1"] == pytest.approx(
+        run_knn(cfg, model, ds.split("train"), ds.split("test"), cfg.augment, "cpu"), abs=1e-6)
+
+    run([*TINY, *knn, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
+         "--train.max_steps=8", "--resume"])
+    points = _knn_records(tmp_path)
+    assert [r["step"] for r in points] == list(range(1, 9))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    best = max(points, key=lambda r: (r["knn_top1"], -r["step"]))
+    assert summary["knn_top1"] == points[-1]["knn_top1"]
+    assert (summary["knn_best"], summary["knn_best_step"]) == (best["knn_top1"], best["step"])
+
+    tb = EventAccumulator(str(tmp_path / "tb"))
+    tb.Reload()
+    scalars = {e.step: e.value for e in tb.Scalars("knn_top1")}
+    assert scalars == pytest.approx({r["step"]: r["knn_top1"] for r in points})
+
+
+def test_throughput_leaves_out_paused_time(monkeypatch):
+    """kNN evaluations pause the meter: images/s and data wait are over training time only."""
+    from train.pretrain import ThroughputMeter
+
+    clock = iter([10.0])  # finish() reads the clock once
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    meter = ThroughputMeter(flops_per_image=1.0, peak=None, t_start=0.0)
+    meter.add(100, 1.0)
+    meter.pause(2.0)  # [t, t+2) spent on a kNN evaluation
+    record = meter.interval(4.0)  # the interval [0, 4) trained for 2 s
+    assert record["images_per_s"] == pytest.approx(50.0)
+    assert record["data_wait_frac"] == pytest.approx(0.5)
+    meter.add(60, 0.0)
+    total = meter.finish()  # at t=10: 8 s of training
+    assert total["wall_s"] == pytest.approx(10.0)
+    assert total["images_per_s"] == pytest.approx(160 / 8)
+    assert total["data_wait_frac"] == pytest.approx(1 / 8)
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_agree_on_the_timed_knn_points(dataset, tmp_path):
+    """Every process takes the slowest clock, so all enter each evaluation (no hang)."""
+    run([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}", "--train.max_steps=3",
+         "--train.knn_every=0", "--train.knn_every_s=0.001", "--train.knn_train_samples=64"],
+        launcher=[*ACCELERATE, "--multi_gpu", "--num_processes", "2", "-m", "train.pretrain"])
+    assert [r["step"] for r in _knn_records(tmp_path)] == [1, 2, 3]
