@@ -259,13 +259,12 @@ def _settings(args, device) -> dict:
         raise ValueError(f"--set '{bad[0]}' is not KEY=VALUE: write e.g. --set model.width=0.25")
     threads = args.threads or os.cpu_count() or 1
     overrides = [f"--{x}" for x in sets] + [f"--data.num_workers={threads}"]
-    if args.data:
-        overrides.append(f"--data.path={args.data}")
-    cfg = load_config(args.config, overrides)  # a bad key or value fails here, not per contender
+    data = [f"--data.path={args.data}"] if args.data else []
+    cfg = load_config(args.config, overrides + data)  # a bad key fails here, not per contender
     open_dataset(cfg.data.path)
-    # the contenders run in the repository: paths relative to here are passed absolute
-    overrides.append(f"--data.path={Path(cfg.data.path).resolve()}")
-    cfg.data.path = overrides[-1].partition("=")[2]
+    # the contenders run in the repository: a path relative to here is passed absolute
+    cfg.data.path = str(Path(cfg.data.path).resolve())
+    overrides.append(f"--data.path={cfg.data.path}")
     skipped = {}
     backends = []
     for b in names:
