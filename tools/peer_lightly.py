@@ -155,7 +155,7 @@ def train(cfg, out: Path, budget: float, every: float, threads: int) -> dict:
 
     model.train()
     planned = False
-    while step < total and train_s <= 1.2 * budget:
+    while step < total and not (planned and train_s > 1.2 * budget):
         t0 = time.perf_counter()  # the clock runs from the epoch's first batch request
         for x0, x1 in loader:
             for g in optimizer.param_groups:
@@ -168,8 +168,8 @@ def train(cfg, out: Path, budget: float, every: float, threads: int) -> dict:
             optimizer.zero_grad()
             step += 1
             images += bs
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            if device.type == "cuda" and step in (TIMED_FROM, TIMED_TO):
+                torch.cuda.synchronize(device)  # as the trainer: only where the plan is timed
             now = time.perf_counter()
             train_s, t0 = train_s + now - t0, now
             if not planned and step == TIMED_FROM:
@@ -178,7 +178,8 @@ def train(cfg, out: Path, budget: float, every: float, threads: int) -> dict:
                 step_s = (train_s - t_timed) / (TIMED_TO - TIMED_FROM)
                 total = steps_within_budget(budget, train_s, step, step_s, total)
                 lrs, planned = lr_schedule(peak, total, 0).tolist(), True
-            if step >= total or train_s > 1.2 * budget:  # the trainer's overrun rule
+            # the trainer's rules: the plan's last step, or 1.2 x the budget once planned
+            if step >= total or (planned and train_s > 1.2 * budget):
                 break
             if train_s >= next_eval:
                 evaluate()

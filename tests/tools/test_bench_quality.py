@@ -208,6 +208,8 @@ def test_errors_are_one_line(tmp_path, capsys):
 @pytest.mark.skipif("knn_every_s" not in {f.name for f in dataclasses.fields(TrainConfig)},
                     reason="needs train.knn_every_s in the trainer")
 def test_quick_run_writes_the_contract(tmp_path, small_dataset, capsys):
+    from PIL import Image
+
     path = tmp_path / "quality.json"
     assert main(["--quick", "--device", "cpu", "--data", str(small_dataset),
                  "--json", str(path)]) == 0
@@ -229,6 +231,6 @@ def test_quick_run_writes_the_contract(tmp_path, small_dataset, capsys):
     assert set(report["linear_top1"]) >= {"raw-pixels", "random-init", "simclr-fast/torchvision"}
     cases = {r["case"] for r in report["results"]}
     assert {"t=10s", "final"} <= cases
-    with __import__("PIL.Image").Image.open(path.with_suffix(".png")) as img:
+    with Image.open(path.with_suffix(".png")) as img:
         assert img.size == (800, 500)
     assert "impl" in capsys.readouterr().out
