@@ -17,6 +17,7 @@ from tests.tools.test_benchmarks import check_contract
 from tools import benchmark
 from tools.bench_quality import (
     grid,
+    images_per_s,
     main,
     raw_pixel_knn,
     read_curve,
@@ -101,6 +102,14 @@ def test_result_rows_against_hand_computed_ratios(log_file):
         (58.3, 58.3 / 59.0))
     assert benchmark.contract_problems({"device": "cpu", "versions": {}, "settings": {},
                                         "results": rows}) == []
+
+
+def test_images_per_s_ignores_a_final_evaluation_after_the_last_step():
+    curve = [{"seconds": 10.0, "images": 640, "epoch": 0.1, "knn_top1": 0.3},
+             {"seconds": 20.0, "images": 1280, "epoch": 0.2, "knn_top1": 0.4},
+             {"seconds": 26.0, "images": 1280, "epoch": 0.2, "knn_top1": 0.4}]
+    assert images_per_s(curve) == 64.0
+    assert images_per_s([]) is None
 
 
 def test_without_the_peer_every_ratio_is_nan(log_file):
