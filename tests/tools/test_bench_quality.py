@@ -4,7 +4,6 @@ augmentation mapped from the spec, the PNG, the one-line errors, and a --quick r
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
@@ -26,7 +25,7 @@ from tools.bench_quality import (
     value_at,
 )
 from tools.peer_lightly import transform_kwargs
-from train.config import TrainConfig, load_config
+from train.config import load_config
 
 LOG = [
     {"step": 10, "epoch": 0.1, "loss": 5.0, "lr": 0.1, "images_per_s": 100.0},
@@ -210,12 +209,8 @@ def test_errors_are_one_line(tmp_path, capsys):
         assert "\n" not in err
 
 
-# Runs the trainer, so it needs train.knn_every_s (the kNN monitor's time interval); until that
-# key exists the trainer contender fails, which this test would report as a failure, so it skips.
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.skipif("knn_every_s" not in {f.name for f in dataclasses.fields(TrainConfig)},
-                    reason="needs train.knn_every_s in the trainer")
 def test_quick_run_writes_the_contract(tmp_path, small_dataset, capsys):
     from PIL import Image
 
