@@ -26,6 +26,7 @@ TINY = [
     "--model.width=0.125", "--model.head_out=16", "--data.batch_size=32", "--data.num_workers=0",
     "--optim.epochs=2", "--optim.warmup_epochs=0.5",
     "--train.log_every=1", "--train.checkpoint_every=2", "--train.knn_every=-1",
+    "--train.time_budget_s=0",  # the demo recipe has a budget: these runs count steps
 ]
 if importlib.util.find_spec("nvidia.dali") is None:  # the demo recipe's DALI is optional: fall back
     TINY.append("--data.backend=torchvision")
