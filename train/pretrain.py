@@ -689,7 +689,8 @@ class KnnMonitor:
 
     def at_logged_step(self, run: Run, meter: ThroughputMeter, now: float) -> None:
         """train.knn_every_s: every process sees the same (slowest) clock, so all agree."""
-        if not self.next_s or not self.enabled or run.step >= run.schedule.last_step:
+        if (not self.next_s or not self.enabled or run.cfg.train.knn_every < 0
+                or run.step >= run.schedule.last_step):
             return
         (elapsed,) = _agree_max(run.device, run.world, run.train_seconds(now))
         if elapsed >= self.next_s:
@@ -787,11 +788,11 @@ def _print_summary(s: dict) -> None:
 
     t = Table(title="SimCLR pretraining")
     for col in ("steps", "epochs", "processes", "images/s", "data wait", "wall time",
-                "kNN top-1 final", "kNN top-1 best", "loss impl"):
+                "kNN top-1", "best (step)", "loss impl"):
         t.add_column(col, justify="right")
     final = "-" if s["knn_top1"] is None else f"{100 * s['knn_top1']:.2f}%"
     best = ("-" if s["knn_best"] is None
-            else f"{100 * s['knn_best']:.2f}% (step {s['knn_best_step']})")
+            else f"{100 * s['knn_best']:.2f}% ({s['knn_best_step']})")
     t.add_row(str(s["steps"]), f"{s['epochs']:.2f}", str(s["world"]), f"{s['images_per_s']:.0f}",
               f"{100 * s['data_wait_frac']:.0f}%", f"{s['wall_s']:.0f} s", final, best,
               s["loss_impl"])

@@ -505,3 +505,13 @@ def test_two_processes_agree_on_the_timed_knn_points(dataset, tmp_path):
          "--train.knn_every=0", "--train.knn_every_s=0.001", "--train.knn_train_samples=64"],
         launcher=[*ACCELERATE, "--multi_gpu", "--num_processes", "2", "-m", "train.pretrain"])
     assert [r["step"] for r in _knn_records(tmp_path)] == [1, 2, 3]
+
+
+@pytest.mark.timeout(300)
+def test_knn_every_minus_one_turns_the_timed_points_off_too(dataset, tmp_path):
+    run([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}", "--train.max_steps=2",
+         "--train.knn_every=-1", "--train.knn_every_s=0.001"])
+    assert _knn_records(tmp_path) == []
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["knn_top1"] is None and summary["knn_best"] is None
+    assert "disabled" in summary["knn_skipped"]
