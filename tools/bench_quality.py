@@ -32,7 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipelines.loader import BACKENDS, BackendUnavailable, require_backend
@@ -41,8 +40,8 @@ from tools import benchmark
 from tools.cli import above, at_least
 from train.checkpoint import CheckpointError, load_model_weights, resolve_checkpoint
 from train.config import ConfigError, build_config, load_config, load_yaml
-from train.features import extract_features, knn_accuracy
-from train.linear_eval import linear_probe, raw_pixels
+from train.features import extract_features, knn_accuracy, knn_bank, knn_top1
+from train.linear_eval import linear_probe, raw_pixels, subset
 
 REPO = Path(__file__).resolve().parent.parent
 PEER = "lightly"
@@ -145,21 +144,6 @@ def grid(budget: float, every: float) -> list[float]:
 
 # ---------------------------------------------------------------- evaluation
 
-def knn_bank(cfg, n_train: int) -> np.ndarray:
-    """The train images of the kNN bank: train.pretrain's seeded draw."""
-    n = min(cfg.train.knn_train_samples, n_train)
-    return np.random.default_rng(cfg.train.seed).choice(n_train, n, replace=False)
-
-
-def knn_top1(cfg, encoder, train_split, eval_split, device) -> float:
-    """The kNN monitor's evaluation of `encoder` (what train.pretrain logs)."""
-    kw = dict(batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.data.num_workers)
-    th, ty = extract_features(encoder, train_split, cfg.augment,
-                              indices=knn_bank(cfg, len(train_split)), **kw)
-    eh, ey = extract_features(encoder, eval_split, cfg.augment, **kw)
-    return knn_accuracy(th, ty, eh, ey, k=cfg.train.knn_k)
-
-
 def raw_pixel_knn(cfg, train_split, eval_split) -> float:
     bs = cfg.eval.batch_size
     th, ty = raw_pixels(train_split, cfg.augment, bs, knn_bank(cfg, len(train_split)))
@@ -167,18 +151,11 @@ def raw_pixel_knn(cfg, train_split, eval_split) -> float:
     return knn_accuracy(th, ty, eh, ey, k=cfg.train.knn_k)
 
 
-def subset(n: int, limit: int, seed: int) -> np.ndarray:
-    """All of range(n) (limit 0) or a seeded `limit` of them, in order."""
-    if limit <= 0 or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
-
-
 def linear_top1(cfg, features, train_split, eval_split, probe: tuple,
                 device="cpu") -> float:
     """Linear-probe top-1 of `features(split, indices) -> (x, y)`."""
-    train_idx = subset(len(train_split), probe[0], cfg.train.seed)
-    eval_idx = subset(len(eval_split), probe[1], cfg.train.seed + 1)
+    train_idx = subset(len(train_split), probe[0] or None, cfg.train.seed)  # 0: all
+    eval_idx = subset(len(eval_split), probe[1] or None, cfg.train.seed + 1)
     tx, ty = features(train_split, train_idx)
     ex, ey = features(eval_split, eval_idx)
     return linear_probe(tx, ty, ex, ey, l2_grid=cfg.eval.l2_grid,

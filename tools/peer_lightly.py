@@ -111,7 +111,7 @@ def train(cfg, out: Path, budget: float, every: float, threads: int) -> dict:
     from lightly.transforms import SimCLRTransform
 
     from model.simclr import build_simclr
-    from tools.bench_quality import knn_top1
+    from train.features import knn_top1
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)

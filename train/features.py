@@ -72,6 +72,23 @@ def extract_features(encoder: torch.nn.Module, split: Split, spec: AugmentSpec, 
     return h, torch.from_numpy(np.asarray(split.labels)[indices]).long()
 
 
+def knn_bank(cfg, n_train: int) -> np.ndarray:
+    """The train images of the kNN monitor's bank: a seeded draw of train.knn_train_samples."""
+    n = min(cfg.train.knn_train_samples, n_train)
+    return np.random.default_rng(cfg.train.seed).choice(n_train, n, replace=False)
+
+
+def knn_top1(cfg, encoder: torch.nn.Module, train_split: Split, eval_split: Split,
+             device) -> float:
+    """The kNN monitor's evaluation of `encoder`: train.knn_k neighbours over the seeded bank,
+    on the whole evaluation split."""
+    kw = dict(batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.data.num_workers)
+    th, ty = extract_features(encoder, train_split, cfg.augment,
+                              indices=knn_bank(cfg, len(train_split)), **kw)
+    eh, ey = extract_features(encoder, eval_split, cfg.augment, **kw)
+    return knn_accuracy(th, ty, eh, ey, k=cfg.train.knn_k)
+
+
 def knn_accuracy(train_h: torch.Tensor, train_y: torch.Tensor, test_h: torch.Tensor,
                  test_y: torch.Tensor, k: int = 200, t: float = 0.07, chunk: int = 1024) -> float:
     """Weighted cosine kNN top-1 accuracy (Wu et al., 2018, Eq. 7): votes weighted by exp(sim/t)."""

@@ -66,7 +66,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
+def subset(n: int, limit: int | None, seed: int) -> np.ndarray:
     """All of range(n), or a seeded random `limit` of them in increasing order."""
     if limit is None or limit >= n:
         return np.arange(n)
@@ -219,8 +219,8 @@ def evaluate(args) -> dict:
 
     spec, kw = cfg.augment, dict(batch_size=cfg.eval.batch_size, device=args.device,
                                  num_workers=cfg.data.num_workers)
-    train_idx = _subset(len(train_split), args.train_samples, cfg.train.seed)
-    test_idx = _subset(len(test_split), args.eval_samples, cfg.train.seed + 1)
+    train_idx = subset(len(train_split), args.train_samples, cfg.train.seed)
+    test_idx = subset(len(test_split), args.eval_samples, cfg.train.seed + 1)
     encoders = {"encoder": encoder}
     if not args.no_baseline:
         encoders["random_init"] = (random_encoder.to(args.device)

@@ -43,7 +43,7 @@ from train.checkpoint import (
     step_dirs,
 )
 from train.config import Config, ConfigError, config_to_dict, load_config, save_config
-from train.features import extract_features, knn_accuracy
+from train.features import knn_top1
 from train.schedule import base_lr, lr_schedule, scaled_lr, steps_within_budget
 from train.step import training_step
 
@@ -152,16 +152,9 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=0.0, momentum=cfg.optim.momentum, foreach=True)
 
 
-def run_knn(cfg: Config, model, train_split, eval_split, spec, device) -> float:
-    import numpy as np
-
-    encoder = getattr(model, "module", model).encoder
-    n = min(cfg.train.knn_train_samples, len(train_split))
-    bank = np.random.default_rng(cfg.train.seed).choice(len(train_split), n, replace=False)
-    kw = dict(batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.data.num_workers)
-    th, ty = extract_features(encoder, train_split, spec, indices=bank, **kw)
-    eh, ey = extract_features(encoder, eval_split, spec, **kw)
-    return knn_accuracy(th, ty, eh, ey, k=cfg.train.knn_k)
+def run_knn(cfg: Config, model, train_split, eval_split, device) -> float:
+    """kNN top-1 of the (possibly DDP-wrapped) SimCLR model's encoder."""
+    return knn_top1(cfg, getattr(model, "module", model).encoder, train_split, eval_split, device)
 
 
 class Schedule:
@@ -403,7 +396,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
         knn.after_epoch(run, meter)
     bar.close()
     knn.at_end(run, meter, stopped=stop.now)  # first, so the last checkpoint holds its result
-    totals = meter.finish()
+    totals = meter.finish(run.paused_s)
     final = checkpoint(run)
 
     summary = _summary(run, totals, knn, stop, final)
@@ -579,7 +572,6 @@ class ThroughputMeter:
     def __init__(self, flops_per_image: float, peak: float | None, t_start: float):
         self.flops_per_image, self.peak, self.t_start = flops_per_image, peak, t_start
         self.images, self.wait_s = 0, 0.0  # up to the last interval
-        self.paused_s = 0.0  # kNN evaluations: wall time, but not training time
         self.tick, self.tick_images, self.tick_wait = t_start, 0, 0.0
 
     def add(self, images: int, wait_s: float) -> None:
@@ -587,9 +579,9 @@ class ThroughputMeter:
         self.tick_wait += wait_s
 
     def pause(self, seconds: float) -> None:
-        """`seconds` just spent off training: out of the interval's and the run's throughput."""
+        """`seconds` just spent off training (a kNN evaluation): out of the interval's
+        throughput; the run's total comes to finish() as `paused_s`."""
         self.tick += seconds
-        self.paused_s += seconds
 
     def interval(self, now: float) -> dict:
         """The log record's throughput since the last interval, which ends here."""
@@ -604,11 +596,11 @@ class ThroughputMeter:
         self.tick, self.tick_images, self.tick_wait = now, 0, 0.0
         return record
 
-    def finish(self) -> dict:
-        """The summary's throughput over this invocation; the data wait is that of the logged
-        intervals."""
+    def finish(self, paused_s: float = 0.0) -> dict:
+        """The summary's throughput over this invocation, `paused_s` of its wall time left out;
+        the data wait is that of the logged intervals."""
         wall = time.perf_counter() - self.t_start
-        train_s = wall - self.paused_s
+        train_s = wall - paused_s
         self.images += self.tick_images
         ips = self.images / train_s if train_s > 0 else 0.0
         return {"images_per_s": ips, "wall_s": wall,
@@ -673,33 +665,27 @@ class KnnMonitor:
         if self.skipped and run.acc.is_main_process:  # said once; the summary repeats the reason
             print(f"pretrain: warning: no kNN monitor: {self.skipped}", file=sys.stderr)
             run.log({"event": "knn_skipped", "step": run.step, "reason": self.skipped})
-        every_s = run.cfg.train.knn_every_s
         # the next point on the training clock (resumed runs continue the same grid)
-        self.next_s = (math.floor(run.seconds_before / every_s) + 1) * every_s if every_s else 0
-
-    @property
-    def enabled(self) -> bool:
-        return not self.skipped
+        self.next_s = _next_point(run.seconds_before, run.cfg.train.knn_every_s)
 
     def after_epoch(self, run: Run, meter: ThroughputMeter) -> None:
         every, spe = run.cfg.train.knn_every, run.steps_per_epoch
-        if (run.step % spe == 0 and every > 0 and self.enabled
+        if (run.step % spe == 0 and every > 0 and not self.skipped
                 and (run.step // spe) % every == 0 and not _evaluated_at(run)):
             self._evaluate(run, meter)
 
     def at_logged_step(self, run: Run, meter: ThroughputMeter, now: float) -> None:
         """train.knn_every_s: every process sees the same (slowest) clock, so all agree."""
-        if (not self.next_s or not self.enabled or run.cfg.train.knn_every < 0
+        if (not self.next_s or self.skipped or run.cfg.train.knn_every < 0
                 or run.step >= run.schedule.last_step):
             return
         (elapsed,) = _agree_max(run.device, run.world, run.train_seconds(now))
         if elapsed >= self.next_s:
-            every_s = run.cfg.train.knn_every_s
-            self.next_s = (math.floor(elapsed / every_s) + 1) * every_s
+            self.next_s = _next_point(elapsed, run.cfg.train.knn_every_s)
             self._evaluate(run, meter)
 
     def at_end(self, run: Run, meter: ThroughputMeter, stopped: bool) -> None:
-        if (run.cfg.train.knn_every >= 0 and self.enabled and not stopped
+        if (run.cfg.train.knn_every >= 0 and not self.skipped and not stopped
                 and run.step == run.schedule.last_step and not _evaluated_at(run)):
             self._evaluate(run, meter)
         elif self.result is None and run.knn_history and not stopped:
@@ -722,7 +708,7 @@ class KnnMonitor:
         self.result = None
         if acc.is_main_process:
             self.result = run_knn(cfg, run.model, run.train_split,
-                                  run.ds.split(cfg.data.eval_split), cfg.augment, run.device)
+                                  run.ds.split(cfg.data.eval_split), run.device)
             run.log({"event": "knn", "step": run.step, "epoch": run.step / run.steps_per_epoch,
                      "images": run.step * cfg.data.batch_size,
                      "train_s": run.train_seconds(t0), "knn_top1": self.result})
@@ -733,6 +719,11 @@ class KnnMonitor:
         paused = time.perf_counter() - t0
         run.paused_s += paused
         meter.pause(paused)
+
+
+def _next_point(seconds: float, every_s: float) -> float:
+    """The first multiple of every_s after `seconds` (0: no timed points)."""
+    return (math.floor(seconds / every_s) + 1) * every_s if every_s else 0.0
 
 
 def _evaluated_at(run: Run) -> bool:

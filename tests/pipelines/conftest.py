@@ -1,11 +1,7 @@
 import pytest
-import torch
 
 
 @pytest.fixture
-def one_torch_thread():
+def one_torch_thread(torch_threads):
     """Tiny images: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    torch_threads(1)

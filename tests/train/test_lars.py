@@ -103,11 +103,8 @@ def _numba_calls(monkeypatch) -> list[int]:
 
 
 @pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+def two_threads(torch_threads):
+    torch_threads(2)
 
 
 def test_numba_matches_reference_step_by_step_on_two_threads(monkeypatch, two_threads):

@@ -130,13 +130,13 @@ def test_linear_eval_rejects_a_missing_checkpoint(tmp_path):
 
 
 def test_subset_is_seeded_sorted_and_whole_when_large():
-    from train.linear_eval import _subset
+    from train.linear_eval import subset
 
-    a = _subset(1000, 100, seed=3)
+    a = subset(1000, 100, seed=3)
     assert len(a) == 100 == len(set(a.tolist())) and (a[1:] > a[:-1]).all() and a.max() < 1000
-    assert (a == _subset(1000, 100, seed=3)).all() and not (a == _subset(1000, 100, seed=4)).all()
-    assert ((_subset(50, 100, seed=0) == list(range(50))).all()
-            and (_subset(50, None, seed=0) == list(range(50))).all())
+    assert (a == subset(1000, 100, seed=3)).all() and not (a == subset(1000, 100, seed=4)).all()
+    assert ((subset(50, 100, seed=0) == list(range(50))).all()
+            and (subset(50, None, seed=0) == list(range(50))).all())
 
 
 @pytest.mark.gpu

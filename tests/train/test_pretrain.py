@@ -462,7 +462,7 @@ def test_knn_curve_lands_in_the_log_tensorboard_and_summary_and_survives_resume(
     model.load_state_dict({k.removeprefix("module."): v for k, v in weights(tmp_path).items()})
     ds = open_dataset(dataset)
     assert first[-1]["knn_top1"] == pytest.approx(
-        run_knn(cfg, model, ds.split("train"), ds.split("test"), cfg.augment, "cpu"), abs=1e-6)
+        run_knn(cfg, model, ds.split("train"), ds.split("test"), "cpu"), abs=1e-6)
 
     run([*TINY, *knn, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
          "--train.max_steps=8", "--resume"])
