@@ -492,7 +492,7 @@ def test_throughput_leaves_out_paused_time(monkeypatch):
     assert record["images_per_s"] == pytest.approx(50.0)
     assert record["data_wait_frac"] == pytest.approx(0.5)
     meter.add(60, 0.0)
-    total = meter.finish()  # at t=10: 8 s of training
+    total = meter.finish(paused_s=2.0)  # at t=10: 8 s of training
     assert total["wall_s"] == pytest.approx(10.0)
     assert total["images_per_s"] == pytest.approx(160 / 8)
     assert total["data_wait_frac"] == pytest.approx(1 / 8)
