@@ -16,7 +16,10 @@ Contract shared by all backends:
   - label: int64 [B]; index: int64 [B], the sample's position in the split.
   - the samples of epoch e on `rank` are `sharding.shard_indices(len(split), rank, world,
     seed=seed, epoch=e, shuffle=shuffle, batch_size=batch_size, drop_last=drop_last)`, read in
-    that order; the last batch may be short when drop_last is False.
+    that order; the last batch may be short when drop_last is False. With `subset` (indices of
+    the split, e.g. the labelled images of semi-supervised fine-tuning) the epoch is over
+    `subset` instead: position p of the shard reads sample `subset[p]`, so `index` and the
+    augmentation keys stay the split's own indices.
   - the augmentation of a sample depends only on (seed, epoch, index), not on rank or workers,
     so resuming and changing the worker count reproduce the same batches.
 """
@@ -54,6 +57,15 @@ def pixel_stats(spec: AugmentSpec, device: torch.device) -> tuple[torch.Tensor, 
                  for values in (spec.mean, spec.std))
 
 
+def _check_subset(subset, n: int) -> np.ndarray:
+    subset = np.asarray(subset, dtype=np.int64).reshape(-1)
+    if len(subset) == 0 or subset.min() < 0 or subset.max() >= n:
+        span = f" in [{subset.min()}, {subset.max()}]" if len(subset) else ""
+        raise ValueError(f"subset must hold indices in [0, {n}) of the split, got "
+                         f"{len(subset)}{span}")
+    return subset
+
+
 class BackendUnavailable(RuntimeError):
     """A loader backend whose library does not import here; the message says what to do."""
 
@@ -82,8 +94,9 @@ class TwoViewLoader:
     def __init__(self, split: Split, spec: AugmentSpec, *, batch_size: int, rank: int = 0,
                  world: int = 1, seed: int = 0, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, num_workers: int = 2, shuffle: bool = True,
-                 drop_last: bool = True):
+                 drop_last: bool = True, subset: np.ndarray | None = None):
         self.split, self.spec = split, spec
+        self.subset = None if subset is None else _check_subset(subset, len(split))
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.device, self.dtype = torch.device(device), dtype
         self.num_workers, self.shuffle, self.drop_last = num_workers, shuffle, drop_last
@@ -92,9 +105,11 @@ class TwoViewLoader:
         self.indices()  # fail now on a rank outside the world or an impossible drop_last
 
     def indices(self, epoch: int | None = None) -> np.ndarray:
-        return shard_indices(len(self.split), self.rank, self.world, seed=self.seed,
-                             epoch=self.epoch if epoch is None else epoch, shuffle=self.shuffle,
-                             batch_size=self.batch_size, drop_last=self.drop_last)
+        n = len(self.split) if self.subset is None else len(self.subset)
+        shard = shard_indices(n, self.rank, self.world, seed=self.seed,
+                              epoch=self.epoch if epoch is None else epoch, shuffle=self.shuffle,
+                              batch_size=self.batch_size, drop_last=self.drop_last)
+        return shard if self.subset is None else self.subset[shard]
 
     def __len__(self) -> int:
         return self._n_batches(self.indices())

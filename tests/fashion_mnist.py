@@ -58,3 +58,21 @@ def make_subset(dst: Path, n_train: int, n_test: int) -> Path:
     out = dst / "fashion-mnist"
     convert(raw, out, fmt="idx", name="fashion-mnist", workers=1)
     return out
+
+
+def pretrain_tiny(run: Path, data: Path, *overrides: str, steps: int = 2) -> Path:
+    """A few steps of the demo recipe on a narrow network (width 1/8): a real run directory with a
+    checkpoint, for the tools that read one."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.pretrain", "--config",
+         str(REPO / "train/configs/fashion_mnist_demo.yaml"), f"--data.path={data}",
+         f"--train.out_dir={run}", "--model.width=0.125", "--data.batch_size=32",
+         "--data.num_workers=0", f"--train.max_steps={steps}", "--data.backend=torchvision",
+         "--train.knn_every=-1", "--train.time_budget_s=0", *overrides],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise AssertionError(f"pretraining failed:\n{proc.stderr[-3000:]}")
+    return run

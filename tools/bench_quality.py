@@ -38,7 +38,7 @@ from pipelines.loader import BACKENDS, BackendUnavailable, require_backend
 from pipelines.sources import DatasetError, open_dataset
 from tools import benchmark
 from tools.cli import above, at_least
-from train.checkpoint import CheckpointError, load_model_weights, resolve_checkpoint
+from train.checkpoint import CheckpointError, load_pretrained
 from train.config import ConfigError, build_config, load_config, load_yaml
 from train.features import extract_features, knn_accuracy, knn_bank, knn_top1
 from train.linear_eval import linear_probe, raw_pixels, subset
@@ -177,12 +177,7 @@ def trained_encoder(run_dir: Path):
         encoder = build_simclr(cfg.model).encoder
         encoder.load_state_dict(torch.load(run_dir / "encoder.pt", weights_only=True))
         return encoder
-    ckpt = resolve_checkpoint(run_dir)
-    model = build_simclr(build_config(load_yaml(ckpt / "config.yaml")).model)
-    state = load_model_weights(ckpt)
-    model.load_state_dict({k.removeprefix("module.").removeprefix("_orig_mod."): v
-                           for k, v in state.items()})
-    return model.encoder
+    return load_pretrained(run_dir)[2].encoder
 
 
 # ---------------------------------------------------------------- contenders

@@ -230,3 +230,25 @@ def load_model_weights(ckpt: Path) -> dict:
         raise CheckpointError(f"checkpoint '{ckpt}' is unreadable ({type(e).__name__}: {e}): "
                               f"pass another checkpoint") from None
     return state
+
+
+def load_pretrained(path: str | Path):
+    """(checkpoint, config, SimCLR model) of a run directory, checkpoints/ folder or step-*
+    checkpoint: the model built from the checkpoint's own config and its trained weights, on the
+    CPU. The one way every after-pretraining tool (linear evaluation, fine-tuning, export,
+    embeddings, benchmarks) gets a trained encoder."""
+    from model.simclr import build_simclr
+    from train.config import build_config, load_yaml
+
+    ckpt = resolve_checkpoint(path)
+    cfg = build_config(load_yaml(ckpt / "config.yaml"))
+    model = build_simclr(cfg.model)
+    state = load_model_weights(ckpt)
+    # DDP and torch.compile prefixes, in case a checkpoint kept a wrapper's names
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint '{ckpt}' does not match its config "
+                              f"({str(e).splitlines()[0]}): pass another checkpoint") from None
+    return ckpt, cfg, model

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from pipelines.sources import DatasetError, open_dataset
 from train.atomic import write_atomic
-from train.checkpoint import CheckpointError, load_model_weights, resolve_checkpoint
-from train.config import ConfigError, build_config, load_yaml
+from train.checkpoint import CheckpointError, load_pretrained
+from train.config import ConfigError
 from train.features import eval_views, extract_features
 
 
@@ -191,8 +191,7 @@ def run_summary(ckpt: Path) -> dict | None:
 def evaluate(args) -> dict:
     t0 = time.perf_counter()
     check_device(args.device)
-    ckpt = resolve_checkpoint(args.checkpoint)
-    cfg = build_config(load_yaml(ckpt / "config.yaml"))
+    ckpt, cfg, model = load_pretrained(args.checkpoint)
     ds = open_dataset(args.data or cfg.data.path)
     train_split = ds.split(args.train_split or cfg.data.train_split)
     test_split = ds.split(args.eval_split or cfg.data.eval_split)
@@ -205,14 +204,6 @@ def evaluate(args) -> dict:
 
     torch.manual_seed(cfg.train.seed)
     random_encoder = build_simclr(cfg.model).encoder  # the baseline: same network, no training
-    model = build_simclr(cfg.model)
-    state = load_model_weights(ckpt)
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint '{ckpt}' does not match its config "
-                              f"({str(e).splitlines()[0]})") from None
     encoder = model.encoder.to(args.device).to(memory_format=torch.channels_last)
 
     from tqdm import tqdm

@@ -70,6 +70,7 @@ class Loaders:
         ld = self._ffcv[key]
         ld.rank, ld.world, ld.seed = kw.pop("rank", 0), kw.pop("world", 1), kw.pop("seed", 0)
         ld.shuffle, ld.drop_last = kw.pop("shuffle", True), kw.pop("drop_last")
+        ld.subset = kw.pop("subset", None)
         assert not kw, kw
         ld.set_epoch(0)
         return ld
@@ -238,6 +239,39 @@ def test_ranks_read_their_shards(make, n, world, bs, short, drop_last):
     else:
         assert sorted(allseen.tolist()) == list(range(n))
         assert [len(s) % bs for s in seen] == short  # every rank ends on a short batch
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_subset_epoch_reads_only_the_subset_with_the_splits_keys(make, world):
+    """Fine-tuning on a fraction of the labels: the epoch is over `subset`, sharded as a split
+    of that size, and each sample keeps its index, label and views from the whole split."""
+    split = make.split(20, 24)
+    whole = {int(i): (v1, v2) for b in epoch(make(split, DEFAULT, 8, seed=5))
+             for i, v1, v2 in zip(b.index, b.view1, b.view2)}
+    subset = np.array([17, 2, 11, 5, 8, 19, 0])
+    seen = []
+    for rank in range(world):
+        ld = make(split, DEFAULT, 2, seed=5, subset=subset, rank=rank, world=world,
+                  drop_last=True)
+        ld.set_epoch(0)
+        batches = epoch(ld)
+        got = torch.cat([b.index for b in batches]).numpy()
+        want = subset[shard_indices(7, rank, world, seed=5, epoch=0, batch_size=2,
+                                    drop_last=True)]
+        assert np.array_equal(got, want) and len(ld) == len(batches)
+        for b in batches:
+            assert torch.equal(b.label, torch.from_numpy(split.labels[b.index.numpy()]))
+            for i, v1, v2 in zip(b.index, b.view1, b.view2):
+                assert torch.allclose(v1, whole[int(i)][0], atol=1e-5)
+                assert torch.allclose(v2, whole[int(i)][1], atol=1e-5)
+        seen.append(got)
+    assert sum(len(s) for s in seen) == (6 if world == 1 else 4)
+
+
+def test_a_subset_outside_the_split_is_refused(make):
+    split = make.split(20, 24)
+    with pytest.raises(ValueError, match=r"indices in \[0, 20\)"):
+        build_loader(make.backend, split, DEFAULT, batch_size=2, subset=np.array([3, 20]))
 
 
 # --- resume and epochs ---------------------------------------------------------------------------

@@ -239,3 +239,27 @@ def test_write_atomic_refuses_to_follow_links_and_cleans_up_on_failure(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "planted", "victim.txt"]
     atomic.write_atomic(target, json.dumps({"a": 1}))
     assert json.loads(target.read_text()) == {"a": 1}
+
+
+@pytest.mark.timeout(600)
+def test_load_pretrained_gives_the_checkpoints_weights_and_names_a_mismatch(tmp_path):
+    import shutil
+
+    import torch
+
+    from tests.fashion_mnist import make_subset, pretrain_tiny
+    from train.checkpoint import load_model_weights, load_pretrained
+
+    run = pretrain_tiny(tmp_path / "run", make_subset(tmp_path / "d", 64, 32))
+    ckpt, cfg, model = load_pretrained(run)
+    assert ckpt == resolve_checkpoint(run) and cfg.model.width == 0.125
+    saved = load_model_weights(ckpt)
+    assert saved.keys() == model.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+    other = tmp_path / "other" / "step-00000002"
+    shutil.copytree(ckpt, other)
+    text = (other / "config.yaml").read_text().replace("width: 0.125", "width: 0.25")
+    (other / "config.yaml").write_text(text)
+    with pytest.raises(CheckpointError, match=r"does not match its config .*pass another"):
+        load_pretrained(other)
