@@ -1,0 +1,475 @@
+r"""Semi-supervised fine-tuning and transfer of a pretrained encoder (Chen et al., 2020, Sec. 4.1
+and Appendix B.5), beside the same network trained from scratch on the same labels.
+
+    python -m train.finetune --checkpoint runs/fashion-mnist-demo --labels 0.01
+    accelerate launch -m train.finetune --checkpoint RUN --labels 0.1 [--data OTHER_DATASET]
+    python -m train.finetune --checkpoint RUN --labels chosen.txt --mode linear
+
+The pretrained encoder f and a fresh linear layer (zero-initialised, as the official fine-tuning
+commands do) are trained on a class-balanced, seeded fraction of the train split's labels, or on
+the indices listed in a file; the chosen indices are written out either way, so the same subset
+can be reused. The paper's protocol: Nesterov momentum 0.9, LR 0.05 x B/256 with no warm-up and a
+cosine decay, no weight decay, only random crop (the recipe's crop) and left-right flip; 60 epochs
+for 1% of the labels and 30 for more. A small dataset's fraction fills few batches, so the
+schedule is lengthened to at least --min-steps steps. Each step trains on both augmented views of
+its B/2 images (B = --batch-size counts views), so the loaders' two-view batches are used whole.
+
+--mode linear keeps the encoder frozen (BatchNorm statistics too) and trains only the linear
+layer on augmented views. --data points at another converted dataset directory: transfer, in
+either mode (its classes may differ; images are resized by the recipe's crop to the encoder's
+input size). The from-scratch baseline (skip it with --no-scratch) is the same network, randomly
+initialised, through the same schedule.
+
+Writes to --out (default <run dir>/finetune/<mode>-<labels>[-<dataset>]): labels.txt,
+finetune.json (top-1/top-5 on the evaluation split of both networks, settings, loss per epoch)
+and model.safetensors (the fine-tuned network: `encoder.*` in torchvision's names, `fc.weight`,
+`fc.bias`; `python -m tools.export --classifier` turns it into a torchvision classifier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.loader import BACKENDS, BackendUnavailable, build_loader
+from pipelines.sources import DatasetError, Split, open_dataset, show_path
+from train.atomic import write_atomic
+from train.checkpoint import CheckpointError, load_pretrained
+from train.config import ConfigError, config_to_dict
+from train.features import eval_views
+from train.linear_eval import run_dir_of, topk_accuracy
+from train.schedule import lr_schedule
+
+MODES = ("finetune", "linear")
+LR_PER_256 = 0.05  # the paper's fine-tuning LR per 256 examples (Appendix B.5)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.finetune",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory, its checkpoints/ folder, or a step-* checkpoint")
+    p.add_argument("--labels", default="0.1",
+                   help="fraction of the train split's labels, class-balanced and seeded (0.01, "
+                   "0.1, ..., 1), or a file of train indices, one per line (default: 0.1)")
+    p.add_argument("--mode", choices=MODES, default="finetune",
+                   help="finetune: train encoder and linear layer (default); linear: frozen "
+                   "encoder, train the linear layer only")
+    p.add_argument("--data", help="dataset directory (default: the one the encoder was trained "
+                   "on; another one is transfer)")
+    p.add_argument("--train-split", default=None,
+                   help="split the labels are drawn from (default: data.train_split)")
+    p.add_argument("--eval-split", default=None,
+                   help="split to report accuracy on (default: data.eval_split)")
+    p.add_argument("--epochs", type=_positive_float, default=None,
+                   help="passes over the labelled images (default: 60 for <= 1%% of the labels, "
+                   "else 30)")
+    p.add_argument("--min-steps", type=_non_negative_int, default=100,
+                   help="lengthen the schedule to at least this many steps (default: 100)")
+    p.add_argument("--batch-size", type=_positive_int, default=256,
+                   help="augmented views per step over all processes, two per image (default: "
+                   "256; lowered to what the labelled images fill)")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help=f"peak learning rate (default: {LR_PER_256} x batch size / 256)")
+    p.add_argument("--backend", default=None,
+                   help="loader backend: torchvision, dali or ffcv (default: the run's "
+                   "data.backend)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the label draw, the order and the augmentation (default: the "
+                   "run's train.seed)")
+    p.add_argument("--no-scratch", action="store_true",
+                   help="skip the baseline trained from random initialisation")
+    p.add_argument("--out", default=None, help="output directory (default: see above)")
+    return p
+
+
+def _parsed(kind, ok, what):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
+
+
+_positive_int = _parsed(int, lambda v: v > 0, "a positive integer")
+_non_negative_int = _parsed(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _parsed(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+
+
+# ---------------------------------------------------------------- the labelled subset
+
+def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A class-balanced, seeded draw of `fraction` of the labelled images: round(fraction x N / C)
+    of every class (at least one; all of a class that has fewer), sorted indices. A fraction of 1
+    is every labelled image."""
+    labels = np.asarray(labels)
+    if fraction >= 1:
+        return np.flatnonzero(labels >= 0).astype(np.int64)
+    classes = np.unique(labels[labels >= 0])
+    per_class = max(1, round(fraction * int((labels >= 0).sum()) / len(classes)))
+    rng = np.random.default_rng([seed, 1_000_003])  # a stream of its own, apart from the order's
+    chosen = []
+    for c in classes:
+        members = np.flatnonzero(labels == c)
+        chosen.append(members if len(members) <= per_class
+                      else rng.choice(members, per_class, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def read_label_file(path: Path, split: Split) -> np.ndarray:
+    """The indices listed in a labels file (one per line; blank lines and # comments skipped)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--labels '{show_path(path)}' is unreadable ({e}): pass a fraction "
+                          f"such as 0.01 or a file of indices, one per line") from None
+    idx = []
+    for n, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        if not text.isdigit():
+            raise ConfigError(f"--labels '{show_path(path)}' line {n}: {text!r} is not an "
+                              f"index: list one non-negative integer per line")
+        idx.append(int(text))
+    if not idx:
+        raise ConfigError(f"--labels '{show_path(path)}' lists no index: list the labelled "
+                          f"images of split '{split.name}', one index per line")
+    idx = np.array(idx, dtype=np.int64)
+    if idx.max() >= len(split):
+        raise ConfigError(f"--labels '{show_path(path)}' lists index {idx.max()}, but split "
+                          f"'{split.name}' has {len(split)} images: list indices below that")
+    if len(np.unique(idx)) != len(idx):
+        raise ConfigError(f"--labels '{show_path(path)}' lists an index twice: list each once")
+    if (split.labels[idx] < 0).any():
+        raise ConfigError(f"--labels '{show_path(path)}' lists unlabelled images of split "
+                          f"'{split.name}': list labelled ones")
+    return np.sort(idx)
+
+
+def labels_text(idx: np.ndarray, how: str) -> str:
+    return f"# {how}\n# {len(idx)} indices, one per line\n" + "".join(f"{i}\n" for i in idx)
+
+
+def choose_labels(text: str, split: Split, seed: int) -> tuple[np.ndarray, float | None, str]:
+    """(indices, fraction or None, tag) for --labels: a fraction or a file."""
+    try:
+        fraction = float(text)
+    except ValueError:
+        path = Path(text)
+        return read_label_file(path, split), None, f"labels-{path.stem}"
+    if not (math.isfinite(fraction) and 0 < fraction <= 1):
+        raise ConfigError(f"--labels {text}: a fraction must be in (0, 1], e.g. 0.01 or 0.1, or "
+                          f"pass a file of indices")
+    return balanced_subset(split.labels, fraction, seed), fraction, f"{100 * fraction:g}pct"
+
+
+def default_epochs(fraction: float) -> float:
+    """The paper's epochs: 60 for 1% of ImageNet's labels, 30 for 10% (and, here, for more)."""
+    return 60.0 if fraction <= 0.01 else 30.0
+
+
+# ---------------------------------------------------------------- the network
+
+class Classifier(nn.Module):
+    """Encoder f and a linear layer on its features h. With `frozen`, f stays in eval mode (its
+    BatchNorm statistics fixed) and gets no gradient."""
+
+    def __init__(self, encoder: nn.Module, classes: int, frozen: bool = False):
+        super().__init__()
+        self.encoder, self.frozen = encoder, frozen
+        self.fc = nn.Linear(encoder.feat_dim, classes)
+        nn.init.zeros_(self.fc.weight)  # starts from exactly the pretrained features
+        nn.init.zeros_(self.fc.bias)
+        if frozen:
+            encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            h = self.encoder(x)  # [B, F]
+        return self.fc(h.float() if self.frozen else h)  # [B, classes]
+
+
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The paper's fine-tuning optimizer: Nesterov momentum 0.9, no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
+
+
+# ---------------------------------------------------------------- training and evaluation
+
+def train_classifier(acc, model: Classifier, loader, lrs: torch.Tensor, steps_per_epoch: int,
+                     bar) -> list[dict]:
+    """Train `model` along `lrs` (one LR per step) with the paper's optimizer, prepared by
+    Accelerate here; the mean loss of each epoch."""
+    optimizer = make_optimizer(model, float(lrs[0]))
+    model, optimizer = acc.prepare(model, optimizer)
+    model.train()
+    history, step = [], 0
+    epochs = math.ceil(len(lrs) / steps_per_epoch)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        total = torch.zeros((), device=acc.device)
+        count = 0
+        for batch in loader:
+            if step == len(lrs):
+                break
+            for g in optimizer.param_groups:
+                g["lr"] = float(lrs[step])
+            x = torch.cat([batch.view1, batch.view2])  # [2B, 3, S, S]: both views are examples
+            y = torch.cat([batch.label, batch.label])
+            with acc.autocast():
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            optimizer.step()
+            total += loss.detach()
+            count += 1
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0 or step == len(lrs):
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+        mean = acc.reduce(total, "mean").item() / max(1, count)
+        history.append({"epoch": epoch, "steps": step, "loss": mean})
+    return history
+
+
+@torch.no_grad()
+def evaluate(acc, model: nn.Module, split: Split, spec, batch_size: int,
+             num_workers: int) -> dict:
+    """Top-1/top-5 on the un-augmented evaluation view of every image of `split` (each process
+    takes a stride of the images; the counts are summed)."""
+    net = acc.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    idx = np.arange(acc.process_index, len(split), acc.num_processes)
+    hits = torch.zeros(2, dtype=torch.float64, device=acc.device)
+    labels = torch.from_numpy(np.asarray(split.labels)[idx]).long()
+    seen = 0
+    for x in eval_views(split, spec, idx, batch_size, num_workers):
+        x = x.to(acc.device).contiguous(memory_format=torch.channels_last)
+        with acc.autocast():
+            logits = net(x).float()
+        y = labels[seen:seen + len(x)].to(acc.device)
+        acc_k = topk_accuracy(logits, y)
+        hits += torch.tensor([acc_k["top1"], acc_k["top5"]], dtype=torch.float64,
+                             device=acc.device) * len(x)
+        seen += len(x)
+    net.train(was_training)
+    hits = acc.reduce(hits, "sum")
+    return {"top1": hits[0].item() / len(split), "top5": hits[1].item() / len(split)}
+
+
+# ---------------------------------------------------------------- the command
+
+def output_dir(ckpt: Path, out: str | None, tag: str) -> Path:
+    if out:
+        return Path(out)
+    run_dir = run_dir_of(ckpt)
+    if run_dir is None:
+        return ckpt.parent / f"{ckpt.name}.finetune" / tag
+    return run_dir / "finetune" / tag
+
+
+def _check_splits(*splits: Split) -> int:
+    """The number of classes, after checking both splits are labelled."""
+    for s in splits:
+        if (s.labels < 0).all():
+            raise DatasetError(f"split '{s.name}' is unlabelled: fine-tuning needs labels "
+                               f"(convert a labelled dataset)")
+    return int(max(s.labels.max() for s in splits)) + 1
+
+
+def _save_model(net: Classifier, path: Path, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def finetune(args) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from model.global_batchnorm import convert_to_global_bn
+    from model.simclr import build_simclr
+
+    t0 = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    ckpt, cfg, pretrained = load_pretrained(args.checkpoint)
+    precision = {"auto": "bf16" if cuda else "no", "fp32": "no"}.get(cfg.train.mixed_precision,
+                                                                     cfg.train.mixed_precision)
+    acc = Accelerator(cpu=not cuda, mixed_precision=precision)
+    rank, world, device = acc.process_index, acc.num_processes, acc.device
+    main = acc.is_main_process
+    seed = cfg.train.seed if args.seed is None else args.seed
+    backend = args.backend or cfg.data.backend
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend: unknown loader backend '{backend}': choose one of "
+                          f"{', '.join(BACKENDS)}")
+
+    data = Path(args.data or cfg.data.path)
+    ds = open_dataset(data)
+    train_split = ds.split(args.train_split or cfg.data.train_split)
+    eval_split = ds.split(args.eval_split or cfg.data.eval_split)
+    classes = _check_splits(train_split, eval_split)
+    labelled, fraction, tag = choose_labels(args.labels, train_split, seed)
+    transfer = data.resolve() != Path(cfg.data.path).resolve()
+    tag = f"{args.mode}-{tag}" + (f"-{data.name}" if transfer else "")
+    out = output_dir(ckpt, args.out, tag)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is an existing file: pass a directory")
+
+    if args.batch_size % (2 * world):
+        raise ConfigError(f"--batch-size {args.batch_size} views cannot be split into two views "
+                          f"of whole images on {world} process(es): use a multiple of {2 * world}")
+    pairs = min(args.batch_size // (2 * world), len(labelled) // world)  # images per process
+    if pairs < 1:
+        raise ConfigError(f"{len(labelled)} labelled images cannot give each of {world} "
+                          f"processes one image: label more images or use fewer processes")
+    batch_views = 2 * pairs * world
+    # the crop and flip of the recipe, nothing else (Appendix B.5)
+    spec = dataclasses.replace(cfg.augment, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    loader = build_loader(backend, train_split, spec, batch_size=pairs, rank=rank, world=world,
+                          seed=seed, device=device, num_workers=cfg.data.num_workers,
+                          drop_last=True, subset=labelled)
+    steps_per_epoch = len(loader)
+    epochs = args.epochs or default_epochs(fraction if fraction is not None
+                                           else len(labelled) / len(train_split))
+    steps = max(round(epochs * steps_per_epoch), args.min_steps, 1)
+    peak = args.lr if args.lr is not None else LR_PER_256 * batch_views / 256
+    lrs = lr_schedule(peak, steps, 0)  # no warm-up, cosine to zero
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        how = (f"class-balanced draw of {fraction:g} of the labels" if fraction is not None
+               else f"from {show_path(args.labels)}")
+        write_atomic(out / "labels.txt", labels_text(
+            labelled, f"labelled images of split '{train_split.name}' of '{ds.root}', {how}, "
+            f"seed {seed}"))
+        print(f"finetune: {args.mode} on {len(labelled)} labelled images of "
+              f"'{train_split.name}' ({len(np.unique(train_split.labels[labelled]))} classes), "
+              f"{steps} steps of {batch_views} views ({steps / steps_per_epoch:.1f} epochs), "
+              f"LR {peak:g}, loader {backend}, {world} x {device.type}", flush=True)
+
+    from tqdm import tqdm
+
+    contenders = {"pretrained": pretrained.encoder}
+    if not args.no_scratch:
+        torch.manual_seed(seed)
+        contenders["scratch"] = build_simclr(cfg.model).encoder
+    results, nets = {}, {}
+    for name, encoder in contenders.items():
+        set_seed(seed)
+        net = Classifier(encoder, classes, frozen=args.mode == "linear")
+        if world > 1 and cfg.train.sync_bn and args.mode == "finetune":
+            net = convert_to_global_bn(net, device)
+        net = net.to(device).to(memory_format=torch.channels_last)
+        t1 = time.perf_counter()
+        with tqdm(total=steps, desc=name, unit="step", disable=not main) as bar:
+            history = train_classifier(acc, net, loader, lrs, steps_per_epoch, bar)
+        train_s = time.perf_counter() - t1
+        metrics = evaluate(acc, net, eval_split, cfg.augment, cfg.eval.batch_size,
+                           cfg.data.num_workers)
+        results[name] = {**metrics, "train_s": train_s,
+                         "images_per_s": steps * batch_views / train_s,
+                         "final_loss": history[-1]["loss"], "loss_by_epoch": history}
+        nets[name] = acc.unwrap_model(net) if name == "pretrained" else None
+
+    result = {
+        "checkpoint": str(ckpt), "dataset": str(ds.root), "transfer": transfer,
+        "mode": args.mode, "train_split": train_split.name, "eval_split": eval_split.name,
+        "eval_count": len(eval_split), "label_fraction": fraction,
+        "labels_file": str(out / "labels.txt"), "labelled": len(labelled), "classes": classes,
+        "settings": {"steps": steps, "epochs": steps / steps_per_epoch, "batch_views": batch_views,
+                     "lr": peak, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0,
+                     "warmup_steps": 0, "schedule": "cosine", "backend": backend,
+                     "processes": world, "device": device.type, "precision": precision,
+                     "seed": seed, "augment": config_to_dict(spec)},
+        **results, "wall_s": time.perf_counter() - t0,
+    }
+    if main:
+        names = list(ds.classes) if len(ds.classes) == classes else []
+        _save_model(nets["pretrained"], out / "model.safetensors",
+                    {"arch": cfg.model.arch, "width": cfg.model.width,
+                     "small_stem": cfg.model.small_stem, "stem_pool": cfg.model.stem_pool,
+                     "classes": names or list(range(classes)), "checkpoint": str(ckpt)})
+        result["model"] = str(out / "model.safetensors")
+        write_atomic(out / "finetune.json", json.dumps(result, indent=1))
+        _print_table(result, out)
+    acc.wait_for_everyone()
+    return result
+
+
+def _print_table(r: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    what = (f"{100 * r['label_fraction']:g}% of the labels" if r["label_fraction"] is not None
+            else "listed labels")
+    t = Table(title=f"{'Fine-tuning' if r['mode'] == 'finetune' else 'Linear training'} on "
+              f"{what} ({r['labelled']} images), tested on '{r['eval_split']}' "
+              f"({r['eval_count']} images)")
+    for col in ("network", "top-1", "top-5", "final loss", "images/s", "time"):
+        t.add_column(col, justify="right")
+    rows = [("SimCLR pretrained", r["pretrained"])]
+    if "scratch" in r:
+        rows.append(("from scratch (baseline)", r["scratch"]))
+    for name, m in rows:
+        t.add_row(name, f"{100 * m['top1']:.2f}%", f"{100 * m['top5']:.2f}%",
+                  f"{m['final_loss']:.3f}", f"{m['images_per_s']:.0f}", f"{m['train_s']:.0f} s")
+    c = Console()
+    c.print(t)
+    c.print(f"results: {out / 'finetune.json'}\nlabels:  {r['labels_file']}\n"
+            f"model:   {r['model']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        finetune(args)
+    except (ConfigError, DatasetError, CheckpointError, BackendUnavailable) as e:
+        print(f"finetune: error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print(f"finetune: error: out of memory at --batch-size {args.batch_size}: pass a smaller "
+              f"--batch-size", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. --out on a full or read-only disk
+        where = f" on '{e.filename}'" if e.filename else ""
+        print(f"finetune: error: {e.strerror or e}{where}: pass another --out or free disk "
+              f"space", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
