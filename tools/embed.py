@@ -2,7 +2,8 @@
 neighbours of a query image among them.
 
     python -m tools.embed --checkpoint runs/fashion-mnist-demo SOURCE [--split NAME]
-        [--out PREFIX] [--batch-size N] [--device D] [--skip-bad] [--query IMAGE [--k 10]]
+        [--out PREFIX] [--batch-size N] [--workers N] [--device D] [--skip-bad]
+        [--query IMAGE [--k 10] [--query-json PATH]]
 
 SOURCE is a dataset directory written by tools.convert (its --split, default data.train_split)
 or a folder of images (searched recursively, paths sorted). Each row is the frozen encoder's
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "<run dir>/embeddings/<source name>-<split or 'images'>)")
     p.add_argument("--batch-size", type=at_least(1), default=None,
                    help="images per forward pass (default: eval.batch_size)")
+    p.add_argument("--workers", type=at_least(0), default=None,
+                   help="image-decoding processes (default: data.num_workers)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the encoder runs (default: cuda when available)")
     p.add_argument("--skip-bad", action="store_true",
@@ -150,7 +153,8 @@ def write_rows(path: Path, batches, count: int, dim: int, encoder, device, progr
             short = temp_name(path)
             fewer = open_memmap(short, mode="w+", dtype=np.float32, shape=(written, dim))
             for s in range(0, written, SIMILARITY_CHUNK):
-                fewer[s : s + SIMILARITY_CHUNK] = rows[s : s + SIMILARITY_CHUNK]
+                e = min(s + SIMILARITY_CHUNK, written)
+                fewer[s:e] = rows[s:e]
             fewer.flush()
             del fewer
             os.replace(short, tmp)
@@ -235,8 +239,9 @@ def embed(args, ckpt: Path, cfg, encoder, source: Source, files: dict[str, Path]
     batch_size = args.batch_size or cfg.eval.batch_size
     t0 = time.perf_counter()
     with tqdm(total=source.count, desc="embedding", unit="img") as bar:
-        skipped = write_rows(files["npy"], source.batches(cfg.augment, batch_size,
-                                                          cfg.data.num_workers, args.skip_bad),
+        workers = cfg.data.num_workers if args.workers is None else args.workers
+        skipped = write_rows(files["npy"], source.batches(cfg.augment, batch_size, workers,
+                                                          args.skip_bad),
                              source.count, encoder.feat_dim, encoder, args.device, bar.update)
     seconds = time.perf_counter() - t0
     gone = set(skipped)
