@@ -149,6 +149,9 @@ def write_rows(path: Path, batches, count: int, dim: int, encoder, device, progr
             seen += len(ok)
             progress(len(ok))
         rows.flush()
+        if written == 0:
+            raise DatasetError(f"none of the {count} images could be decoded: pass a folder of "
+                               f"readable images")
         if written < count:  # skipped images: copy the rows into a .npy of the right length
             short = temp_name(path)
             fewer = open_memmap(short, mode="w+", dtype=np.float32, shape=(written, dim))

@@ -177,3 +177,16 @@ def test_nearest_in_chunks_is_the_brute_force_ranking(chunk):
     for k in (1, 10, 80):
         idx, s = nearest(rows, q, k, chunk=chunk)
         assert idx.tolist() == order[:k].tolist() and np.allclose(s, sims[order[:k]], atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_rows_match_the_cpu_rows(setup, tmp_path):
+    """bf16 autocast on the GPU: the same rows as float32 on the CPU, to bf16's precision."""
+    run, data = setup["run"], setup["data"]
+    for device in ("cpu", "cuda"):
+        assert main(["--checkpoint", str(run), str(data), "--device", device, "--out",
+                     str(tmp_path / device)]) == 0
+    cpu, gpu = np.load(tmp_path / "cpu.npy"), np.load(tmp_path / "cuda.npy")
+    cos = (cpu * gpu).sum(1) / (np.linalg.norm(cpu, axis=1) * np.linalg.norm(gpu, axis=1))
+    assert cos.min() > 0.99
+    assert json.loads((tmp_path / "cuda.json").read_text())["device"] == "cuda"
