@@ -347,6 +347,7 @@ def run(args) -> dict:
     ckpt, cfg, model = load_pretrained(args.checkpoint)
     source = Source(args.source, args.split, cfg)
     files = outputs(output_prefix(ckpt, source.path, source.split_name, args.out))
+    ckpt = ckpt.resolve()  # PREFIX.json names it wherever the command runs from
     encoder = model.encoder.to(args.device).to(memory_format=torch.channels_last).eval()
     meta = reusable(files, ckpt, source) if args.query else None
     if meta is None:

@@ -205,7 +205,7 @@ def export(args) -> tuple[Path, dict]:
         "mean": list(spec.mean),
         "std": list(spec.std),
         "eval_transform": eval_view_words(spec.size),
-        "checkpoint": str(ckpt),
+        "checkpoint": str(ckpt.resolve()),
         "step": read_trainer_state(ckpt).get("step"),
         "classifier": str(args.classifier) if args.classifier else None,
         "sha256": {name: _sha256(data) for name, data in blobs.items()},

@@ -73,8 +73,8 @@ def test_dataset_split_rows_are_the_trainers_features(setup, capsys):
     assert open(f"{prefix}.files.txt").read().splitlines() == [f"train/{i}" for i in range(96)]
     assert {k: meta[k] for k in ("checkpoint", "step", "source", "split", "count", "dim",
                                  "normalised", "device", "skipped")} == {
-        "checkpoint": str(ckpt), "step": 1, "source": str(data), "split": "train", "count": 96,
-        "dim": 64, "normalised": False, "device": "cpu", "skipped": []}
+        "checkpoint": str(ckpt.resolve()), "step": 1, "source": str(data), "split": "train",
+        "count": 96, "dim": 64, "normalised": False, "device": "cpu", "skipped": []}
     assert meta["seconds"] > 0 and meta["images_per_s"] > 0
     assert str(prefix) + ".npy" in capsys.readouterr().out
 

@@ -72,7 +72,7 @@ def test_width_one_export_loads_into_torchvision(runs, capsys):
     assert (meta["feature_dim"], meta["input_size"], meta["step"]) == (512, 28, 1)
     assert meta["mean"] == [0.286] * 3 and meta["std"] == [0.353] * 3
     assert meta["config"]["model"]["width"] == 1.0 and meta["torch"] == torch.__version__
-    assert meta["checkpoint"] == str(run / "checkpoints" / "step-00000001")
+    assert meta["checkpoint"] == str((run / "checkpoints" / "step-00000001").resolve())
     assert "bilinearly" in meta["eval_transform"] and "28x28" in meta["eval_transform"]
     for name in ("encoder.safetensors", "encoder.pt"):
         digest = hashlib.sha256((out / name).read_bytes()).hexdigest()
