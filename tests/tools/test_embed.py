@@ -190,3 +190,13 @@ def test_cuda_rows_match_the_cpu_rows(setup, tmp_path):
     cos = (cpu * gpu).sum(1) / (np.linalg.norm(cpu, axis=1) * np.linalg.norm(gpu, axis=1))
     assert cos.min() > 0.99
     assert json.loads((tmp_path / "cuda.json").read_text())["device"] == "cuda"
+
+
+@pytest.mark.parametrize("args", [["--k", "0"], ["--batch-size", "0"], ["--workers", "-1"]])
+def test_out_of_range_option_is_a_usage_error_naming_it(capsys, args):
+    from tools.embed import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(args)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2 and f"argument {args[0]}" in last and args[1] in last, last
