@@ -157,8 +157,8 @@ def read_classifier(path: str, arch: dict) -> tuple[dict, list | None]:
         raise CheckpointError(f"'{show_path(file)}' holds no fc.weight/fc.bias: pass a network "
                               f"written by train.finetune")
     weights = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    return {**weights, "fc.weight": state["fc.weight"], "fc.bias": state["fc.bias"]}, \
-        info.get("classes")
+    weights.update({k: state[k] for k in ("fc.weight", "fc.bias")})
+    return weights, info.get("classes")
 
 
 def _sha256(data: bytes) -> str:
@@ -179,11 +179,12 @@ def export(args) -> tuple[Path, dict]:
         "torchvision_loadable": cfg.model.width == 1.0,
     }
     state = encoder.state_dict()
-    classes = None
     if args.classifier:
         state, classes = read_classifier(args.classifier, {k: meta[k] for k in
                                                            ("arch", "width", "small_stem")})
         meta["num_classes"] = int(state["fc.weight"].shape[0])
+        if classes is not None:
+            meta["classes"] = list(classes)
     # checked here, not at the reader's load: a mismatch is this command's one-line error
     try:
         torchvision_model(meta).load_state_dict(state, strict=True)
@@ -192,8 +193,6 @@ def export(args) -> tuple[Path, dict]:
                               f"({str(e).splitlines()[0]}): pass the checkpoint it was "
                               f"fine-tuned from") from None
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    if classes is not None:
-        meta["classes"] = list(classes)
     spec = cfg.augment
     from safetensors.torch import save as st_save
 
@@ -207,7 +206,7 @@ def export(args) -> tuple[Path, dict]:
         "eval_transform": eval_view_words(spec.size),
         "checkpoint": str(ckpt.resolve()),
         "step": read_trainer_state(ckpt).get("step"),
-        "classifier": str(args.classifier) if args.classifier else None,
+        "classifier": str(Path(args.classifier).resolve()) if args.classifier else None,
         "sha256": {name: _sha256(data) for name, data in blobs.items()},
         "torch": torch.__version__,
         "config": config_to_dict(cfg),
