@@ -22,6 +22,7 @@ demo: setup
 		$(PY) -m tools.convert "$$(cat data/.fashion-mnist-path)" $(DEMO_DATA) --to ffcv --overwrite
 	$(ACCELERATE) -m train.pretrain --config $(DEMO_CONFIG) --train.out_dir=$(DEMO_RUN) --resume auto $(ARGS)
 	$(PY) -m train.linear_eval --checkpoint $(DEMO_RUN)
+	$(PY) -m tools.plot $(DEMO_RUN)
 
 test: setup
 	$(PY) -m pytest -q
