@@ -1,5 +1,5 @@
 # The README's two commands. Each runs the idempotent set-up first.
-#   make demo   convert Fashion-MNIST, pretrain SimCLR, linear evaluation (CPU or GPU)
+#   make demo   convert Fashion-MNIST, pretrain SimCLR, linear evaluation, plots (CPU or GPU)
 #   make test   the test suite
 # and, on a GPU machine, `make gpu-check ARGS="--data DIR --images DIR"` (no set-up: it runs on
 # whatever python3 has torch when there is no .venv)

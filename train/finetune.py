@@ -21,7 +21,8 @@ input size). The from-scratch baseline (skip it with --no-scratch) is the same n
 initialised, through the same schedule.
 
 Writes to --out (default <run dir>/finetune/<mode>-<labels>[-<dataset>]): labels.txt,
-finetune.json (top-1/top-5 on the evaluation split of both networks, settings, loss per epoch)
+finetune.json (top-1/top-5 on the evaluation split of both networks, settings, loss per epoch,
+the architecture and class names)
 and model.safetensors (the fine-tuned network: `encoder.*` in torchvision's names, `fc.weight`,
 `fc.bias`; `python -m tools.export --classifier` turns it into a torchvision classifier).
 """
@@ -303,6 +304,11 @@ def _check_splits(*splits: Split) -> int:
     return int(max(s.labels.max() for s in splits)) + 1
 
 
+def _class_names(ds, classes: int) -> list[str]:
+    """The dataset's class names, or the label numbers where it has none."""
+    return list(ds.classes) if len(ds.classes) == classes else [str(c) for c in range(classes)]
+
+
 def _save_model(net: Classifier, path: Path, meta: dict) -> None:
     from safetensors.torch import save_file
 
@@ -408,7 +414,9 @@ def finetune(args) -> dict:
         "checkpoint": str(ckpt), "dataset": str(ds.root), "transfer": transfer,
         "mode": args.mode, "train_split": train_split.name, "eval_split": eval_split.name,
         "eval_count": len(eval_split), "label_fraction": fraction,
-        "labels_file": str(out / "labels.txt"), "labelled": len(labelled), "classes": classes,
+        "labels_file": str(out / "labels.txt"), "labelled": len(labelled),
+        "num_classes": classes, "classes": _class_names(ds, classes),
+        "arch": cfg.model.arch, "width": cfg.model.width, "small_stem": cfg.model.small_stem,
         "settings": {"steps": steps, "epochs": steps / steps_per_epoch, "batch_views": batch_views,
                      "lr": peak, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0,
                      "warmup_steps": 0, "schedule": "cosine", "backend": backend,
@@ -417,11 +425,9 @@ def finetune(args) -> dict:
         **results, "wall_s": time.perf_counter() - t0,
     }
     if main:
-        names = list(ds.classes) if len(ds.classes) == classes else []
         _save_model(nets["pretrained"], out / "model.safetensors",
-                    {"arch": cfg.model.arch, "width": cfg.model.width,
-                     "small_stem": cfg.model.small_stem, "stem_pool": cfg.model.stem_pool,
-                     "classes": names or list(range(classes)), "checkpoint": str(ckpt)})
+                    {k: result[k] for k in ("arch", "width", "small_stem", "classes",
+                                            "checkpoint")})
         result["model"] = str(out / "model.safetensors")
         write_atomic(out / "finetune.json", json.dumps(result, indent=1))
         _print_table(result, out)
@@ -442,7 +448,8 @@ def _print_table(r: dict, out: Path) -> None:
         t.add_column(col, justify="right")
     rows = [("SimCLR pretrained", r["pretrained"])]
     if "scratch" in r:
-        rows.append(("from scratch (baseline)", r["scratch"]))
+        rows.append(("from scratch (baseline)" if r["mode"] == "finetune"
+                     else "random-init encoder (baseline)", r["scratch"]))
     for name, m in rows:
         t.add_row(name, f"{100 * m['top1']:.2f}%", f"{100 * m['top5']:.2f}%",
                   f"{m['final_loss']:.3f}", f"{m['images_per_s']:.0f}", f"{m['train_s']:.0f} s")

@@ -173,6 +173,21 @@ def test_finetune_command_reports_what_its_saved_network_scores(run_dir, dataset
     for row in ("SimCLR pretrained", "from scratch (baseline)"):
         assert row in proc.stdout
 
+    # tools.export --classifier turns the saved network into one model with its classifier
+    from safetensors.torch import load_file
+
+    from tools.export import main as export
+    from tools.export import torchvision_model
+
+    assert export(["--checkpoint", str(run_dir), "--classifier", str(out),
+                   "--out", str(tmp_path / "export")]) == 0
+    meta = json.loads((tmp_path / "export" / "encoder.json").read_text())
+    model = torchvision_model(meta).eval()
+    model.load_state_dict(load_file(str(tmp_path / "export" / "encoder.safetensors")), strict=True)
+    x = torch.randn(4, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(x), rtol=1e-4, atol=1e-5)
+
     # the written labels file chooses the same images again
     again = tmp_path / "again"
     finetune("--checkpoint", run_dir, "--labels", out / "labels.txt", "--epochs", "1",
@@ -253,8 +268,9 @@ def test_transfer_to_an_image_folder_with_other_classes(mode, run_dir, tmp_path)
              "--eval-split", "val", "--epochs", "3", *QUICK)
     out = run_dir / "finetune" / f"{mode}-100pct-converted"
     r = json.loads((out / "finetune.json").read_text())
-    assert r["transfer"] and r["classes"] == 3 and r["labelled"] == 36 and r["mode"] == mode
+    assert r["transfer"] and r["num_classes"] == 3 and r["labelled"] == 36 and r["mode"] == mode
     assert r["eval_count"] == 18 and 0 <= r["pretrained"]["top1"] <= 1
+    assert r["classes"] == ["class0", "class1", "class2"]
 
 
 def test_bad_arguments_are_one_line_errors(run_dir, tmp_path):
