@@ -42,7 +42,8 @@ from pipelines.sources import (
 from pipelines.torchvision_loader import eval_transform
 from tools.cli import at_least
 from train.atomic import fsync_dir, temp_name, write_atomic
-from train.checkpoint import CheckpointError, load_pretrained, read_trainer_state
+from train.checkpoint import load_pretrained, read_trainer_state
+from train.commands import run_command
 from train.config import ConfigError
 from train.features import eval_views
 from train.linear_eval import check_device, run_dir_of
@@ -377,18 +378,7 @@ def _print_summary(meta: dict, files: dict[str, Path]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ConfigError, DatasetError, CheckpointError) as e:
-        print(f"embed: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. --out on a read-only file system, or the disk is full
-        where = f" on '{show_path(e.filename)}'" if e.filename else ""
-        print(f"embed: error: {e.strerror or e}{where}: pass another --out or free disk space",
-              file=sys.stderr)
-        return 2
-    return 0
-
+    return run_command("embed", lambda: run(args), oom_fix="pass a smaller --batch-size")
 
 if __name__ == "__main__":
     sys.exit(main())

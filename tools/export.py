@@ -31,10 +31,11 @@ import torch
 from torch import nn
 
 from model.encoder import ResNetEncoder
-from pipelines.sources import DatasetError, show_path
+from pipelines.sources import show_path
 from pipelines.torchvision_loader import EVAL_CROP_PROPORTION
 from train.atomic import exchange, fsync_dir, temp_name, write_atomic
 from train.checkpoint import CheckpointError, load_pretrained, read_trainer_state
+from train.commands import run_command
 from train.config import ConfigError, config_to_dict
 from train.linear_eval import run_dir_of
 
@@ -282,18 +283,7 @@ def _print_summary(out: Path, blobs: dict[str, bytes], meta: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        export(args)
-    except (ConfigError, DatasetError, CheckpointError) as e:
-        print(f"export: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. --out on a read-only file system, or the disk is full
-        where = f" on '{show_path(e.filename)}'" if e.filename else ""
-        print(f"export: error: {e.strerror or e}{where}: pass another --out or free disk space",
-              file=sys.stderr)
-        return 2
-    return 0
-
+    return run_command("export", lambda: export(args))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pipelines.sources import show_path
 from train.atomic import write_atomic
+from train.commands import run_command
 
 LOG = "log.jsonl"
 # step-record key -> (panel title, scale to the drawn unit)
@@ -229,19 +230,12 @@ def plot(run_dir: Path, out: Path | None = None) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def work():
         for path in plot(args.run_dir, args.out):
             print(f"wrote {show_path(path)}")
-    except NotARun as e:
-        print(f"plot: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. --out in a read-only folder, or the disk is full
-        where = f" on '{e.filename}'" if e.filename else ""
-        print(f"plot: error: {e.strerror or e}{where}: pass another --out or free disk space",
-              file=sys.stderr)
-        return 2
-    return 0
 
+    return run_command("plot", work, errors=(NotARun,))
 
 if __name__ == "__main__":
     sys.exit(main())

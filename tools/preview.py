@@ -29,7 +29,8 @@ from pipelines.sources import DatasetError, open_dataset, show_path
 from tools.cli import at_least
 from tools.plot import pyplot, save_png
 from train.atomic import write_atomic
-from train.checkpoint import CheckpointError, resolve_checkpoint
+from train.checkpoint import resolve_checkpoint
+from train.commands import run_command
 from train.config import ConfigError, load_config
 from train.features import eval_views
 
@@ -294,18 +295,7 @@ def _print_table(r: dict, png: Path, js: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        preview(args)
-    except (ConfigError, DatasetError, CheckpointError) as e:
-        print(f"preview: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. --out in a read-only folder, or the disk is full
-        where = f" on '{e.filename}'" if e.filename else ""
-        print(f"preview: error: {e.strerror or e}{where}: pass another --out or free disk space",
-              file=sys.stderr)
-        return 2
-    return 0
-
+    return run_command("preview", lambda: preview(args))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -43,10 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.loader import BACKENDS, BackendUnavailable, build_loader
+from pipelines.loader import BACKENDS, build_loader
 from pipelines.sources import DatasetError, Split, open_dataset, show_path
 from train.atomic import write_atomic
-from train.checkpoint import CheckpointError, load_pretrained
+from train.checkpoint import load_pretrained
+from train.commands import run_command
 from train.config import ConfigError, config_to_dict
 from train.features import eval_views
 from train.linear_eval import run_dir_of, topk_accuracy
@@ -461,22 +462,8 @@ def _print_table(r: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        finetune(args)
-    except (ConfigError, DatasetError, CheckpointError, BackendUnavailable) as e:
-        print(f"finetune: error: {e}", file=sys.stderr)
-        return 2
-    except torch.OutOfMemoryError:
-        print(f"finetune: error: out of memory at --batch-size {args.batch_size}: pass a smaller "
-              f"--batch-size", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. --out on a full or read-only disk
-        where = f" on '{e.filename}'" if e.filename else ""
-        print(f"finetune: error: {e.strerror or e}{where}: pass another --out or free disk "
-              f"space", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_command("finetune", lambda: finetune(args),
+                       oom_fix=f"pass a smaller --batch-size than {args.batch_size}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from pipelines.sources import DatasetError, open_dataset
 from train.atomic import write_atomic
-from train.checkpoint import CheckpointError, load_pretrained
+from train.checkpoint import load_pretrained
+from train.commands import run_command
 from train.config import ConfigError
 from train.features import eval_views, extract_features
 
@@ -289,18 +290,7 @@ def _print_table(r: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        evaluate(args)
-    except (ConfigError, DatasetError, CheckpointError) as e:
-        print(f"linear_eval: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. --json names a directory, or the disk is full
-        where = f" on '{e.filename}'" if e.filename else ""
-        print(f"linear_eval: error: {e.strerror or e}{where}: pass another --json or free disk "
-              f"space", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_command("linear_eval", lambda: evaluate(args), out_option="--json")
 
 if __name__ == "__main__":
     sys.exit(main())
