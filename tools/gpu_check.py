@@ -22,7 +22,9 @@ with the last lines of its log, and the next step runs:
     train-loaders  tools.bench_train with each importable loader on --images against synthetic views
     quality        Fashion-MNIST (--data, the four .gz files, converted on the spot), pretrained
                    for a fixed time with train/configs/fashion_mnist_gpu.yaml, then linear
-                   evaluation: top-1 beside raw pixels
+                   evaluation: top-1 beside raw pixels; then what follows pretraining on this
+                   device: fine-tuning on 1% of the labels (beside from scratch) and the test
+                   split's embeddings with a nearest-neighbour query
 
 It needs only a python3 with torch (no virtual environment): run it from the project root.
 Optional backends (DALI, FFCV, lightly) that do not import are skipped with the reason. Nothing is
@@ -74,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="cuda (default when a GPU is visible) or cpu")
     p.add_argument("--quick", action="store_true", help="toy sizes for every step")
-    p.add_argument("--budget-s", type=above(0.0), default=420.0,
-                   help="seconds for the whole run, shared among the steps (default 420)")
+    p.add_argument("--budget-s", type=above(0.0), default=480.0,
+                   help="seconds for the whole run, shared among the steps (default 480)")
     p.add_argument("--data", type=Path, default=None,
                    help="folder with the four Fashion-MNIST .gz files (default: $SIMCLR_DATA, "
                         "the folder tools/setup.sh found, or /usr/share/datasets/fashion-mnist); "
@@ -118,10 +120,10 @@ class Step:
 
 STEP_NAMES = ("env", "tests", "loss-fp32", "loss-bf16", "optim", "train", "loader", "train-loaders",
               "quality")
-# Shares of the budget on a GPU (seconds at the default 420; a larger budget goes to the quality
+# Shares of the budget on a GPU (seconds at the default 480; a larger budget goes to the quality
 # step, whose pretraining is the part that improves with time) and in --quick mode on a CPU.
 WEIGHTS = {"env": 10, "tests": 80, "loss-fp32": 30, "loss-bf16": 45, "optim": 15, "train": 35,
-           "loader": 25, "train-loaders": 35, "quality": 145}
+           "loader": 25, "train-loaders": 35, "quality": 205}
 QUICK_WEIGHTS = {"env": 15, "tests": 60, "loss-fp32": 30, "loss-bf16": 30, "optim": 40, "train": 40,
                  "loader": 80, "train-loaders": 60, "quality": 120}
 
@@ -441,6 +443,10 @@ def headline_quality(r: dict) -> str:
     if p:
         text += (f" after {p.get('wall_s', 0):.0f} s, {p.get('epochs', 0):.1f} epochs at "
                  f"{p.get('images_per_s', 0):.0f} img/s")
+    ft, scratch = r.get("finetune_1pct_top1"), r.get("finetune_1pct_scratch_top1")
+    if ft is not None:
+        text += f"; 1% labels fine-tuned {100 * ft:.2f}%"
+        text += f" (scratch {100 * scratch:.2f}%)" if scratch is not None else ""
     return text
 
 
@@ -614,8 +620,9 @@ def quality(args, limit_s: float) -> dict:
     t_convert = time.perf_counter() - t0
     shutil.rmtree(run_dir, ignore_errors=True)
 
-    # Linear evaluation and process start-ups need time too: the rest goes to pretraining.
-    reserve = 45.0 if args.device == "cuda" else 40.0
+    # Linear evaluation, fine-tuning, embeddings and process start-ups need time too: the rest
+    # goes to pretraining.
+    reserve = 105.0 if args.device == "cuda" else 80.0
     budget = max(10.0, limit_s - t_convert - reserve - 10.0)
     if args.quick:
         budget = min(budget, 20.0)
@@ -648,13 +655,41 @@ def quality(args, limit_s: float) -> dict:
     if eval_main(eval_args) != 0:
         raise SystemExit("quality: linear evaluation failed (see the log above)")
     ev = json.loads(eval_json.read_text())
+    t_eval = time.perf_counter() - t0 - t_convert - t_pretrain
+    after = after_pretraining(args, run_dir, data_dir, out)
     return {"encoder_top1": ev["encoder"]["top1"], "encoder_top5": ev["encoder"]["top5"],
             "raw_pixels_top1": ev.get("raw_pixels", {}).get("top1"),
             "train_count": ev["train_count"], "eval_count": ev["eval_count"],
             "pretraining": ev.get("pretraining"), "recipe": recipe, "overrides": overrides,
-            "time_budget_s": budget,
-            "seconds": {"convert": t_convert, "pretrain": t_pretrain,
-                        "evaluate": time.perf_counter() - t0 - t_convert - t_pretrain}}
+            "time_budget_s": budget, **after,
+            "seconds": {"convert": t_convert, "pretrain": t_pretrain, "evaluate": t_eval,
+                        "after": time.perf_counter() - t0 - t_convert - t_pretrain - t_eval}}
+
+
+def after_pretraining(args, run_dir: Path, data_dir: Path, out: Path) -> dict:
+    """train.finetune on 1% of the labels and tools.embed of the test split with a query, each
+    in its own process (each builds its own Accelerator / device state), on this device."""
+    ft_dir, prefix = out / "quality-finetune", out / "quality-embed" / "test"
+    shutil.rmtree(ft_dir, ignore_errors=True)
+    ft = [sys.executable, "-m", "train.finetune", "--checkpoint", str(run_dir), "--labels", "0.01",
+          "--out", str(ft_dir)]
+    if args.quick:
+        ft += ["--epochs", "1", "--min-steps", "0", "--batch-size", "64", "--no-scratch"]
+    embed = [sys.executable, "-m", "tools.embed", "--checkpoint", str(run_dir), str(data_dir),
+             "--split", "test", "--out", str(prefix), "--device", args.device,
+             "--query", "test/0", "--k", "5"]
+    for what, cmd in (("fine-tuning", ft), ("embeddings", embed)):
+        print(f"[quality] {what}: {' '.join(cmd[1:])}", flush=True)
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            raise SystemExit(f"quality: {what} failed (see the log above)")
+    r = json.loads((ft_dir / "finetune.json").read_text())
+    emb = json.loads(prefix.with_name(prefix.name + ".json").read_text())
+    hits = json.loads(prefix.with_name(prefix.name + ".query.json").read_text())
+    return {"finetune_1pct_top1": r["pretrained"]["top1"],
+            "finetune_1pct_scratch_top1": r.get("scratch", {}).get("top1"),
+            "finetune_images_per_s": r["pretrained"]["images_per_s"],
+            "embed_images_per_s": emb.get("images_per_s"), "embed_count": emb.get("count"),
+            "embed_query": hits}
 
 
 # ---------------------------------------------------------------- driver

@@ -212,4 +212,8 @@ def test_cpu_quick_run_covers_every_step_and_writes_the_report(tmp_path):
         assert (res["eval_count"] == 1000
                 and res["pretraining"]["time_budget_s"] == res["time_budget_s"])
         assert math.isfinite(res["pretraining"]["images_per_s"])
+        # after pretraining: fine-tuning on 1% of the labels, embeddings and a query
+        assert 0.1 < res["finetune_1pct_top1"] <= 1 and res["embed_count"] == 10000
+        assert math.isfinite(res["finetune_images_per_s"]) and res["embed_images_per_s"] > 0
+        assert "1% labels fine-tuned" in q["headline"]
     assert "step" in proc.stdout and "headline" in proc.stdout  # the table
