@@ -334,6 +334,12 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def accelerate_precision(setting: str, cuda: bool) -> str:
+    """Accelerate's mixed_precision for train.mixed_precision: auto is bf16 on a GPU and fp32 on
+    the CPU; fp32 is Accelerate's "no"."""
+    return {"auto": "bf16" if cuda else "no", "fp32": "no"}.get(setting, setting)
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -48,7 +47,7 @@ from pipelines.sources import DatasetError, Split, open_dataset, show_path
 from train.atomic import write_atomic
 from train.checkpoint import load_pretrained
 from train.commands import run_command
-from train.config import ConfigError, config_to_dict
+from train.config import ConfigError, accelerate_precision, config_to_dict
 from train.features import eval_views
 from train.linear_eval import run_dir_of, topk_accuracy
 from train.schedule import lr_schedule
@@ -311,15 +310,10 @@ def _class_names(ds, classes: int) -> list[str]:
 
 
 def _save_model(net: Classifier, path: Path, meta: dict) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, save(state, metadata={k: json.dumps(v) for k, v in meta.items()}))
 
 
 def finetune(args) -> dict:
@@ -332,8 +326,7 @@ def finetune(args) -> dict:
     t0 = time.perf_counter()
     cuda = torch.cuda.is_available()
     ckpt, cfg, pretrained = load_pretrained(args.checkpoint)
-    precision = {"auto": "bf16" if cuda else "no", "fp32": "no"}.get(cfg.train.mixed_precision,
-                                                                     cfg.train.mixed_precision)
+    precision = accelerate_precision(cfg.train.mixed_precision, cuda)
     acc = Accelerator(cpu=not cuda, mixed_precision=precision)
     rank, world, device = acc.process_index, acc.num_processes, acc.device
     main = acc.is_main_process

@@ -42,7 +42,14 @@ from train.checkpoint import (
     save_checkpoint,
     step_dirs,
 )
-from train.config import Config, ConfigError, config_to_dict, load_config, save_config
+from train.config import (
+    Config,
+    ConfigError,
+    accelerate_precision,
+    config_to_dict,
+    load_config,
+    save_config,
+)
 from train.features import knn_top1
 from train.schedule import base_lr, lr_schedule, scaled_lr, steps_within_budget
 from train.step import training_step
@@ -239,8 +246,7 @@ def set_up(cfg: Config, resume: str | None, overwrite: bool) -> Run:
     from model.simclr import build_simclr
 
     cuda = torch.cuda.is_available()
-    precision = {"auto": "bf16" if cuda else "no", "fp32": "no"}.get(cfg.train.mixed_precision,
-                                                                     cfg.train.mixed_precision)
+    precision = accelerate_precision(cfg.train.mixed_precision, cuda)
     acc = Accelerator(cpu=not cuda, mixed_precision=precision)
     rank, world, device = acc.process_index, acc.num_processes, acc.device
     if cfg.data.batch_size % world:
