@@ -307,12 +307,9 @@ def result_rows(curves: dict, flat: dict, linear: dict, budget: float, every: fl
 
 def plot_curves(path: Path, curves: dict, flat: dict, title: str) -> None:
     """kNN top-1 against training minutes, a line per contender, dashed flat baselines."""
-    import matplotlib
+    from tools.plot import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(8, 5), dpi=100)
     for i, (name, c) in enumerate(curves.items()):
         ax.plot([p["seconds"] / 60 for p in c], [100 * p["knn_top1"] for p in c], marker="o",
                 color=f"C{i}", label=name)
@@ -324,9 +321,7 @@ def plot_curves(path: Path, curves: dict, flat: dict, title: str) -> None:
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     print(f"wrote {path}")
 
 

@@ -41,7 +41,7 @@ from pipelines.sources import (
 )
 from pipelines.torchvision_loader import eval_transform
 from tools.cli import at_least
-from train.atomic import fsync_dir, temp_name, write_atomic
+from train.atomic import fsync_dir, remove_stale_temps, temp_name, write_atomic
 from train.checkpoint import load_pretrained, read_trainer_state
 from train.commands import run_command
 from train.config import ConfigError
@@ -137,6 +137,7 @@ def write_rows(path: Path, batches, count: int, dim: int, encoder, device, progr
     when complete. Returns the indices of the images skipped (mask False)."""
     from numpy.lib.format import open_memmap
 
+    remove_stale_temps(path)  # of an earlier run that was killed outright
     tmp, short = temp_name(path), None
     try:
         rows = open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, dim))

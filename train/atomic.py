@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import os
 import secrets
 import signal
@@ -45,6 +46,29 @@ def exchange(a: Path, b: Path) -> bool:
 def temp_name(path: Path) -> Path:
     """A fresh hidden name beside `path` (never reused: pid and random bits)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete the `temp_name`s of `path` left by processes that no longer run (a SIGKILL leaves
+    its temp file behind); those of live processes are theirs. Returns what was deleted."""
+    gone = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        gone.append(tmp)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def fsync_dir(path: Path) -> None:

@@ -263,3 +263,20 @@ def test_load_pretrained_gives_the_checkpoints_weights_and_names_a_mismatch(tmp_
     (other / "config.yaml").write_text(text)
     with pytest.raises(CheckpointError, match=r"does not match its config .*pass another"):
         load_pretrained(other)
+
+
+def test_stale_temps_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+
+    from train.atomic import remove_stale_temps, temp_name
+
+    target = tmp_path / "rows[1].npy"  # a name with glob characters matches only itself
+    mine = temp_name(target)
+    dead_pid = subprocess.Popen(["true"]).pid
+    os.waitpid(dead_pid, 0)
+    dead = tmp_path / f".{target.name}.{dead_pid}.0badc0de.tmp"
+    other = tmp_path / f".rows1.npy.{dead_pid}.0badc0de.tmp"  # another file's temp
+    for p in (mine, dead, other):
+        p.write_bytes(b"partial")
+    assert remove_stale_temps(target) == [dead]
+    assert mine.exists() and other.exists() and not dead.exists()
