@@ -26,7 +26,7 @@ from pipelines.loader import build_loader
 from pipelines.sources import Split, beton_file
 from pipelines.spec import AugmentSpec
 from tools import benchmark
-from tools.cli import at_least
+from train.cli import at_least
 
 IMPLS = ("torchvision", "dali", "ffcv")
 BASELINE = "torchvision"

@@ -34,7 +34,7 @@ import torch
 
 from model.nt_xent import default_block, nt_xent, nt_xent_reference
 from tools import benchmark
-from tools.cli import above, at_least
+from train.cli import above, at_least
 
 BASELINE = "reference"
 IMPLS = ("reference", "chunked", "triton", "peer")

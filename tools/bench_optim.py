@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from tools import benchmark
-from tools.cli import at_least
+from train.cli import at_least
 from train.lars import LARS, LARSReference, lars_param_groups
 
 BASELINE = "sgd_foreach"

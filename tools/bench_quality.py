@@ -37,8 +37,8 @@ import torch
 from pipelines.loader import BACKENDS, BackendUnavailable, require_backend
 from pipelines.sources import DatasetError, open_dataset
 from tools import benchmark
-from tools.cli import above, at_least
 from train.checkpoint import CheckpointError, load_pretrained
+from train.cli import above, at_least
 from train.config import ConfigError, build_config, load_config, load_yaml
 from train.features import extract_features, knn_accuracy, knn_bank, knn_top1
 from train.linear_eval import linear_probe, raw_pixels, subset

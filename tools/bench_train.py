@@ -55,7 +55,7 @@ from pipelines.loader import BACKENDS, build_loader
 from pipelines.sources import Split, beton_file
 from pipelines.spec import AugmentSpec, TwoViewBatch
 from tools import benchmark
-from tools.cli import above, at_least
+from train.cli import above, at_least
 from train.lars import LARS, lars_param_groups
 from train.schedule import lr_schedule, scaled_lr
 from train.step import training_step

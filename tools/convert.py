@@ -69,8 +69,8 @@ from pipelines.sources import (
     show_path,
     write_file_list,
 )
-from tools.cli import at_least
 from train.atomic import exchange
+from train.cli import at_least
 
 TOOL = "tools.convert"  # the manifest's "tool": --overwrite replaces only what this tool wrote
 FORMATS = ("auto", "idx", "cifar", "folder")

@@ -40,9 +40,9 @@ from pipelines.sources import (
     show_path,
 )
 from pipelines.torchvision_loader import eval_transform
-from tools.cli import at_least
 from train.atomic import fsync_dir, remove_stale_temps, temp_name, write_atomic
 from train.checkpoint import load_pretrained, read_trainer_state
+from train.cli import at_least
 from train.commands import run_command
 from train.config import ConfigError
 from train.features import eval_views

@@ -52,8 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools.benchmark import contract_problems, cpu_model
-from tools.cli import above, at_least
 from train.atomic import write_atomic
+from train.cli import above, at_least
 
 ROOT = Path(__file__).resolve().parent.parent
 STATUSES = ("pass", "fail", "timeout", "skip")

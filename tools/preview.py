@@ -26,10 +26,10 @@ import torch
 
 from pipelines.loader import BACKENDS, BackendUnavailable, build_loader, require_backend
 from pipelines.sources import DatasetError, open_dataset, show_path
-from tools.cli import at_least
 from tools.plot import pyplot, save_png
 from train.atomic import write_atomic
 from train.checkpoint import resolve_checkpoint
+from train.cli import at_least
 from train.commands import run_command
 from train.config import ConfigError, load_config
 from train.features import eval_views

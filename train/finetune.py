@@ -46,6 +46,7 @@ from pipelines.loader import BACKENDS, build_loader
 from pipelines.sources import DatasetError, Split, open_dataset, show_path
 from train.atomic import write_atomic
 from train.checkpoint import load_pretrained
+from train.cli import above, at_least
 from train.commands import run_command
 from train.config import ConfigError, accelerate_precision, config_to_dict
 from train.features import eval_views
@@ -73,15 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the labels are drawn from (default: data.train_split)")
     p.add_argument("--eval-split", default=None,
                    help="split to report accuracy on (default: data.eval_split)")
-    p.add_argument("--epochs", type=_positive_float, default=None,
+    p.add_argument("--epochs", type=above(0.0), default=None,
                    help="passes over the labelled images (default: 60 for <= 1%% of the labels, "
                    "else 30)")
-    p.add_argument("--min-steps", type=_non_negative_int, default=100,
+    p.add_argument("--min-steps", type=at_least(0), default=100,
                    help="lengthen the schedule to at least this many steps (default: 100)")
-    p.add_argument("--batch-size", type=_positive_int, default=256,
+    p.add_argument("--batch-size", type=at_least(1), default=256,
                    help="augmented views per step over all processes, two per image (default: "
                    "256; lowered to what the labelled images fill)")
-    p.add_argument("--lr", type=_positive_float, default=None,
+    p.add_argument("--lr", type=above(0.0), default=None,
                    help=f"peak learning rate (default: {LR_PER_256} x batch size / 256)")
     p.add_argument("--backend", default=None,
                    help="loader backend: torchvision, dali or ffcv (default: the run's "
@@ -93,23 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the baseline trained from random initialisation")
     p.add_argument("--out", default=None, help="output directory (default: see above)")
     return p
-
-
-def _parsed(kind, ok, what):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
-        return value
-    return parse
-
-
-_positive_int = _parsed(int, lambda v: v > 0, "a positive integer")
-_non_negative_int = _parsed(int, lambda v: v >= 0, "an integer >= 0")
-_positive_float = _parsed(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 
 
 # ---------------------------------------------------------------- the labelled subset

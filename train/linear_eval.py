@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from pipelines.sources import DatasetError, open_dataset
 from train.atomic import write_atomic
 from train.checkpoint import load_pretrained
+from train.cli import at_least
 from train.commands import run_command
 from train.config import ConfigError
 from train.features import eval_views, extract_features
@@ -49,22 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "<step dir>.linear_eval.json for a checkpoint outside a run directory)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the baselines (raw pixels and a randomly initialised encoder)")
-    p.add_argument("--train-samples", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--train-samples", type=at_least(1), default=None, metavar="N",
                    help="fit on a seeded random subset of N train images (default: all), for a "
                    "quick estimate")
-    p.add_argument("--eval-samples", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--eval-samples", type=at_least(1), default=None, metavar="N",
                    help="report on a seeded random subset of N evaluation images (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where features are extracted and classifiers fitted (default: cuda when "
                    "available)")
     return p
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def subset(n: int, limit: int | None, seed: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Argument types shared by the command-line tools.
+"""Argument types shared by the command-line tools and commands (tools/, train/).
 
 A number outside its range becomes argparse's one-line usage error naming the option
 (`error: argument --workers: must be >= 1, got 0`), not a traceback or a silent NaN later.
