@@ -45,6 +45,12 @@ DIGIT_CLASSES = tuple(str(d) for d in range(10))
 # PNG. Files other than 8-bit RGB/grayscale JPEG or PNG are normalised at conversion (`decode_rgb`
 # into a lossless 8-bit RGB PNG), so every backend's decoder reads only those two kinds.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+
+def is_image(path) -> bool:
+    """Whether a file name is one the image readers take: an image suffix, and not hidden (macOS
+    leaves `._name.jpg` resource forks that are no images)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 EXIF_ORIENTATION = 0x0112
 
 

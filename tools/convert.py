@@ -55,6 +55,7 @@ from pipelines.formats import (
     cifar_rows_to_hwc,
     decode_rgb,
     inspect_image,
+    is_image,
     read_cifar_pickle,
     read_idx,
     sha256_file,
@@ -134,10 +135,6 @@ def _cifar_root(src: Path) -> Path | None:
     return None
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
-
-
 def _visible_dirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -147,8 +144,8 @@ def detect_format(src: Path) -> str:
         return "idx"
     if _cifar_root(src) is not None:
         return "cifar"
-    if any(_is_image(p) for p in src.iterdir()) or any(
-        _is_image(p) for d in _visible_dirs(src) for p in d.rglob("*")
+    if any(is_image(p) for p in src.iterdir()) or any(
+        is_image(p) for d in _visible_dirs(src) for p in d.rglob("*")
     ):
         return "folder"
     raise ConvertError(
@@ -285,12 +282,12 @@ def read_cifar_dataset(src: Path, name: str | None) -> Converted:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if _is_image(p) and p.is_file())
+    return sorted(p for p in folder.iterdir() if is_image(p) and p.is_file())
 
 
 def _class_images(root: Path) -> dict[str, list[Path]]:
     """{class folder name: the images anywhere under it}, for sub-folders of root holding images."""
-    found = {d.name: sorted(p for p in d.rglob("*") if _is_image(p) and p.is_file())
+    found = {d.name: sorted(p for p in d.rglob("*") if is_image(p) and p.is_file())
              for d in _visible_dirs(root)}
     return {name: paths for name, paths in found.items() if paths}
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines.formats import IMAGE_SUFFIXES, FormatError, decode_rgb
+from pipelines.formats import IMAGE_SUFFIXES, FormatError, decode_rgb, is_image
 from pipelines.sources import (
     MANIFEST,
     DatasetError,
@@ -41,12 +41,12 @@ from pipelines.sources import (
 )
 from pipelines.torchvision_loader import eval_transform
 from train.atomic import fsync_dir, remove_stale_temps, temp_name, write_atomic
-from train.checkpoint import load_pretrained, read_trainer_state
-from train.cli import at_least
+from train.checkpoint import load_pretrained, read_trainer_state, run_output
+from train.cli import add_checkpoint, at_least
 from train.commands import run_command
 from train.config import ConfigError
-from train.features import eval_views
-from train.linear_eval import check_device, run_dir_of
+from train.features import eval_views, forward_eval
+from train.linear_eval import check_device
 
 SIMILARITY_CHUNK = 1 << 16  # rows per block of the query's similarity pass
 
@@ -54,8 +54,7 @@ SIMILARITY_CHUNK = 1 << 16  # rows per block of the query's similarity pass
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.embed",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True,
-                   help="run directory, its checkpoints/ folder, or a step-* checkpoint")
+    add_checkpoint(p)
     p.add_argument("source", metavar="SOURCE",
                    help="a dataset directory (tools.convert) or a folder of images")
     p.add_argument("--split", default=None,
@@ -82,8 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def image_files(folder: Path) -> list[Path]:
     """The image files under `folder`, recursively, by the suffixes tools.convert reads."""
-    return sorted((p for p in folder.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=str)
+    return sorted((p for p in folder.rglob("*") if is_image(p) and p.is_file()), key=str)
 
 
 def decode_view(path: Path, transform, fix: str = "remove it or pass --skip-bad") -> torch.Tensor:
@@ -119,16 +117,10 @@ def _worker_init(_):
     torch.set_num_threads(1)  # workers are processes already; threads would oversubscribe
 
 
-@torch.no_grad()
 def encode(encoder: torch.nn.Module, x: torch.Tensor, device) -> np.ndarray:
     """float32 [B, F] features of a normalised batch, as train.features.extract_features
-    computes them (bf16 autocast on CUDA only)."""
-    device = torch.device(device)
-    x = x.to(device).contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                        enabled=device.type == "cuda"):
-        h = encoder(x)
-    return h.float().cpu().numpy()
+    computes them."""
+    return forward_eval(encoder, x, device).numpy()
 
 
 def write_rows(path: Path, batches, count: int, dim: int, encoder, device, progress) -> list[int]:
@@ -179,9 +171,7 @@ def write_rows(path: Path, batches, count: int, dim: int, encoder, device, progr
 def output_prefix(ckpt: Path, source: Path, split: str | None, out_arg: str | None) -> Path:
     if out_arg:
         return Path(out_arg)
-    run_dir = run_dir_of(ckpt)
-    folder = ckpt.parent / f"{ckpt.name}.embeddings" if run_dir is None else run_dir / "embeddings"
-    return folder / f"{source.name}-{split or 'images'}"
+    return run_output(ckpt, "embeddings") / f"{source.name}-{split or 'images'}"
 
 
 def outputs(prefix: Path) -> dict[str, Path]:
@@ -380,6 +370,7 @@ def _print_summary(meta: dict, files: dict[str, Path]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command("embed", lambda: run(args), oom_fix="pass a smaller --batch-size")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,10 +34,10 @@ from model.encoder import ResNetEncoder
 from pipelines.sources import show_path
 from pipelines.torchvision_loader import EVAL_CROP_PROPORTION
 from train.atomic import exchange, fsync_dir, temp_name, write_atomic
-from train.checkpoint import CheckpointError, load_pretrained, read_trainer_state
+from train.checkpoint import CheckpointError, load_pretrained, read_trainer_state, run_output
+from train.cli import add_checkpoint
 from train.commands import run_command
 from train.config import ConfigError, config_to_dict
-from train.linear_eval import run_dir_of
 
 WEIGHTS = ("encoder.safetensors", "encoder.pt")
 META = "encoder.json"
@@ -46,8 +46,7 @@ META = "encoder.json"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.export",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True,
-                   help="run directory, its checkpoints/ folder, or a step-* checkpoint")
+    add_checkpoint(p)
     p.add_argument("--out", default=None,
                    help="folder to write (default: <run dir>/export, or <step dir>.export for a "
                    "checkpoint outside a run directory)")
@@ -60,10 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def export_dir(ckpt: Path, out_arg: str | None) -> Path:
-    if out_arg:
-        return Path(out_arg)
-    run_dir = run_dir_of(ckpt)
-    return ckpt.parent / f"{ckpt.name}.export" if run_dir is None else run_dir / "export"
+    return Path(out_arg) if out_arg else run_output(ckpt, "export")
 
 
 def eval_view_words(size: int) -> str:
@@ -284,6 +280,7 @@ def _print_summary(out: Path, blobs: dict[str, bytes], meta: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command("export", lambda: export(args))
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -237,5 +237,6 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_command("plot", work, errors=(NotARun,))
 
+
 if __name__ == "__main__":
     sys.exit(main())

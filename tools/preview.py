@@ -24,7 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.loader import BACKENDS, BackendUnavailable, build_loader, require_backend
+from pipelines.loader import (
+    BACKENDS,
+    BackendUnavailable,
+    build_loader,
+    pixel_stats,
+    require_backend,
+)
 from pipelines.sources import DatasetError, open_dataset, show_path
 from tools.plot import pyplot, save_png
 from train.atomic import write_atomic
@@ -127,8 +133,7 @@ def pick_backends(requested: str | None, ds, split: str) -> tuple[list[str], dic
 
 def to_uint8(x: torch.Tensor, spec) -> np.ndarray:
     """Normalised float [B, 3, S, S] -> uint8 [B, S, S, 3], rounded."""
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(spec.std).view(1, 3, 1, 1) * 255
+    mean, std = pixel_stats(spec, torch.device("cpu"))
     px = (x.float().cpu() * std + mean).round().clamp(0, 255).to(torch.uint8)
     return px.permute(0, 2, 3, 1).contiguous().numpy()
 
@@ -296,6 +301,7 @@ def _print_table(r: dict, png: Path, js: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command("preview", lambda: preview(args))
+
 
 if __name__ == "__main__":
     sys.exit(main())

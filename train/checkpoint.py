@@ -232,6 +232,21 @@ def load_model_weights(ckpt: Path) -> dict:
     return state
 
 
+def run_dir_of(ckpt: Path) -> Path | None:
+    """The run directory that owns a step-* checkpoint (<run>/checkpoints/step-*), or None."""
+    run_dir = ckpt.parent.parent
+    if ckpt.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file():
+        return run_dir
+    return None
+
+
+def run_output(ckpt: Path, name: str) -> Path:
+    """Where a tool writes `name` for a checkpoint by default: <run dir>/<name> when the
+    checkpoint is inside a run's checkpoints/ folder, else <step dir>.<name> beside it."""
+    run_dir = run_dir_of(ckpt)
+    return ckpt.parent / f"{ckpt.name}.{name}" if run_dir is None else run_dir / name
+
+
 def load_pretrained(path: str | Path):
     """(checkpoint, config, SimCLR model) of a run directory, checkpoints/ folder or step-*
     checkpoint: the model built from the checkpoint's own config and its trained weights, on the

@@ -14,6 +14,12 @@ import math
 from collections.abc import Callable
 
 
+def add_checkpoint(p: argparse.ArgumentParser) -> None:
+    """--checkpoint, as every command that reads a trained model takes it."""
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory, its checkpoints/ folder, or a step-* checkpoint")
+
+
 def at_least(lo: int) -> Callable[[str], int]:
     """An integer >= lo."""
 

@@ -49,6 +49,18 @@ def eval_views(split: Split, spec: AugmentSpec, indices: np.ndarray, batch_size:
 
 
 @torch.no_grad()
+def forward_eval(net: torch.nn.Module, x: torch.Tensor, device) -> torch.Tensor:
+    """`net` on a normalised batch as every evaluation runs it: on `device`, channels_last, bf16
+    autocast on CUDA only; the output float32 on the CPU."""
+    device = torch.device(device)
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                        enabled=device.type == "cuda"):
+        out = net(x)
+    return out.float().cpu()
+
+
+@torch.no_grad()
 def extract_features(encoder: torch.nn.Module, split: Split, spec: AugmentSpec, *, indices=None,
                      batch_size: int = 512, device="cpu", num_workers: int = 2,
                      normalize: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,11 +70,7 @@ def extract_features(encoder: torch.nn.Module, split: Split, spec: AugmentSpec, 
     encoder.eval()
     feats = []
     for x in eval_views(split, spec, indices, batch_size, num_workers):
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                            enabled=torch.device(device).type == "cuda"):
-            h = encoder(x)
-        feats.append(h.float().cpu())
+        feats.append(forward_eval(encoder, x, device))
         if progress is not None:
             progress(len(x))
     encoder.train(was_training)

@@ -45,12 +45,12 @@ from torch import nn
 from pipelines.loader import BACKENDS, build_loader
 from pipelines.sources import DatasetError, Split, open_dataset, show_path
 from train.atomic import write_atomic
-from train.checkpoint import load_pretrained
-from train.cli import above, at_least
+from train.checkpoint import load_pretrained, run_output
+from train.cli import above, add_checkpoint, at_least
 from train.commands import run_command
 from train.config import ConfigError, accelerate_precision, config_to_dict
-from train.features import eval_views
-from train.linear_eval import run_dir_of, topk_accuracy
+from train.features import eval_views, forward_eval
+from train.linear_eval import topk_accuracy
 from train.schedule import lr_schedule
 
 MODES = ("finetune", "linear")
@@ -60,8 +60,7 @@ LR_PER_256 = 0.05  # the paper's fine-tuning LR per 256 examples (Appendix B.5)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.finetune",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True,
-                   help="run directory, its checkpoints/ folder, or a step-* checkpoint")
+    add_checkpoint(p)
     p.add_argument("--labels", default="0.1",
                    help="fraction of the train split's labels, class-balanced and seeded (0.01, "
                    "0.1, ..., 1), or a file of train indices, one per line (default: 0.1)")
@@ -204,16 +203,14 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 # ---------------------------------------------------------------- training and evaluation
 
-def train_classifier(acc, model: Classifier, loader, lrs: torch.Tensor, steps_per_epoch: int,
-                     bar) -> list[dict]:
+def train_classifier(acc, model: Classifier, loader, lrs: torch.Tensor, bar) -> list[dict]:
     """Train `model` along `lrs` (one LR per step) with the paper's optimizer, prepared by
     Accelerate here; the mean loss of each epoch."""
     optimizer = make_optimizer(model, float(lrs[0]))
     model, optimizer = acc.prepare(model, optimizer)
     model.train()
-    history, step = [], 0
-    epochs = math.ceil(len(lrs) / steps_per_epoch)
-    for epoch in range(epochs):
+    history, step, epoch = [], 0, 0
+    while step < len(lrs):
         loader.set_epoch(epoch)
         total = torch.zeros((), device=acc.device)
         count = 0
@@ -239,6 +236,7 @@ def train_classifier(acc, model: Classifier, loader, lrs: torch.Tensor, steps_pe
                     bar.set_postfix(loss=f"{loss.item():.3f}")
         mean = acc.reduce(total, "mean").item() / max(1, count)
         history.append({"epoch": epoch, "steps": step, "loss": mean})
+        epoch += 1
     return history
 
 
@@ -251,19 +249,13 @@ def evaluate(acc, model: nn.Module, split: Split, spec, batch_size: int,
     was_training = net.training
     net.eval()
     idx = np.arange(acc.process_index, len(split), acc.num_processes)
-    hits = torch.zeros(2, dtype=torch.float64, device=acc.device)
     labels = torch.from_numpy(np.asarray(split.labels)[idx]).long()
-    seen = 0
-    for x in eval_views(split, spec, idx, batch_size, num_workers):
-        x = x.to(acc.device).contiguous(memory_format=torch.channels_last)
-        with acc.autocast():
-            logits = net(x).float()
-        y = labels[seen:seen + len(x)].to(acc.device)
-        acc_k = topk_accuracy(logits, y)
-        hits += torch.tensor([acc_k["top1"], acc_k["top5"]], dtype=torch.float64,
-                             device=acc.device) * len(x)
-        seen += len(x)
+    logits = torch.cat([forward_eval(net, x, acc.device)
+                        for x in eval_views(split, spec, idx, batch_size, num_workers)])
     net.train(was_training)
+    fractions = topk_accuracy(logits, labels)
+    hits = torch.tensor([fractions["top1"], fractions["top5"]], dtype=torch.float64,
+                        device=acc.device) * len(idx)  # this process's counts
     hits = acc.reduce(hits, "sum")
     return {"top1": hits[0].item() / len(split), "top5": hits[1].item() / len(split)}
 
@@ -271,12 +263,7 @@ def evaluate(acc, model: nn.Module, split: Split, spec, batch_size: int,
 # ---------------------------------------------------------------- the command
 
 def output_dir(ckpt: Path, out: str | None, tag: str) -> Path:
-    if out:
-        return Path(out)
-    run_dir = run_dir_of(ckpt)
-    if run_dir is None:
-        return ckpt.parent / f"{ckpt.name}.finetune" / tag
-    return run_dir / "finetune" / tag
+    return Path(out) if out else run_output(ckpt, "finetune") / tag
 
 
 def _check_splits(*splits: Split) -> int:
@@ -293,11 +280,12 @@ def _class_names(ds, classes: int) -> list[str]:
     return list(ds.classes) if len(ds.classes) == classes else [str(c) for c in range(classes)]
 
 
-def _save_model(net: Classifier, path: Path, meta: dict) -> None:
+def _save_model(net: Classifier, path: Path) -> None:
+    """The network's weights; what it is (arch, classes, source) is in finetune.json beside it."""
     from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    write_atomic(path, save(state, metadata={k: json.dumps(v) for k, v in meta.items()}))
+    write_atomic(path, save(state))
 
 
 def finetune(args) -> dict:
@@ -379,7 +367,7 @@ def finetune(args) -> dict:
         net = net.to(device).to(memory_format=torch.channels_last)
         t1 = time.perf_counter()
         with tqdm(total=steps, desc=name, unit="step", disable=not main) as bar:
-            history = train_classifier(acc, net, loader, lrs, steps_per_epoch, bar)
+            history = train_classifier(acc, net, loader, lrs, bar)
         train_s = time.perf_counter() - t1
         metrics = evaluate(acc, net, eval_split, cfg.augment, cfg.eval.batch_size,
                            cfg.data.num_workers)
@@ -403,9 +391,7 @@ def finetune(args) -> dict:
         **results, "wall_s": time.perf_counter() - t0,
     }
     if main:
-        _save_model(nets["pretrained"], out / "model.safetensors",
-                    {k: result[k] for k in ("arch", "width", "small_stem", "classes",
-                                            "checkpoint")})
+        _save_model(nets["pretrained"], out / "model.safetensors")
         result["model"] = str(out / "model.safetensors")
         write_atomic(out / "finetune.json", json.dumps(result, indent=1))
         _print_table(result, out)
@@ -441,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command("finetune", lambda: finetune(args),
                        oom_fix=f"pass a smaller --batch-size than {args.batch_size}")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from pipelines.sources import DatasetError, open_dataset
 from train.atomic import write_atomic
-from train.checkpoint import load_pretrained
-from train.cli import at_least
+from train.checkpoint import load_pretrained, run_dir_of, run_output
+from train.cli import add_checkpoint, at_least
 from train.commands import run_command
 from train.config import ConfigError
 from train.features import eval_views, extract_features
@@ -38,8 +38,7 @@ from train.features import eval_views, extract_features
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.linear_eval",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True,
-                   help="run directory, its checkpoints/ folder, or a step-* checkpoint")
+    add_checkpoint(p)
     p.add_argument("--data", help="dataset directory (default: the one the encoder was trained on)")
     p.add_argument("--train-split", default=None,
                    help="split to fit the classifier on (default: data.train_split)")
@@ -152,21 +151,8 @@ def check_device(text: str) -> str:
     return text
 
 
-def run_dir_of(ckpt: Path) -> Path | None:
-    """The run directory that owns a step-* checkpoint (<run>/checkpoints/step-*), or None."""
-    run_dir = ckpt.parent.parent
-    if ckpt.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file():
-        return run_dir
-    return None
-
-
 def output_path(ckpt: Path, json_arg: str | None) -> Path:
-    if json_arg:
-        return Path(json_arg)
-    run_dir = run_dir_of(ckpt)
-    if run_dir is None:
-        return ckpt.parent / f"{ckpt.name}.linear_eval.json"
-    return run_dir / "linear_eval.json"
+    return Path(json_arg) if json_arg else run_output(ckpt, "linear_eval.json")
 
 
 def run_summary(ckpt: Path) -> dict | None:
@@ -285,6 +271,7 @@ def _print_table(r: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command("linear_eval", lambda: evaluate(args), out_option="--json")
+
 
 if __name__ == "__main__":
     sys.exit(main())

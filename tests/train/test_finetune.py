@@ -133,7 +133,7 @@ def test_linear_mode_trains_only_the_linear_layer():
         torch.manual_seed(0)
         net = Classifier(ResNetEncoder("resnet18", width=0.125, small_stem=True), 3, frozen)
         before = {k: v.clone() for k, v in net.state_dict().items()}
-        train_classifier(acc, net, Loader(), lr_schedule(0.1, 4, 0), 2, None)
+        train_classifier(acc, net, Loader(), lr_schedule(0.1, 4, 0), None)
         changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
         enc = {k for k in changed if k.startswith("encoder.")}
         assert {"fc.weight", "fc.bias"} <= changed, mode
