@@ -328,9 +328,8 @@ def query(args, ckpt: Path, cfg, encoder, source: Source, files: dict[str, Path]
         t.add_column(col, justify=just)
     for n in result["neighbours"]:
         t.add_row(str(n["rank"]), f"{n['similarity']:.4f}", n["path"])
-    c = Console()
-    c.print(t)
-    c.print(f"neighbours: {out}")
+    Console().print(t)
+    print(f"neighbours: {out}")  # plain: rich would wrap a long path
     return result
 
 
@@ -361,10 +360,9 @@ def _print_summary(meta: dict, files: dict[str, Path]) -> None:
     t.add_row(Path(meta["source"]).name + (f" ({meta['split']})" if meta["split"] else ""),
               str(meta["count"]), str(meta["dim"]), meta["device"], f"{meta['seconds']:.1f}",
               f"{rate:.0f}" if rate else "-")
-    c = Console()
-    c.print(t)
+    Console().print(t)
     for kind in ("npy", "files.txt", "json"):
-        c.print(f"{kind}: {files[kind]}")
+        print(f"{kind}: {files[kind]}")  # plain: rich would wrap a long path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -274,7 +274,7 @@ def _print_summary(out: Path, blobs: dict[str, bytes], meta: dict) -> None:
     c.print(t)
     c.print("load it with:")
     c.print(meta["load"], markup=False, highlight=False, soft_wrap=True)
-    c.print(f"export: {out}")
+    print(f"export: {out}")  # plain: rich would wrap a long path
 
 
 def main(argv: list[str] | None = None) -> int:

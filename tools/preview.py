@@ -292,10 +292,11 @@ def _print_table(r: dict, png: Path, js: Path) -> None:
             t.add_row(b, *(f"{views[v][k]:.2f}" if k == "mean" else str(views[v][k])
                            for v in ("view 1", "view 2") for k in ("mean", "max")))
         c.print(t)
-    c.print(f"backends: {', '.join(r['backends'])}"
-            + (f" (skipped: {', '.join(r['skipped'])})" if r["skipped"] else ""))
-    c.print(f"wrote {show_path(png)}")
-    c.print(f"wrote {show_path(js)}")
+    # paths by plain print: rich would wrap them at the terminal's width and read [..] as markup
+    print(f"backends: {', '.join(r['backends'])}"
+          + (f" (skipped: {', '.join(r['skipped'])})" if r["skipped"] else ""))
+    print(f"wrote {show_path(png)}")
+    print(f"wrote {show_path(js)}")
 
 
 def main(argv: list[str] | None = None) -> int:

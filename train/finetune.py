@@ -417,10 +417,10 @@ def _print_table(r: dict, out: Path) -> None:
     for name, m in rows:
         t.add_row(name, f"{100 * m['top1']:.2f}%", f"{100 * m['top5']:.2f}%",
                   f"{m['final_loss']:.3f}", f"{m['images_per_s']:.0f}", f"{m['train_s']:.0f} s")
-    c = Console()
-    c.print(t)
-    c.print(f"results: {out / 'finetune.json'}\nlabels:  {r['labels_file']}\n"
-            f"model:   {r['model']}")
+    Console().print(t)
+    # plain: rich would wrap a long path and read [..] in it as markup
+    print(f"results: {out / 'finetune.json'}\nlabels:  {r['labels_file']}\n"
+          f"model:   {r['model']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -265,7 +265,7 @@ def _print_table(r: dict, out: Path) -> None:
                   f"{p['images_per_s']:.0f}", f"{p['wall_s']:.0f} s", f"{r['wall_s']:.0f} s",
                   p["backend"])
         c.print(t)
-    c.print(f"results: {out}")
+    print(f"results: {out}")  # plain: rich would wrap a long path
 
 
 def main(argv: list[str] | None = None) -> int:
