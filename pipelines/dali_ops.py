@@ -35,7 +35,7 @@ def view_inputs(boxes: np.ndarray, params: np.ndarray) -> tuple[np.ndarray, np.n
 
 @functools.cache
 def _cpu_tail():
-    from pipelines.render_cpu import dali_tail
+    from pipelines.dali_tail import dali_tail
 
     return dali_tail()  # compiled once per process, used by every pipeline
 

@@ -13,8 +13,10 @@ step by step and in float32 like torchvision:
   rounded half to even.
 
 FFCV's compiled pipeline (`ffcv_ops.SimCLRTail`) calls `tail_batch`, which also draws each sample's
-parameters; DALI runs `render_tail` per sample inside its CPU graph (`dali_tail`); `render_batch`
-serves host code. On a GPU the same maths runs as batched torch ops (`pipelines.render_gpu`).
+parameters; DALI runs `render_tail` per sample inside its CPU graph (`pipelines.dali_tail`);
+`render_batch` serves host code. On a GPU the same maths runs as batched torch ops
+(`pipelines.render_gpu`). Every kernel is cached on disk (numba's `cache=True`): compiled once
+per machine, loaded by every later process.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _luma(r, g, b):
     return _F32(np.float64(lum) + np.float64(b) * np.float64(_LB))
 
 
-@numba.njit
+@numba.njit(cache=True)
 def _brightness(img, f):
     f = _F32(f)
     h, w = img.shape[0], img.shape[1]
@@ -70,7 +72,7 @@ def _brightness(img, f):
                 img[y, x, c] = _trunc_u8(_F32(img[y, x, c]) * f)
 
 
-@numba.njit
+@numba.njit(cache=True)
 def _blend(img, factor, mean, per_pixel):
     """img * f + gray * (1 - f), truncated; gray is the pixel's floored luma or `mean`."""
     f = _F32(factor)
@@ -87,7 +89,7 @@ def _blend(img, factor, mean, per_pixel):
                 img[y, x, c] = _trunc_u8(_F32(np.float64(scaled) + np.float64(gray) * g1))
 
 
-@numba.njit
+@numba.njit(cache=True)
 def _contrast(img, f):
     total = 0.0
     h, w = img.shape[0], img.shape[1]
@@ -97,7 +99,7 @@ def _contrast(img, f):
     _blend(img, f, _F32(total / (h * w)), False)
 
 
-@numba.njit
+@numba.njit(cache=True)
 def _saturation(img, f):
     _blend(img, f, _F32(0.0), True)
 
@@ -141,7 +143,7 @@ def _hue_pixel(r, g, b, shift):
     return mx, p, q
 
 
-@numba.njit
+@numba.njit(cache=True)
 def _hue(img, f):
     h, w = img.shape[0], img.shape[1]
     for y in range(h):
@@ -155,7 +157,7 @@ def _hue(img, f):
             img[y, x, 2] = np.uint8(_F32(b) * _TO_U8)
 
 
-@numba.njit
+@numba.njit(cache=True)
 def _grayscale(img):
     h, w = img.shape[0], img.shape[1]
     for y in range(h):
@@ -164,7 +166,7 @@ def _grayscale(img):
             img[y, x, 0], img[y, x, 1], img[y, x, 2] = v, v, v
 
 
-@numba.njit
+@numba.njit(cache=True)
 def gaussian_kernel(window, sigma):
     """torchvision's 1-D kernel (softmax of -(x / sigma)^2 on x = linspace(-lim, lim)), float32."""
     lim = (window - 1) / (2.0 * math.sqrt(2.0))
@@ -176,12 +178,12 @@ def gaussian_kernel(window, sigma):
     return k / k.sum()
 
 
-@numba.njit
+@numba.njit(cache=True)
 def _reflect(i, n):
     return -i if i < 0 else (2 * (n - 1) - i if i >= n else i)
 
 
-@numba.njit
+@numba.njit(cache=True)
 def _blur(img, window, sigma):
     """Separable Gaussian, reflect-101 borders (torch's 'reflect'), rounded half to even.
 
@@ -216,7 +218,7 @@ def _blur(img, window, sigma):
                 img[y, x, c] = np.uint8(0.0 if v < 0.0 else (255.0 if v > 255.0 else v))
 
 
-@numba.njit
+@numba.njit(cache=True)
 def _flip(img):
     w = img.shape[1]
     for y in range(img.shape[0]):
@@ -227,7 +229,7 @@ def _flip(img):
                 img[y, w - 1 - x, c] = a
 
 
-@numba.njit
+@numba.njit(cache=True)
 def adjust(img, op, factor):
     """One of torchvision's colour adjustments, in place: op 0 brightness, 1 contrast,
     2 saturation, 3 hue (factor in turns)."""
@@ -241,7 +243,7 @@ def adjust(img, op, factor):
         _hue(img, factor)
 
 
-@numba.njit
+@numba.njit(cache=True)
 def render_tail(img, p):
     """The tail of one view on uint8 [H, W, 3], in place, from its packed parameters p [N_P]."""
     if p[P_FLIP] > 0.5:
@@ -256,14 +258,14 @@ def render_tail(img, p):
         _blur(img, int(p[P_WINDOW]), _F32(p[P_SIGMA]))
 
 
-@numba.njit(parallel=True, nogil=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def render_batch(images, params):
     """`render_tail` of every image of uint8 [B, H, W, 3], in place, threads over samples."""
     for i in numba.prange(images.shape[0]):
         render_tail(images[i], params[i])
 
 
-@numba.njit(parallel=True, nogil=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def tail_batch(images, indices, key, flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo, s_hi,
                kernel_size):
     """`render_batch` with each sample's parameters drawn here, from the one sampler under `key`:
@@ -274,26 +276,3 @@ def tail_batch(images, indices, key, flip_p, jitter_p, lo, hi, gray_p, blur_p, s
         tail_params(stream(key, indices[i]), flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo,
                     s_hi, kernel_size, p)
         render_tail(images[i], p)
-
-
-# ---- DALI: the same kernel as a per-sample operator of the CPU graph ---------------------------
-
-def _dali_run(out, image, params):
-    out[:] = image
-    render_tail(out, params)
-
-
-def _dali_setup(outs, ins):
-    for i in range(len(outs[0])):
-        for d in range(3):
-            outs[0][i][d] = ins[0][i][d]
-
-
-def dali_tail():
-    """A DALI CPU operator: (uint8 HWC image, float64 [N_P] params) -> the rendered uint8 HWC image.
-    DALI runs it per sample on its own threads."""
-    from nvidia.dali import types
-    from nvidia.dali.plugin.numba import NumbaFunction
-
-    return NumbaFunction(run_fn=_dali_run, setup_fn=_dali_setup, out_types=[types.UINT8],
-                         in_types=[types.UINT8, types.FLOAT64], outs_ndim=[3], ins_ndim=[3, 1])
