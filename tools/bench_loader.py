@@ -9,10 +9,17 @@ two-view images per second after one warm-up pass (which also pays FFCV's compil
 Loader per case, compiled once and reused for every timed epoch), reported as a ratio to the
 torchvision reference. --quick uses fewer images and times a single epoch; the full run times
 whole epochs over the full JPEG list (twice) and 16384 arrays (twice).
+
+Time to first batch: the seconds from `build_loader` to the first batch, in a fresh Python
+process (the backend's own imports included), twice: cold, with an empty numba cache (the first
+run on a machine: every kernel compiles), and warm, with the cache the cold run left (every run
+after it). FFCV also compiles the code it generates for each Loader; that part is never cached.
+--quick measures it on the array case only.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -31,6 +38,7 @@ from train.cli import at_least
 IMPLS = ("torchvision", "dali", "ffcv")
 BASELINE = "torchvision"
 METRIC = "images_per_s"
+FIRST_BATCH = ("first_batch_s_cold", "first_batch_s_warm")
 # Loaders live until the process exits: numba's finaliser for a discarded FFCV Loader's
 # compiled JPEG decoder raises a harmless but noisy KeyError (it is skipped at exit).
 _KEEP_ALIVE: list = []
@@ -65,6 +73,58 @@ def _time_loader(loader, min_images: int) -> float:
     if batch.view1.is_cuda:
         torch.cuda.synchronize()
     return seen / (time.perf_counter() - t0)
+
+
+def first_batch_seconds(impl: str, split: Split, spec: AugmentSpec, batch_size: int,
+                        workers: int, device: str) -> float:
+    """Seconds from `build_loader` to the first batch, in this process."""
+    t0 = time.perf_counter()
+    loader = build_loader(impl, split, spec, batch_size=batch_size, seed=0,
+                          device=torch.device(device), num_workers=workers, shuffle=True,
+                          drop_last=False)
+    batch = next(iter(loader))
+    if batch.view1.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _send_first_batch_seconds(conn, *args) -> None:
+    # A spawned process inherits "spawn" as its start method; a training process has the
+    # platform's default, which the torchvision loader's workers then use.
+    multiprocessing.set_start_method(None, force=True)
+    try:
+        conn.send(first_batch_seconds(*args))
+    except BaseException as e:  # the parent re-raises it
+        conn.send(RuntimeError(f"{type(e).__name__}: {e}"))
+
+
+def fresh_process_first_batch(cache_dir: Path, *args) -> float:
+    """`first_batch_seconds(*args)` in a new interpreter whose numba cache is `cache_dir` (not a
+    pool's daemon process: the torchvision loader starts worker processes of its own)."""
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    before = os.environ.get("NUMBA_CACHE_DIR")
+    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir)  # the spawned process reads it at start
+    try:
+        child = ctx.Process(target=_send_first_batch_seconds, args=(send, *args))
+        child.start()
+    finally:
+        if before is None:
+            os.environ.pop("NUMBA_CACHE_DIR")
+        else:
+            os.environ["NUMBA_CACHE_DIR"] = before
+    send.close()
+    try:
+        result = recv.recv() if recv.poll(600) else TimeoutError("no first batch in 600 s")
+    except EOFError:
+        result = RuntimeError(f"the process died (exit code {child.join(5) or child.exitcode})")
+    child.join(60)  # it exits once its loader's workers have shut down
+    if child.is_alive():
+        child.terminate()
+        child.join()
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def _cases(args, tmp: Path):
@@ -107,7 +167,7 @@ def main(argv=None) -> int:
                 print(f"[{case}] skipped: {skip}")
                 continue
             used[case] = {"batch_size": bs, "images": len(split), "min_timed_images": min_images}
-            values = {}
+            values, first = {}, {m: {} for m in FIRST_BATCH}
             for impl in IMPLS:
                 try:
                     if impl == "ffcv":
@@ -124,17 +184,33 @@ def main(argv=None) -> int:
                     print(f"[{case}] {impl} failed: {type(e).__name__}: {e}", file=sys.stderr)
                     continue
                 print(f"[{case}] {impl}: {values[impl]:.0f} img/s", flush=True)
+                if args.quick and case != "array32":
+                    continue
+                cache = Path(tmpdir) / f"numba-cache-{case}-{impl}"  # empty: the cold run fills it
+                for metric in FIRST_BATCH:
+                    first[metric][impl] = fresh_process_first_batch(
+                        cache, impl, split, spec, bs, args.workers, str(device))
+                print(f"[{case}] {impl}: first batch after {first[FIRST_BATCH[0]][impl]:.1f} s "
+                      f"cold, {first[FIRST_BATCH[1]][impl]:.1f} s warm", flush=True)
             results += benchmark.rows(case, METRIC, values, BASELINE)
+            for metric in FIRST_BATCH:
+                if first[metric]:
+                    results += benchmark.rows(case, metric, first[metric], BASELINE)
     settings = {"workers": args.workers,
                 "batch_size": {c: u["batch_size"] for c, u in used.items()},
                 "quick": args.quick, "repeat": args.repeat or (1 if args.quick else 2),
                 "cases": used, "cpu_count": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(),
                 "images": str(args.images or benchmark.default_images()), "skipped": skipped,
-                "timing": "two-view images/s over whole epochs after one warm-up epoch"}
+                "timing": "two-view images/s over whole epochs after one warm-up epoch",
+                "first_batch": "seconds from build_loader to the first batch in a fresh process "
+                               "(imports included): cold = empty numba cache, warm = the cache "
+                               "the cold run wrote" + ("; array32 only" if args.quick else "")}
     print()
     benchmark.print_table(results, [("img/s", METRIC, "{:.0f}", "value"),
-                                    (f"vs {BASELINE}", METRIC, "{:.2f}x", "ratio")])
+                                    (f"vs {BASELINE}", METRIC, "{:.2f}x", "ratio"),
+                                    ("1st batch cold s", FIRST_BATCH[0], "{:.1f}", "value"),
+                                    ("warm s", FIRST_BATCH[1], "{:.1f}", "value")])
     benchmark.write_json(args.json, benchmark.report(device, settings, results))
     return 0
 
