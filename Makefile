@@ -1,6 +1,8 @@
 # The README's two commands. Each runs the idempotent set-up first.
 #   make demo   convert Fashion-MNIST, pretrain SimCLR, linear evaluation, plots (CPU or GPU)
-#   make test   the test suite
+#   make test   the whole test suite, one pytest-xdist worker per core (at most 8)
+# and `make test-fast`, the inner loop: the tests not marked slow (no training subprocess, no FFCV
+# compilation, no multi-process run), in about a minute on 2 cores.
 # and, on a GPU machine, `make gpu-check ARGS="--data DIR --images DIR"` (no set-up: it runs on
 # whatever python3 has torch when there is no .venv)
 PY := .venv/bin/python
@@ -12,7 +14,12 @@ DEMO_RUN := runs/fashion-mnist-demo
 ACCELERATE := .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 	--num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: setup demo test gpu-check lint bench-peers clean-demo
+# loadscope: each test module runs whole on one worker, so its module-scoped fixtures (compiled
+# FFCV loaders, reference runs) are built once; fixtures shared across modules are built once per
+# run (tests/fashion_mnist.py: build_once)
+PYTEST := $(PY) -m pytest -n auto --maxprocesses 8 --dist loadscope
+
+.PHONY: setup demo test test-fast gpu-check lint bench-peers clean-demo
 
 setup:
 	@bash tools/setup.sh
@@ -25,7 +32,10 @@ demo: setup
 	$(PY) -m tools.plot $(DEMO_RUN)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PYTEST) -q
+
+test-fast: setup
+	$(PYTEST) -q -m "not slow"
 
 gpu-check:
 	$(CHECK_PY) -m tools.gpu_check $(ARGS)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +46,9 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
-def make_subset(dst: Path, n_train: int, n_test: int) -> Path:
-    """Real Fashion-MNIST images cut to the first n_train/n_test and converted by tools.convert."""
+def make_subset(dst: Path, n_train: int, n_test: int, *, beton: bool = False) -> Path:
+    """Real Fashion-MNIST images cut to the first n_train/n_test and converted by tools.convert
+    (with `beton`, also the train split's FFCV file, where FFCV imports)."""
     from tools.convert import convert
 
     src = require_fashion_mnist()
@@ -57,7 +61,41 @@ def make_subset(dst: Path, n_train: int, n_test: int) -> Path:
                    read_idx(src / f"{prefix}-labels-idx1-ubyte.gz")[:n])
     out = dst / "fashion-mnist"
     convert(raw, out, fmt="idx", name="fashion-mnist", workers=1)
+    if beton and importlib.util.find_spec("ffcv") is not None:
+        from pipelines.ffcv_writer import write_beton
+        from pipelines.sources import beton_file, open_dataset
+
+        write_beton(open_dataset(out).split("train"), beton_file(out, "train"))
     return out
+
+
+def shared_root(tmp_path_factory) -> Path:
+    """A folder that every pytest-xdist worker of this test run shares (the run's own temporary
+    folder without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def build_once(root: Path, name: str, build: Callable[[Path], object]) -> Path:
+    """`root/name`, built by `build(root/name)` by the first process of this test run that asks;
+    the others wait for it and reuse it."""
+    from filelock import FileLock  # a dependency of torch
+
+    out = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            build(out)
+            (root / f"{name}.done").touch()
+    return out
+
+
+def subset_dataset(tmp_path_factory, n_train: int, n_test: int) -> Path:
+    """`make_subset` (with the train .beton) once per test run for these sizes, shared by every
+    module and worker: read it, never write into it."""
+    made = build_once(shared_root(tmp_path_factory), f"fashion-mnist-{n_train}-{n_test}",
+                      lambda out: make_subset(out, n_train, n_test, beton=True))
+    return made / "fashion-mnist"
 
 
 def pretrain_tiny(run: Path, data: Path, *overrides: str, steps: int = 2) -> Path:

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from model.global_batchnorm import GlobalBatchNorm, convert_to_global_bn
 from model.nt_xent import nt_xent
 from model.simclr import SimCLR
+from tests.marks import multi
 
 
 def _model() -> torch.nn.Module:
@@ -56,6 +57,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@multi
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("ddp", [False, True], ids=["plain", "ddp"])
 def test_two_processes_equal_one_process(ddp):

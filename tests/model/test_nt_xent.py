@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import nt_xent as ntx
 from model.nt_xent import NTXentLoss, nt_xent, nt_xent_reference, resolve_impl
+from tests.marks import multi
 
 REPO = Path(__file__).resolve().parents[2]
 TOL = {torch.float64: (1e-10, 1e-15), torch.float32: (1e-5, 1e-9),  # (rtol, atol) normwise
@@ -281,6 +282,7 @@ def _dist_worker(rank, world, port, z1, z2, tau, out_dir):
         dist.destroy_process_group()
 
 
+@multi
 def test_two_processes_equal_one_on_the_concatenated_batch(tmp_path):
     world, n, d, tau = 2, 5, 6, 0.3
     z1, z2 = make_views(world * n, d, torch.float64, seed=4)

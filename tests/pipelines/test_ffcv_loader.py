@@ -19,6 +19,7 @@ from pipelines.ffcv_loader import FfcvTwoViewLoader  # noqa: E402
 from pipelines.ffcv_writer import write_beton  # noqa: E402
 from pipelines.sources import beton_file  # noqa: E402
 from pipelines.spec import AugmentSpec  # noqa: E402
+from tests.marks import FFCV  # noqa: E402
 from tests.pipelines.augment_stats import (  # noqa: E402
     area_ratio_stats,
     binomial_ok,
@@ -31,7 +32,7 @@ from tests.pipelines.augment_stats import (  # noqa: E402
     two_sample_ok,
 )
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.filterwarnings("ignore::Warning")]
+pytestmark = [pytest.mark.timeout(180), pytest.mark.filterwarnings("ignore::Warning"), FFCV]
 N = 300
 # Identity crop, so pixels can be compared with the source; blur sigma >= 1 so every blur shows.
 SPEC = AugmentSpec(size=16, crop_area=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_strength=0.5,

@@ -21,6 +21,7 @@ from pipelines.loader import BACKENDS, BackendUnavailable, build_loader, require
 from pipelines.sharding import shard_indices
 from pipelines.sources import beton_file
 from pipelines.spec import AugmentSpec
+from tests.marks import backends
 from tests.pipelines.augment_stats import noise_split
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.filterwarnings("ignore::Warning"),
@@ -31,7 +32,7 @@ IDENTITY = dict(crop_area=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_
 DEFAULT = AugmentSpec(size=16)
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=backends(BACKENDS))
 def backend(request):
     try:
         require_backend(request.param)

@@ -39,6 +39,7 @@ from pipelines.augment_params import (
 from pipelines.sources import Split, beton_file
 from pipelines.spec import AugmentSpec
 from pipelines.torchvision_loader import ADJUST, TorchvisionTwoViewLoader, reference_tail
+from tests.marks import backends
 from tests.pipelines.augment_stats import to_uint8
 
 # (mean, max) |difference| in uint8 levels for one operation against torchvision
@@ -292,7 +293,7 @@ IDENTITY_CROP = dict(crop_area=(1.0, 1.0), crop_ratio=(1.0, 1.0))
 CROP_TOLERANCE = {"dali": (0.5, 4.0), "ffcv": (2.0, 12.0)}
 
 
-@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+@pytest.mark.parametrize("backend", backends(["dali", "ffcv"]))
 @pytest.mark.parametrize("op", ["flip", "jitter", "grayscale", "blur"])
 def test_backend_renders_each_operation_as_the_reference(backend, op, tmp_path):
     """Identity crop, one operation always on: a backend's view is the reference loader's."""
@@ -307,7 +308,7 @@ def test_backend_renders_each_operation_as_the_reference(backend, op, tmp_path):
     assert d.mean() <= 0.02 and d.max() <= 1.01, f"{backend} {op}: {_stats(d)}"
 
 
-@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+@pytest.mark.parametrize("backend", backends(["dali", "ffcv"]))
 def test_backend_whole_views_match_the_reference_on_arrays(backend, tmp_path):
     """Real crops and every operation at the spec's rates: the same views up to the backend's
     resampling (its crop-only difference, measured in the same test, with a margin for the colour
@@ -333,7 +334,7 @@ def test_backend_whole_views_match_the_reference_on_arrays(backend, tmp_path):
 JPEG_TOLERANCE = {"dali": (0.75, 6.0), "ffcv": (4.0, 21.0)}
 
 
-@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+@pytest.mark.parametrize("backend", backends(["dali", "ffcv"]))
 def test_whole_views_match_the_reference_on_real_jpegs(backend, tmp_path):
     """The same JPEG files through a backend and through torchvision (libjpeg-turbo via
     torchvision.io): crop, flip, jitter, grayscale and blur as drawn, within decode/resize

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipelines.spec import AugmentSpec
-from tests.fashion_mnist import REPO, make_subset
+from tests.fashion_mnist import REPO, subset_dataset
 from tests.tools.test_benchmarks import check_contract
 from tools import benchmark
 from tools.bench_quality import (
@@ -136,7 +136,7 @@ def _numpy_knn(train_x, train_y, test_x, test_y, k, t=0.07):
 
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
-    return make_subset(tmp_path_factory.mktemp("quality"), 600, 200)
+    return subset_dataset(tmp_path_factory, 600, 200)
 
 
 def test_raw_pixel_knn_matches_a_numpy_knn(small_dataset):
@@ -209,13 +209,15 @@ def test_errors_are_one_line(tmp_path, capsys):
         assert "\n" not in err
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="pretrains each contender for 10 s in its own process, then probes")
 @pytest.mark.timeout(900)
-def test_quick_run_writes_the_contract(tmp_path, small_dataset, capsys):
+def test_quick_run_writes_the_contract(tmp_path, small_dataset, capsys, torch_threads):
     from PIL import Image
 
     path = tmp_path / "quality.json"
-    assert main(["--quick", "--device", "cpu", "--data", str(small_dataset),
+    # one thread per contender: the suite runs a worker per core (torch_threads restores this
+    # process's count, which main() sets to --threads)
+    assert main(["--quick", "--device", "cpu", "--data", str(small_dataset), "--threads", "1",
                  "--json", str(path)]) == 0
     report = json.loads(path.read_text())
     assert benchmark.contract_problems(report) == []

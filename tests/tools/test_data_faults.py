@@ -29,6 +29,7 @@ from PIL import Image
 import pipelines.formats as formats_mod
 from pipelines.sources import DatasetError, open_dataset
 from pipelines.spec import AugmentSpec
+from tests.marks import backends
 from tools.convert import convert, main
 
 SIDE = 24
@@ -175,7 +176,7 @@ def backend_views(backend: str, split) -> np.ndarray:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("backend", ["torchvision", "dali", "ffcv"])
+@pytest.mark.parametrize("backend", backends(["torchvision", "dali", "ffcv"]))
 @pytest.mark.parametrize("case", list(FORMATS))
 def test_every_format_trains_with_the_same_pixels_on_every_backend(formats_dataset, case, backend):
     _backend(backend)

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,21 +17,22 @@ import torch
 from pipelines.formats import decode_rgb
 from pipelines.sources import open_dataset
 from pipelines.torchvision_loader import eval_transform
-from tests.fashion_mnist import REPO, make_subset, pretrain_tiny
+from tests.fashion_mnist import REPO
 from tools.embed import main, nearest
 from train.checkpoint import load_pretrained
 from train.features import extract_features
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny run, its dataset, and a folder of its test images as files: grayscale JPEGs and
-    PNGs, one RGB image at another size in a subfolder."""
+def setup(tmp_path_factory, tiny_data, tiny_run):
+    """A copy of the shared tiny run (embeddings go into it), its dataset, and a folder of its
+    test images as files: grayscale JPEGs and PNGs, one RGB image at another size in a
+    subfolder."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("embed")
-    data = make_subset(root / "d", 96, 32)
-    run = pretrain_tiny(root / "run", data, steps=1)
+    data = tiny_data
+    run = Path(shutil.copytree(tiny_run, root / "run", symlinks=True))
     test = open_dataset(data).split("test")
     folder = root / "pictures"
     (folder / "more").mkdir(parents=True)
@@ -60,7 +62,8 @@ def cosine_order(rows: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.argsort(-sims, kind="stable"), sims
 
 
-def test_dataset_split_rows_are_the_trainers_features(setup, capsys):
+def test_dataset_split_rows_are_the_trainers_features(setup, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")  # a narrow terminal: the paths are still whole lines
     run, data = setup["run"], setup["data"]
     assert main(["--checkpoint", str(run), str(data), "--device", "cpu", "--batch-size", "40"]) == 0
     prefix = run / "embeddings" / "fashion-mnist-train"
@@ -68,13 +71,13 @@ def test_dataset_split_rows_are_the_trainers_features(setup, capsys):
     meta = json.loads(open(f"{prefix}.json").read())
     ckpt, cfg, model = load_pretrained(run)
     want, _ = extract_features(model.encoder, open_dataset(data).split("train"), cfg.augment)
-    assert rows.dtype == np.float32 and rows.shape == (96, 64)
+    assert rows.dtype == np.float32 and rows.shape == (400, 64)
     assert np.allclose(rows, want.numpy(), atol=1e-5)
-    assert open(f"{prefix}.files.txt").read().splitlines() == [f"train/{i}" for i in range(96)]
+    assert open(f"{prefix}.files.txt").read().splitlines() == [f"train/{i}" for i in range(400)]
     assert {k: meta[k] for k in ("checkpoint", "step", "source", "split", "count", "dim",
                                  "normalised", "device", "skipped")} == {
-        "checkpoint": str(ckpt.resolve()), "step": 1, "source": str(data), "split": "train",
-        "count": 96, "dim": 64, "normalised": False, "device": "cpu", "skipped": []}
+        "checkpoint": str(ckpt.resolve()), "step": 3, "source": str(data), "split": "train",
+        "count": 400, "dim": 64, "normalised": False, "device": "cpu", "skipped": []}
     assert meta["seconds"] > 0 and meta["images_per_s"] > 0
     assert str(prefix) + ".npy" in capsys.readouterr().out
 
@@ -92,9 +95,9 @@ def test_dataset_split_rows_are_the_trainers_features(setup, capsys):
 
     capsys.readouterr()
     assert main(["--checkpoint", str(run), str(data), "--device", "cpu", "--query",
-                 "train/96"]) == 2
+                 "train/400"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("embed: error: --query train/96") and len(err.splitlines()) == 1
+    assert err.startswith("embed: error: --query train/400") and len(err.splitlines()) == 1
 
 
 def test_image_folder_rows_and_query(setup, tmp_path):

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,21 +18,22 @@ import torchvision
 from safetensors.torch import load_file, save_file
 
 from model.encoder import ResNetEncoder
-from tests.fashion_mnist import REPO, make_subset, pretrain_tiny
+from tests.fashion_mnist import REPO, pretrain_tiny
 from tools.export import main, torchvision_model
 from train.checkpoint import load_pretrained
 from train.features import eval_views
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A width-1 ResNet-18 run (torchvision's network with the demo's small stem) and a width
-    1/8 run (none of torchvision's), on real Fashion-MNIST images."""
+def runs(tmp_path_factory, tiny_data, tiny_run):
+    """A width-1 ResNet-18 run of one step (torchvision's network with the demo's small stem) and
+    a copy of the shared width-1/8 run of three steps (none of torchvision's), on real
+    Fashion-MNIST images. Exports go into the run directories."""
     root = tmp_path_factory.mktemp("export")
-    data = make_subset(root / "d", 64, 32)
-    wide = pretrain_tiny(root / "run18", data, "--model.width=1.0", "--model.arch=resnet18",
+    wide = pretrain_tiny(root / "run18", tiny_data, "--model.width=1.0", "--model.arch=resnet18",
                          steps=1)
-    return {"data": data, "w1": wide, "narrow": pretrain_tiny(root / "run", data, steps=1)}
+    return {"data": tiny_data, "w1": wide,
+            "narrow": Path(shutil.copytree(tiny_run, root / "run", symlinks=True))}
 
 
 def images(run) -> torch.Tensor:
@@ -184,9 +186,9 @@ def test_export_refuses_to_overwrite_and_replaces_only_an_export(runs, tmp_path,
 
     # a step directory outside a run: the export goes beside it
     shelf = tmp_path / "shelf"
-    shutil.copytree(run / "checkpoints" / "step-00000001", shelf / "step-00000001")
-    assert export("--checkpoint", str(shelf / "step-00000001")) == 0
-    assert (shelf / "step-00000001.export" / "encoder.json").is_file()
+    shutil.copytree(run / "checkpoints" / "step-00000003", shelf / "step-00000003")
+    assert export("--checkpoint", str(shelf / "step-00000003")) == 0
+    assert (shelf / "step-00000003.export" / "encoder.json").is_file()
 
 
 def test_export_of_a_missing_checkpoint_is_one_line(tmp_path):

@@ -15,9 +15,28 @@ from pathlib import Path
 import pytest
 
 from tests.fashion_mnist import REPO, fashion_mnist_dir
+from tests.tools.test_benchmarks import EXPECTED, check_contract
 from tools import gpu_check as gc
 
 PY = sys.executable
+# The tests that read the one `gpu_check --device cpu --quick` run of this module.
+quick_check = pytest.mark.slow(reason="reads the whole `gpu_check --device cpu --quick` run "
+                                      "(every benchmark and a pretraining, about 90 s)")
+
+
+@pytest.fixture(scope="module")
+def gpu_check_quick(tmp_path_factory) -> dict:
+    """`python -m tools.gpu_check --device cpu --quick` once (the 32x32 array cases only: no JPEG
+    folder): its process and report path. Its steps run every benchmark as a user does
+    (`python -m tools.bench_X --device cpu --quick ... --json PATH`), so the benchmarks' contract
+    is checked on the JSON they wrote here rather than by running each one again."""
+    root = tmp_path_factory.mktemp("gpu-check-quick")
+    out, report = root / "gc", root / "report.json"
+    env = {**os.environ, "SIMCLR_IMAGENET_SAMPLE": str(root / "no-images")}
+    proc = subprocess.run([PY, "-m", "tools.gpu_check", "--device", "cpu", "--quick",
+                           "--budget-s", "600", "--out", str(out), "--json", str(report)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=840)
+    return {"proc": proc, "report_path": report}
 
 
 def _step(name: str, code: str, tmp: Path, weight: float = 1.0, result: bool = True) -> gc.Step:
@@ -163,20 +182,14 @@ def _strict_json(text: str):
     return json.loads(text, parse_constant=no_constant)
 
 
-@pytest.mark.slow
+@quick_check
 @pytest.mark.timeout(900)
-def test_cpu_quick_run_covers_every_step_and_writes_the_report(tmp_path):
+def test_cpu_quick_run_covers_every_step_and_writes_the_report(gpu_check_quick):
     """The whole check at toy sizes: every step runs (or says why not), every benchmark's JSON keeps
     the contract, the report is strict JSON, and nothing fails or hangs."""
-    out = tmp_path / "gc"
-    report_path = tmp_path / "report.json"
-    # the array cases only
-    env = {**os.environ, "SIMCLR_IMAGENET_SAMPLE": str(tmp_path / "no-images")}
-    proc = subprocess.run([PY, "-m", "tools.gpu_check", "--device", "cpu", "--quick",
-                           "--budget-s", "600", "--out", str(out), "--json", str(report_path)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=840)
+    proc = gpu_check_quick["proc"]
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    report = _strict_json(report_path.read_text())
+    report = _strict_json(gpu_check_quick["report_path"].read_text())
     assert report["tool"] == "gpu_check" and report["device"] == "cpu" and report["quick"]
     steps = {r["name"]: r for r in report["steps"]}
     assert list(steps) == list(gc.STEP_NAMES)
@@ -201,6 +214,9 @@ def test_cpu_quick_run_covers_every_step_and_writes_the_report(tmp_path):
         assert gc.contract_problems(steps[name]["results"]) == [], name
         assert Path(steps[name]["log"]).is_file() and steps[name]["limit_s"] > 0
     assert steps["loss-bf16"]["results"]["settings"]["dtype"] == "bfloat16"
+    # each loader's time to first batch, cold and warm, in the headline
+    ran = [r for r in steps["loader"]["results"]["results"] if r["metric"] == "images_per_s"]
+    assert steps["loader"]["headline"].count("s cold /") == len(ran) >= 1, steps["loader"]
 
     q = steps["quality"]
     if fashion_mnist_dir() is None:
@@ -217,3 +233,33 @@ def test_cpu_quick_run_covers_every_step_and_writes_the_report(tmp_path):
         assert math.isfinite(res["finetune_images_per_s"]) and res["embed_images_per_s"] > 0
         assert "1% labels fine-tuned" in q["headline"]
     assert "step" in proc.stdout and "headline" in proc.stdout  # the table
+
+
+# the gpu_check step that ran each benchmark (bench_train with real loaders: train-loaders)
+STEP = {"bench_loader": "loader", "bench_loss": "loss-fp32", "bench_optim": "optim",
+        "bench_train": "train-loaders"}
+
+
+@quick_check
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_quick_cpu_run_writes_the_contract(gpu_check_quick, name):
+    """Each benchmark as gpu_check's quick run ran it: `python -m tools.<name> --device cpu --quick
+    ... --json PATH`, a process of its own."""
+    report = json.loads(gpu_check_quick["report_path"].read_text())
+    step = next(s for s in report["steps"] if s["name"] == STEP[name])
+    argv = step["command"]
+    assert argv[1:3] == ["-m", f"tools.{name}"] and "--quick" in argv, argv
+    assert argv[argv.index("--device") + 1] == "cpu", argv
+    assert step["returncode"] == 0, step["log_tail"]
+    path = Path(argv[argv.index("--json") + 1])
+    printed = Path(step["log"]).read_text()
+    assert f"wrote {path}" in printed and "impl" in printed  # the table's header
+    report = json.loads(path.read_text())
+    check_contract(report, "cpu")
+    assert report["settings"]["quick"] is True
+    cases, metrics, impls = EXPECTED[name]
+    rows = report["results"]
+    assert {r["case"] for r in rows} == cases
+    assert {r["metric"] for r in rows} == metrics
+    assert impls <= {r["impl"] for r in rows}

@@ -4,7 +4,6 @@ it was drawn from."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,8 +13,7 @@ import torch
 from PIL import Image
 
 from pipelines.loader import BACKENDS, BackendUnavailable, build_loader
-from pipelines.sources import beton_file, open_dataset
-from tests.fashion_mnist import make_subset, pretrain_tiny
+from pipelines.sources import open_dataset
 from tools import plot, preview
 from train.config import ConfigError, load_config
 
@@ -37,15 +35,13 @@ def one_line_error(capsys, *words: str) -> None:
         assert w in err, err
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """64 train / 32 test images of Fashion-MNIST; train has a .beton where FFCV imports."""
-    root = make_subset(tmp_path_factory.mktemp("pictures"), n_train=64, n_test=32)
-    if importlib.util.find_spec("ffcv") is not None:
-        from pipelines.ffcv_writer import write_beton
+uses_grid = pytest.mark.slow(reason="the grid builds every backend's loader (FFCV compiles)")
 
-        write_beton(open_dataset(root).split("train"), beton_file(root, "train"))
-    return root
+
+@pytest.fixture(scope="module")
+def data(tiny_data) -> Path:
+    """400 train / 200 test images of Fashion-MNIST; train has a .beton where FFCV imports."""
+    return tiny_data
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +61,7 @@ def unnormalise(x: torch.Tensor, spec) -> np.ndarray:
 
 # ---------------------------------------------------------------- preview
 
+@uses_grid
 def test_grid_is_the_images_and_the_views_a_training_loader_yields(grid):
     """The original column is the image itself (28 px: no resize); the torchvision columns are
     what a training loader (other batch size, shuffled) yields for those indices in that epoch."""
@@ -91,6 +88,7 @@ def test_grid_is_the_images_and_the_views_a_training_loader_yields(grid):
                                   columns["torchvision view 2"][r])
 
 
+@uses_grid
 @pytest.mark.parametrize("backend", ["dali", "ffcv"])
 def test_other_backends_draw_the_same_views_up_to_resampling(grid, backend):
     split, spec, backends, columns = grid
@@ -105,6 +103,7 @@ def test_other_backends_draw_the_same_views_up_to_resampling(grid, backend):
     assert "torchvision" not in fid
 
 
+@uses_grid
 def test_png_shows_the_grid_pixel_for_pixel(grid, tmp_path):
     """Cells upscaled by nearest neighbour to >= 96 px, drawn 1:1 below the title and labels."""
     split, spec, backends, columns = grid
@@ -124,7 +123,8 @@ def test_png_shows_the_grid_pixel_for_pixel(grid, tmp_path):
     assert img.std() > 20
 
 
-def test_preview_command_writes_the_png_and_its_json(data, tmp_path, capsys):
+def test_preview_command_writes_the_png_and_its_json(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")  # a narrow terminal: the paths are still whole lines
     out = tmp_path / "p" / "grid.png"
     assert preview.main(["--data", str(data), "--indices", "3,1", "--backends", "torchvision",
                          "--seed", "7", "--out", str(out)]) == 0
@@ -169,7 +169,7 @@ def test_default_backends_skip_what_cannot_run_and_a_request_fails(data, monkeyp
 @pytest.mark.parametrize("argv, words", [
     (["--backends", "torchvision,nope"], ["unknown backend", "nope", ",".join(BACKENDS)]),
     (["--backends", "ffcv", "--split", "test"], ["test.beton", "--to ffcv"]),
-    (["--indices", "2,64"], ["--indices", "0..63"]),
+    (["--indices", "2,400"], ["--indices", "0..399"]),
     (["--indices", "2,x"], ["--indices", "comma-separated"]),
     (["--set", "augment.size"], ["--set", "KEY=VALUE"]),
     (["--checkpoint", "/nonexistent/run"], ["no readable checkpoint", "train.pretrain"]),
@@ -183,15 +183,15 @@ def test_preview_errors_are_one_line_exit_2(data, tmp_path, capsys, argv, words)
 
 # ---------------------------------------------------------------- plot
 
-def test_plot_draws_a_real_run(data, tmp_path, capsys):
-    run = pretrain_tiny(tmp_path / "run", data, "--train.log_every=1", "--train.knn_every=1",
-                        "--train.knn_train_samples=64", steps=4)
+def test_plot_draws_a_real_run(tiny_run_copy, capsys):
+    """The shared run logs every step with a kNN point at each (three steps)."""
+    run = tiny_run_copy
     assert plot.main([str(run)]) == 0
     assert capsys.readouterr().out.split() == ["wrote", str(run / "plots" / "training.png")]
     panels = plot.curves(plot.read_log(run / "log.jsonl")[0])
     assert list(panels) == ["loss", "learning rate", "images/s", "data-wait share (%)",
                             plot.KNN_PANEL]
-    assert panels["loss"][0] == [1, 2, 3, 4] and panels[plot.KNN_PANEL][0] == [2, 4]
+    assert panels["loss"][0] == [1, 2, 3] and panels[plot.KNN_PANEL][0] == [1, 2, 3]
     img = png(run / "plots" / "training.png")
     assert img.shape == (1010, 800, 3)  # 5 panels: 8 x (1.9 * 5 + 0.6) inches at 100 dpi
     assert img.std() > 20

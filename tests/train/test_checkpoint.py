@@ -241,16 +241,14 @@ def test_write_atomic_refuses_to_follow_links_and_cleans_up_on_failure(tmp_path,
     assert json.loads(target.read_text()) == {"a": 1}
 
 
-@pytest.mark.timeout(600)
-def test_load_pretrained_gives_the_checkpoints_weights_and_names_a_mismatch(tmp_path):
+def test_load_pretrained_gives_the_checkpoints_weights_and_names_a_mismatch(tiny_run, tmp_path):
     import shutil
 
     import torch
 
-    from tests.fashion_mnist import make_subset, pretrain_tiny
     from train.checkpoint import load_model_weights, load_pretrained
 
-    run = pretrain_tiny(tmp_path / "run", make_subset(tmp_path / "d", 64, 32))
+    run = tiny_run  # read only
     ckpt, cfg, model = load_pretrained(run)
     assert ckpt == resolve_checkpoint(run) and cfg.model.width == 0.125
     saved = load_model_weights(ckpt)
@@ -272,8 +270,9 @@ def test_stale_temps_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
 
     target = tmp_path / "rows[1].npy"  # a name with glob characters matches only itself
     mine = temp_name(target)
-    dead_pid = subprocess.Popen(["true"]).pid
-    os.waitpid(dead_pid, 0)
+    child = subprocess.Popen(["true"])
+    child.wait()  # reaped by its Popen (a bare waitpid races Popen's own reaping of it)
+    dead_pid = child.pid
     dead = tmp_path / f".{target.name}.{dead_pid}.0badc0de.tmp"
     other = tmp_path / f".rows1.npy.{dead_pid}.0badc0de.tmp"  # another file's temp
     for p in (mine, dead, other):

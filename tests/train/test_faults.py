@@ -25,16 +25,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fashion_mnist import REPO, make_subset
+from tests.fashion_mnist import REPO, subset_dataset
 from tests.train.test_pretrain import PY, TINY, records, run, weights
 from train.checkpoint import load_model_weights, read_trainer_state, resolve_checkpoint
+
+pytestmark = pytest.mark.slow(reason="pretrains in subprocesses and kills or signals them")
 
 STEPS = 8  # checkpoints every 2 steps (TINY); 8 steps per epoch
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    return make_subset(tmp_path_factory.mktemp("data"), n_train=256, n_test=128)
+    return subset_dataset(tmp_path_factory, 256, 128)
 
 
 def common(dataset: Path, out: Path) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,24 +15,27 @@ import pytest
 import torch
 
 from pipelines.sources import Split
-from tests.fashion_mnist import REPO, make_subset, pretrain_tiny
+from tests.fashion_mnist import REPO
+from tests.marks import multi
+from tests.processes import accelerate_launch
 from train.config import ConfigError
 from train.finetune import Classifier, balanced_subset, labels_text, read_label_file
 
 PY = sys.executable
-ACCELERATE = [PY, "-m", "accelerate.commands.launch", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
 QUICK = ["--min-steps", "0", "--batch-size", "32"]
+SUBPROCESS = pytest.mark.slow(reason="fine-tunes in a subprocess")
+TRAINS = pytest.mark.slow(reason="fine-tunes for a few steps (in this process)")
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_subset(tmp_path_factory.mktemp("data"), n_train=400, n_test=200)
+def dataset(tiny_data) -> Path:
+    return tiny_data  # 400 train / 200 test
 
 
 @pytest.fixture(scope="module")
-def run_dir(dataset, tmp_path_factory) -> Path:
-    return pretrain_tiny(tmp_path_factory.mktemp("pre") / "run", dataset, steps=3)
+def run_dir(tiny_run, tmp_path_factory) -> Path:
+    """The shared tiny run (3 steps), copied: fine-tuning writes into RUN/finetune/."""
+    return Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("pre") / "run"))
 
 
 def finetune(*args, launcher=(PY, "-m", "train.finetune"), check=True):
@@ -42,6 +46,18 @@ def finetune(*args, launcher=(PY, "-m", "train.finetune"), check=True):
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n"
                              f"{proc.stderr[-3000:]}")
     return proc
+
+
+def finetune_here(*args) -> None:
+    """train.finetune's main() in this process (no process start per run); torch's thread count
+    is put back afterwards."""
+    from train.finetune import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main([str(a) for a in args]) == 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 def saved_network(out: Path, cfg_model, classes: int) -> Classifier:
@@ -147,6 +163,7 @@ def test_linear_mode_trains_only_the_linear_layer():
 # ---------------------------------------------------------------- the command
 
 
+@SUBPROCESS
 @pytest.mark.timeout(600)
 def test_finetune_command_reports_what_its_saved_network_scores(run_dir, dataset, tmp_path):
     from train.checkpoint import load_pretrained
@@ -190,13 +207,14 @@ def test_finetune_command_reports_what_its_saved_network_scores(run_dir, dataset
 
     # the written labels file chooses the same images again
     again = tmp_path / "again"
-    finetune("--checkpoint", run_dir, "--labels", out / "labels.txt", "--epochs", "1",
-             "--no-scratch", "--out", again, *QUICK)
+    finetune_here("--checkpoint", run_dir, "--labels", out / "labels.txt", "--epochs", "1",
+                  "--no-scratch", "--out", again, *QUICK)
     r2 = json.loads((again / "finetune.json").read_text())
     assert r2["labelled"] == 40 and r2["label_fraction"] is None and "scratch" not in r2
     assert np.array_equal(read_label_file(again / "labels.txt", Split("train", labels)), chosen)
 
 
+@multi
 @pytest.mark.timeout(600)
 def test_two_gloo_processes_match_one_process(run_dir, dataset, tmp_path):
     """16 labelled images, 16 per step: one step per epoch. Both processes together see the same
@@ -210,7 +228,7 @@ def test_two_gloo_processes_match_one_process(run_dir, dataset, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     finetune(*common, "--out", one)
     finetune(*common, "--out", two,
-             launcher=[*ACCELERATE, "--multi_gpu", "--num_processes", "2", "-m", "train.finetune"])
+             launcher=accelerate_launch("train.finetune"))
     r1, r2 = (json.loads((d / "finetune.json").read_text()) for d in (one, two))
     assert (r1["settings"]["processes"], r2["settings"]["processes"]) == (1, 2)
     assert r1["settings"]["steps"] == r2["settings"]["steps"] == 2
@@ -229,23 +247,20 @@ def test_two_gloo_processes_match_one_process(run_dir, dataset, tmp_path):
     assert accuracy_by_hand(net, dataset, cfg.augment) == pytest.approx(r2["pretrained"]["top1"])
 
 
+@TRAINS
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("backend", ["dali", "ffcv"])
-def test_finetune_runs_with_each_fast_loader(backend, run_dir, dataset, tmp_path):
+def test_finetune_runs_with_each_fast_loader(backend, run_dir, tmp_path):
+    """(The shared dataset has its train.beton where FFCV imports.)"""
     pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[backend])
-    if backend == "ffcv":
-        from pipelines.ffcv_writer import write_beton
-        from pipelines.sources import beton_file, open_dataset
-
-        if not beton_file(dataset, "train").is_file():
-            write_beton(open_dataset(dataset).split("train"), beton_file(dataset, "train"))
-    finetune("--checkpoint", run_dir, "--labels", "0.1", "--epochs", "1", "--no-scratch",
-             "--backend", backend, "--out", tmp_path, *QUICK)
+    finetune_here("--checkpoint", run_dir, "--labels", "0.1", "--epochs", "1", "--no-scratch",
+                  "--backend", backend, "--out", tmp_path, *QUICK)
     r = json.loads((tmp_path / "finetune.json").read_text())
     assert r["settings"]["backend"] == backend and r["settings"]["steps"] == 2
     assert all(0 < e["loss"] < 20 for e in r["pretrained"]["loss_by_epoch"])
 
 
+@TRAINS
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("mode", ["finetune", "linear"])
 def test_transfer_to_an_image_folder_with_other_classes(mode, run_dir, tmp_path):
@@ -264,8 +279,8 @@ def test_transfer_to_an_image_folder_with_other_classes(mode, run_dir, tmp_path)
                 Image.fromarray(px).save(src / split / f"class{c}" / f"{i}.jpg", quality=95)
     data = tmp_path / "converted"
     convert(src, data, fmt="folder", name="bands", workers=1)
-    finetune("--checkpoint", run_dir, "--data", data, "--labels", "1", "--mode", mode,
-             "--eval-split", "val", "--epochs", "3", *QUICK)
+    finetune_here("--checkpoint", run_dir, "--data", data, "--labels", "1", "--mode", mode,
+                  "--eval-split", "val", "--epochs", "3", *QUICK)
     out = run_dir / "finetune" / f"{mode}-100pct-converted"
     r = json.loads((out / "finetune.json").read_text())
     assert r["transfer"] and r["num_classes"] == 3 and r["labelled"] == 36 and r["mode"] == mode
@@ -273,7 +288,10 @@ def test_transfer_to_an_image_folder_with_other_classes(mode, run_dir, tmp_path)
     assert r["classes"] == ["class0", "class1", "class2"]
 
 
-def test_bad_arguments_are_one_line_errors(run_dir, tmp_path):
+def test_bad_arguments_are_one_line_errors(tiny_run, tmp_path, capsys):
+    """main() in this process for each, and the command itself once."""
+    from train.finetune import main
+
     for args, needle in [
         (["--labels", "1.5"], "--labels 1.5: a fraction must be in (0, 1]"),
         (["--labels", tmp_path / "none.txt"], "is unreadable"),
@@ -281,9 +299,12 @@ def test_bad_arguments_are_one_line_errors(run_dir, tmp_path):
         (["--backend", "nope"], "unknown loader backend 'nope'"),
         (["--data", tmp_path / "nothing"], "no dataset at"),
     ]:
-        proc = finetune("--checkpoint", run_dir, *args, check=False)
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        assert proc.stderr.startswith("finetune: error: ") and needle in proc.stderr, proc.stderr
-        assert "Traceback" not in proc.stderr
+        code = main(["--checkpoint", str(tiny_run), *map(str, args)])
+        err = capsys.readouterr().err
+        assert code == 2, err[-2000:]
+        assert err.startswith("finetune: error: ") and needle in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tiny_run / "finetune").exists()  # nothing written before the errors
     proc = finetune("--checkpoint", tmp_path / "none", check=False)
     assert proc.returncode == 2 and "no readable checkpoint" in proc.stderr
+    assert proc.stderr.startswith("finetune: error: ") and "Traceback" not in proc.stderr

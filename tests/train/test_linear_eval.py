@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.fashion_mnist import REPO, make_subset
-from train.linear_eval import fit_logistic, linear_probe, topk_accuracy
+from tests.fashion_mnist import REPO
+from train.linear_eval import fit_logistic, linear_probe, main, topk_accuracy
 
 
 def test_logistic_fit_is_a_stationary_point_of_its_objective():
@@ -79,23 +79,18 @@ def test_topk_accuracy_counts_by_hand():
     assert acc == {"top1": pytest.approx(1 / 3), "top2": pytest.approx(2 / 3)}
 
 
+@pytest.mark.slow(reason="the linear evaluation command in a subprocess: fourteen L-BFGS fits "
+                        "on each of three feature sets")
 @pytest.mark.timeout(600)
-def test_linear_eval_command_on_a_pretrained_checkpoint(tmp_path):
-    data = make_subset(tmp_path / "d", n_train=512, n_test=256)
-    run = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "train.pretrain",
-                    "--config", str(REPO / "train/configs/fashion_mnist_demo.yaml"),
-                    f"--data.path={data}", f"--train.out_dir={run}", "--model.width=0.125",
-                    "--data.batch_size=64", "--data.num_workers=0", "--train.max_steps=3",
-                    "--data.backend=torchvision"],
-                   cwd=REPO, check=True, capture_output=True)
+def test_linear_eval_command_on_a_pretrained_checkpoint(tiny_run, tmp_path, capsys):
+    run = tiny_run  # read only: the results go to --json
     out = tmp_path / "le.json"
     proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(run),
                            "--json", str(out)],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
-    assert (r["train_count"], r["eval_count"]) == (512, 256)
+    assert (r["train_count"], r["eval_count"]) == (400, 200)
     assert r["encoder"]["feature_dim"] == r["random_init"]["feature_dim"] == 64
     assert r["raw_pixels"]["feature_dim"] == 28 * 28
     for m in (r["encoder"], r["random_init"], r["raw_pixels"]):
@@ -106,14 +101,11 @@ def test_linear_eval_command_on_a_pretrained_checkpoint(tmp_path):
     for row in ("SimCLR encoder", "random-init encoder (baseline)", "raw pixels (baseline)"):
         assert row in proc.stdout
 
-    # --train-samples / --eval-samples: a seeded subset, the same on every run
+    # --train-samples / --eval-samples: a seeded subset, the same on every run (main() here)
     sub = [tmp_path / "s1.json", tmp_path / "s2.json"]
     for path in sub:
-        proc = subprocess.run([sys.executable, "-m", "train.linear_eval",
-                               "--checkpoint", str(run), "--json", str(path),
-                               "--train-samples", "200", "--eval-samples", "100", "--no-baseline"],
-                              cwd=REPO, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert main(["--checkpoint", str(run), "--json", str(path), "--train-samples", "200",
+                     "--eval-samples", "100", "--no-baseline"]) == 0, capsys.readouterr().err
     a, b = (json.loads(p.read_text()) for p in sub)
     assert (a["train_count"], a["eval_count"]) == (200, 100)
     assert "raw_pixels" not in a and "random_init" not in a
@@ -154,49 +146,41 @@ def test_cuda_probe_matches_the_cpu_probe():
     assert abs(gpu["top1"] - cpu["top1"]) <= 0.005 and abs(gpu["top5"] - cpu["top5"]) <= 0.005
 
 
-@pytest.mark.timeout(600)
-def test_linear_eval_writes_beside_the_run_that_owns_the_checkpoint(tmp_path):
+def test_linear_eval_writes_beside_the_run_that_owns_the_checkpoint(tiny_run_copy, tmp_path,
+                                                                     capsys):
     """A step directory inside a run: results in that run's directory, with its summary only when
     the summary is this checkpoint's. A step directory copied elsewhere: results beside it, and
     no unrelated summary.json from its grandparent embedded (both used to happen)."""
     import shutil
 
-    data = make_subset(tmp_path / "d", n_train=128, n_test=64)
-    run = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "train.pretrain", "--config",
-                    str(REPO / "train/configs/fashion_mnist_demo.yaml"), f"--data.path={data}",
-                    f"--train.out_dir={run}", "--model.width=0.125", "--data.batch_size=32",
-                    "--data.num_workers=0", "--train.max_steps=2", "--data.backend=torchvision",
-                    "--train.knn_every=-1"], cwd=REPO, check=True, capture_output=True)
+    run = tiny_run_copy  # 3 steps
     quick = ["--train-samples", "64", "--eval-samples", "32", "--no-baseline", "--device", "cpu"]
 
     def linear_eval(ckpt):
-        proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(ckpt),
-                               *quick], cwd=REPO, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert main(["--checkpoint", str(ckpt), *quick]) == 0, capsys.readouterr().err[-2000:]
 
-    step_dir = run / "checkpoints" / "step-00000002"
+    step_dir = run / "checkpoints" / "step-00000003"
     victim = tmp_path / "victim"
     victim.write_text("precious")
     (run / "linear_eval.json.tmp").symlink_to(victim)  # a link at the temp name is not followed
     linear_eval(step_dir)
     assert victim.read_text() == "precious"
     r = json.loads((run / "linear_eval.json").read_text())
-    assert r["pretraining"]["steps"] == 2 and r["checkpoint"] == str(step_dir)
+    assert r["pretraining"]["steps"] == 3 and r["checkpoint"] == str(step_dir)
 
     elsewhere = tmp_path / "shelf" / "models"
-    shutil.copytree(step_dir, elsewhere / "step-00000002")
+    shutil.copytree(step_dir, elsewhere / "step-00000003")
     (tmp_path / "shelf" / "summary.json").write_text(json.dumps({"steps": 999, "unrelated": True}))
-    linear_eval(elsewhere / "step-00000002")
+    linear_eval(elsewhere / "step-00000003")
     assert not (tmp_path / "shelf" / "linear_eval.json").exists()
-    r = json.loads((elsewhere / "step-00000002.linear_eval.json").read_text())
-    assert "pretraining" not in r and r["checkpoint"] == str(elsewhere / "step-00000002")
+    r = json.loads((elsewhere / "step-00000003.linear_eval.json").read_text())
+    assert "pretraining" not in r and r["checkpoint"] == str(elsewhere / "step-00000003")
 
     if not torch.cuda.is_available():  # --device cuda without a GPU: one line, no traceback
-        proc = subprocess.run([sys.executable, "-m", "train.linear_eval", "--checkpoint", str(run),
-                               "--device", "cuda"], cwd=REPO, capture_output=True, text=True)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert proc.stderr.startswith("linear_eval: error: --device cuda")
-        assert "--device cpu" in proc.stderr
-        assert len(proc.stderr.splitlines()) == 1
+        capsys.readouterr()
+        assert main(["--checkpoint", str(run), "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("linear_eval: error: --device cuda") and "Traceback" not in err
+        assert "--device cpu" in err
+        assert len(err.splitlines()) == 1
 

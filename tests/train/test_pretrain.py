@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fashion_mnist import REPO, make_subset
+from tests.fashion_mnist import REPO, subset_dataset
+from tests.marks import multi
+from tests.processes import accelerate_launch
 from train.checkpoint import load_model_weights, resolve_checkpoint
 
 PY = sys.executable
-ACCELERATE = [PY, "-m", "accelerate.commands.launch", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
 TINY = [
     "--config", str(REPO / "train/configs/fashion_mnist_demo.yaml"),
     "--model.width=0.125", "--model.head_out=16", "--data.batch_size=32", "--data.num_workers=0",
@@ -32,9 +32,13 @@ if importlib.util.find_spec("nvidia.dali") is None:  # the demo recipe's DALI is
     TINY.append("--data.backend=torchvision")
 
 
+SUBPROCESS = pytest.mark.slow(reason="pretrains in a subprocess")
+TRAINS = pytest.mark.slow(reason="pretrains a few steps (in this process)")
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    return make_subset(tmp_path_factory.mktemp("data"), n_train=256, n_test=128)
+    return subset_dataset(tmp_path_factory, 256, 128)  # 8 steps of 32 per epoch
 
 
 def run(args, *, launcher=(PY, "-m", "train.pretrain"), check=True, timeout=300, **kw):
@@ -47,6 +51,27 @@ def run(args, *, launcher=(PY, "-m", "train.pretrain"), check=True, timeout=300,
     return proc
 
 
+def run_here(args, capsys, *, check: bool = False) -> subprocess.CompletedProcess:
+    """`train.pretrain`'s main() in this process: its exit status and what it printed, as `run`
+    gives them, without a process start (about 2.5 s of imports) per run. For runs that stop
+    before training and single-process runs that need no signal; the signal handlers and torch's
+    thread count are put back afterwards."""
+    from train.pretrain import main
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    try:
+        code = main([str(a) for a in args])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    if check and code != 0:
+        raise AssertionError(f"exit {code}\nSTDOUT:\n{out[-3000:]}\nSTDERR:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_model_weights(resolve_checkpoint(run_dir))
 
@@ -55,6 +80,7 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
+@SUBPROCESS
 @pytest.mark.timeout(600)
 def test_resume_after_sigterm_reproduces_uninterrupted_run(dataset, tmp_path):
     common = [*TINY, f"--data.path={dataset}", "--train.max_steps=10"]
@@ -85,6 +111,7 @@ def test_resume_after_sigterm_reproduces_uninterrupted_run(dataset, tmp_path):
     assert [r["step"] for r in resumed] == [0, stopped["steps"]]
 
 
+@multi
 @pytest.mark.timeout(600)
 def test_two_gloo_processes_really_run_and_match_one_process_forward(dataset, tmp_path):
     """`accelerate launch --multi_gpu` on a machine without GPUs starts two gloo processes.
@@ -98,7 +125,7 @@ def test_two_gloo_processes_really_run_and_match_one_process_forward(dataset, tm
     one, two = tmp_path / "one", tmp_path / "two"
     run([*common, f"--train.out_dir={one}"])
     run([*common, f"--train.out_dir={two}"],
-        launcher=[*ACCELERATE, "--multi_gpu", "--num_processes", "2", "-m", "train.pretrain"])
+        launcher=accelerate_launch("train.pretrain"))
     start = next(r for r in records(two) if r.get("event") == "start")
     assert start["world"] == 2
     assert json.loads((two / "summary.json").read_text())["world"] == 2
@@ -108,20 +135,15 @@ def test_two_gloo_processes_really_run_and_match_one_process_forward(dataset, tm
     assert loss2[0] == pytest.approx(loss1[0], rel=1e-4)
 
 
+@TRAINS
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("backend", ["dali", "ffcv"])
-def test_training_runs_with_each_fast_loader(backend, dataset, tmp_path):
-    """`--data.backend` switches the loader; a run completes and its loss is finite and logged."""
+def test_training_runs_with_each_fast_loader(backend, dataset, tmp_path, capsys):
+    """`--data.backend` switches the loader; a run completes and its loss is finite and logged.
+    (The shared dataset has its train.beton where FFCV imports.)"""
     pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[backend])
-    if backend == "ffcv":
-        from pipelines.ffcv_writer import write_beton
-        from pipelines.sources import beton_file, open_dataset
-
-        ds = open_dataset(dataset)
-        if not beton_file(dataset, "train").is_file():
-            write_beton(ds.split("train"), beton_file(dataset, "train"))
-    run([*TINY, f"--data.path={dataset}", f"--data.backend={backend}", "--train.max_steps=3",
-         f"--train.out_dir={tmp_path}"])
+    run_here([*TINY, f"--data.path={dataset}", f"--data.backend={backend}",
+              "--train.max_steps=3", f"--train.out_dir={tmp_path}"], capsys, check=True)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["backend"] == backend and summary["steps"] == 3
     losses = [r["loss"] for r in records(tmp_path) if "loss" in r]
@@ -137,85 +159,90 @@ def _one_line_error(proc, *needles):
 
 
 def test_missing_dataset_names_the_converter(tmp_path):
+    """The command as users run it (`python -m train.pretrain`): the error tests below call its
+    main() in the test's process, this one checks that the command ends the same way."""
     proc = run([*TINY, f"--data.path={tmp_path / 'nope'}", f"--train.out_dir={tmp_path / 'r'}"],
                check=False)
     _one_line_error(proc, "nope", "tools.convert")
 
 
-def test_backend_that_does_not_import_is_a_one_line_error(dataset, tmp_path):
-    code = ("import sys, pipelines.loader as l; "
-            "l._NEEDS['dali'] = ('no_such_module_for_this_test', 'nvidia-dali-cuda130'); "
-            "from train.pretrain import main; sys.exit(main(sys.argv[1:]))")
-    proc = run([*TINY, f"--data.path={dataset}", "--data.backend=dali",
-                f"--train.out_dir={tmp_path}"],
-               launcher=(PY, "-c", code), check=False)
+def test_backend_that_does_not_import_is_a_one_line_error(dataset, tmp_path, capsys,
+                                                           monkeypatch):
+    import pipelines.loader as loader
+
+    monkeypatch.setitem(loader._NEEDS, "dali",
+                        ("no_such_module_for_this_test", "nvidia-dali-cuda130"))
+    proc = run_here([*TINY, f"--data.path={dataset}", "--data.backend=dali",
+                     f"--train.out_dir={tmp_path}"], capsys)
     _one_line_error(proc, "data.backend 'dali'", "nvidia-dali-cuda130",
                     "--data.backend=torchvision")
 
 
-def test_bad_config_key_and_type(tmp_path):
-    _one_line_error(run([*TINY, "--optim.lrr=0.1"], check=False), "optim.lrr", "optim.lr")
-    _one_line_error(run([*TINY, "--data.batch_size=big"], check=False), "data.batch_size", "int")
+def test_bad_config_key_and_type(tmp_path, capsys):
+    _one_line_error(run_here([*TINY, "--optim.lrr=0.1"], capsys), "optim.lrr", "optim.lr")
+    _one_line_error(run_here([*TINY, "--data.batch_size=big"], capsys), "data.batch_size", "int")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="checks the error raised where CUDA is absent")
-def test_triton_loss_without_cuda_is_a_config_error(dataset, tmp_path):
-    env_free = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([PY, "-m", "train.pretrain", *TINY, f"--data.path={dataset}",
-                           "--loss.impl=triton", f"--train.out_dir={tmp_path}"],
-                          cwd=REPO, env=env_free, capture_output=True, text=True)
+def test_triton_loss_without_cuda_is_a_config_error(dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    proc = run_here([*TINY, f"--data.path={dataset}", "--loss.impl=triton",
+                     f"--train.out_dir={tmp_path}"], capsys)
     _one_line_error(proc, "loss.impl", "CUDA")
 
 
+@multi
 @pytest.mark.timeout(300)
 def test_batch_not_divisible_by_processes(dataset, tmp_path):
     proc = run([*TINY, f"--data.path={dataset}", "--data.batch_size=33",
                 f"--train.out_dir={tmp_path}"],
-               launcher=[*ACCELERATE, "--multi_gpu", "--num_processes", "2",
-                         "-m", "train.pretrain"],
+               launcher=accelerate_launch("train.pretrain"),
                check=False)
     assert proc.returncode != 0
     assert ("data.batch_size 33 is not divisible by the 2 processes: use a multiple of 2"
             in proc.stderr)
 
 
-def test_unreadable_checkpoint(dataset, tmp_path):
+def test_unreadable_checkpoint(dataset, tmp_path, capsys):
     ckpt = tmp_path / "checkpoints" / "step-00000002"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text("{not json")
-    proc = run([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
-                f"--resume={ckpt}"], check=False)
+    proc = run_here([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
+                     f"--resume={ckpt}"], capsys)
     _one_line_error(proc, "unreadable")
-    proc = run([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
-                f"--resume={tmp_path / 'void'}"], check=False)
+    proc = run_here([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
+                     f"--resume={tmp_path / 'void'}"], capsys)
     _one_line_error(proc, "no readable checkpoint")
 
 
+@TRAINS
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "train/configs").glob("*.yaml")))
-def test_every_shipped_recipe_runs_two_steps(recipe, dataset, tmp_path):
+def test_every_shipped_recipe_runs_two_steps(recipe, dataset, tmp_path, capsys):
     """Each recipe's keys and choices are valid and its loop runs (shrunk to CPU size)."""
-    run(["--config", str(REPO / "train/configs" / recipe), f"--data.path={dataset}",
-         "--data.backend=torchvision", "--data.batch_size=16", "--data.num_workers=0",
-         "--model.width=0.125", "--augment.size=32", "--train.max_steps=2", "--train.knn_every=-1",
-         f"--train.out_dir={tmp_path}", "--train.mixed_precision=fp32"])
+    run_here(["--config", str(REPO / "train/configs" / recipe), f"--data.path={dataset}",
+              "--data.backend=torchvision", "--data.batch_size=16", "--data.num_workers=0",
+              "--model.width=0.125", "--augment.size=32", "--train.max_steps=2",
+              "--train.knn_every=-1", f"--train.out_dir={tmp_path}",
+              "--train.mixed_precision=fp32"], capsys, check=True)
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
 
 
 # ---------------------------------------------------------------- time budget
 
+@TRAINS
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("budget", [0.1, 4.0])
-def test_time_budget_fits_the_schedule_to_the_time_left(budget, dataset, tmp_path):
+def test_time_budget_fits_the_schedule_to_the_time_left(budget, dataset, tmp_path, capsys):
     """train.time_budget_s times steps 10..30, then fixes the schedule's length P: a budget already
     spent ends the run right there (P = 30); otherwise P is what the time left allows, at most
     optim.epochs (5 x 8 = 40 steps). Steps up to 30 follow the optim.epochs schedule, later ones
     the planned one, whose cosine reaches zero on step P; the plan is logged."""
     from train.schedule import lr_schedule, scaled_lr
 
-    run([*TINY, f"--data.path={dataset}", "--optim.epochs=5", f"--train.time_budget_s={budget}",
-         f"--train.out_dir={tmp_path}"])
+    run_here([*TINY, f"--data.path={dataset}", "--optim.epochs=5",
+              f"--train.time_budget_s={budget}", f"--train.out_dir={tmp_path}"], capsys, check=True)
     summary = json.loads((tmp_path / "summary.json").read_text())
     p = summary["planned_steps"]
     assert summary["steps"] == p and 30 <= p <= 40, summary
@@ -251,13 +278,14 @@ def test_steps_within_budget_closed_form():
         steps_within_budget(float("nan"), 1.0, 3, 1.0, cap=10)
 
 
-def test_negative_time_budget_is_a_config_error(tmp_path):
-    _one_line_error(run([*TINY, "--train.time_budget_s=-5"], check=False), "time_budget_s")
+def test_negative_time_budget_is_a_config_error(tmp_path, capsys):
+    _one_line_error(run_here([*TINY, "--train.time_budget_s=-5"], capsys), "time_budget_s")
 
 
 # ---------------------------------------------------------------- CUDA
 
 @pytest.mark.gpu
+@SUBPROCESS
 @pytest.mark.timeout(600)
 def test_cuda_run_bf16_triton_channels_last_reports_mfu_and_resumes(dataset, tmp_path):
     """The GPU path end to end: bf16 autocast, channels_last, the Triton loss, LARS's foreach step,
@@ -285,12 +313,14 @@ def test_cuda_run_bf16_triton_channels_last_reports_mfu_and_resumes(dataset, tmp
     assert all(torch.isfinite(t.float()).all() for t in w.values())
 
 
+@TRAINS
 @pytest.mark.timeout(300)
-def test_warmup_longer_than_the_run_warms_up_over_the_whole_run(dataset, tmp_path):
+def test_warmup_longer_than_the_run_warms_up_over_the_whole_run(dataset, tmp_path, capsys):
     """2 epochs of 8 steps with a 5-epoch warmup: a warning, then LR = peak * (s + 1) / 16."""
     out = tmp_path / "run"
-    proc = run([*TINY, f"--data.path={dataset}", "--optim.warmup_epochs=5", "--optim.lr=0.5",
-                "--optim.lr_scaling=linear", f"--train.out_dir={out}"])
+    proc = run_here([*TINY, f"--data.path={dataset}", "--optim.warmup_epochs=5",
+                     "--optim.lr=0.5", "--optim.lr_scaling=linear", f"--train.out_dir={out}"],
+                    capsys, check=True)
     assert "optim.warmup_epochs (5) exceeds optim.epochs (2)" in proc.stderr
     lrs = {r["step"]: r["lr"] for r in records(out) if "lr" in r}
     peak = 0.5 * 32 / 256
@@ -298,11 +328,11 @@ def test_warmup_longer_than_the_run_warms_up_over_the_whole_run(dataset, tmp_pat
     assert lrs[16] == pytest.approx(peak)
 
 
-@pytest.mark.timeout(300)
-def test_batch_larger_than_the_dataset_is_one_line_before_the_run_starts(dataset, tmp_path):
+def test_batch_larger_than_the_dataset_is_one_line_before_the_run_starts(dataset, tmp_path,
+                                                                       capsys):
     out = tmp_path / "run"
-    proc = run([*TINY, f"--data.path={dataset}", "--data.batch_size=512", f"--train.out_dir={out}"],
-               check=False)
+    proc = run_here([*TINY, f"--data.path={dataset}", "--data.batch_size=512",
+                     f"--train.out_dir={out}"], capsys)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "'data.batch_size' 512 exceeds the 256 images" in lines[0], lines
@@ -315,27 +345,29 @@ def _ckpt_names(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
 
+@TRAINS
 @pytest.mark.timeout(600)
-def test_a_new_run_in_a_run_directory_is_refused_and_overwrite_replaces_it(dataset, tmp_path):
+def test_a_new_run_in_a_run_directory_is_refused_and_overwrite_replaces_it(dataset, tmp_path,
+                                                                           capsys):
     """Without --resume a finished run's directory is refused (it used to be trained into: the
     new, lower-step checkpoints were rotated away as soon as written and the logs mixed), its
     checkpoints untouched; --overwrite replaces the whole earlier run."""
     common = [*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}"]
-    run([*common, "--train.max_steps=6"])
+    run_here([*common, "--train.max_steps=6"], capsys, check=True)
     before = weights(tmp_path)
-    proc = run([*common, "--train.max_steps=2"], check=False)
+    proc = run_here([*common, "--train.max_steps=2"], capsys)
     _one_line_error(proc, str(tmp_path), "--resume", "--overwrite")
     assert _ckpt_names(tmp_path) == ["latest", "step-00000004", "step-00000006"]
     after = weights(tmp_path)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
     # --overwrite with settings that fail before training: the earlier run is not touched
-    proc = run([*TINY, f"--data.path={tmp_path / 'none'}", f"--train.out_dir={tmp_path}",
-                "--overwrite"], check=False)
+    proc = run_here([*TINY, f"--data.path={tmp_path / 'none'}", f"--train.out_dir={tmp_path}",
+                     "--overwrite"], capsys)
     _one_line_error(proc, "none")
     assert _ckpt_names(tmp_path) == ["latest", "step-00000004", "step-00000006"]
 
-    run([*common, "--train.max_steps=2", "--overwrite"])
+    run_here([*common, "--train.max_steps=2", "--overwrite"], capsys, check=True)
     assert _ckpt_names(tmp_path) == ["latest", "step-00000002"]
     assert resolve_checkpoint(tmp_path).name == "step-00000002"
     assert [r["step"] for r in records(tmp_path) if r.get("event") == "start"] == [0]
@@ -343,14 +375,16 @@ def test_a_new_run_in_a_run_directory_is_refused_and_overwrite_replaces_it(datas
     assert not list(tmp_path.glob(".overwritten-*"))
 
 
+@TRAINS
 @pytest.mark.timeout(600)
-def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(dataset, tmp_path):
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(dataset, tmp_path, capsys):
     """An explicit --resume of step 2 in a run that reached step 6: the new checkpoints of the
     continued run are not rotated away by the later ones, which are kept in abandoned-*."""
     common = [*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
               "--train.keep_checkpoints=0"]
-    run([*common, "--train.max_steps=6"])
-    run([*common, "--train.max_steps=4", f"--resume={tmp_path / 'checkpoints' / 'step-00000002'}"])
+    run_here([*common, "--train.max_steps=6"], capsys, check=True)
+    run_here([*common, "--train.max_steps=4",
+              f"--resume={tmp_path / 'checkpoints' / 'step-00000002'}"], capsys, check=True)
     names = _ckpt_names(tmp_path)
     assert names[:1] == ["abandoned-after-00000002-" + names[0].split("-")[-1]]
     assert names[1:] == ["latest", "step-00000002", "step-00000004"]
@@ -359,26 +393,31 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(dataset, 
     assert resolve_checkpoint(tmp_path).name == "step-00000004"
 
 
+@TRAINS
 @pytest.mark.timeout(600)
-def test_resume_with_another_model_width_names_the_key_in_one_short_line(dataset, tmp_path):
+def test_resume_with_another_model_width_names_the_key_in_one_short_line(dataset, tmp_path,
+                                                                         capsys):
     common = [*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}", "--train.max_steps=2"]
-    run(common)
-    proc = run([*common, "--model.width=0.25", "--resume"], check=False)
+    run_here(common, capsys, check=True)
+    proc = run_here([*common, "--model.width=0.25", "--resume"], capsys)
     _one_line_error(proc, "model.width", "0.125", "0.25", "--overwrite")
     assert len(proc.stderr) < 400, f"{len(proc.stderr)} characters: {proc.stderr[:500]}"
 
 
-def test_out_dir_that_is_a_file_is_a_one_line_error(dataset, tmp_path):
+def test_out_dir_that_is_a_file_is_a_one_line_error(dataset, tmp_path, capsys):
     (tmp_path / "f").write_text("not a directory")
-    proc = run([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path / 'f'}"], check=False)
+    proc = run_here([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path / 'f'}"],
+                    capsys)
     _one_line_error(proc, "train.out_dir", "existing file")
     assert (tmp_path / "f").read_text() == "not a directory"
 
 
+@TRAINS
 @pytest.mark.timeout(600)
-def test_knn_without_the_eval_split_says_so_once_and_records_why(dataset, tmp_path):
-    proc = run([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
-                "--train.max_steps=2", "--train.knn_every=0", "--data.eval_split=nope"])
+def test_knn_without_the_eval_split_says_so_once_and_records_why(dataset, tmp_path, capsys):
+    proc = run_here([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
+                     "--train.max_steps=2", "--train.knn_every=0", "--data.eval_split=nope"],
+                    capsys, check=True)
     warnings = [ln for ln in proc.stderr.splitlines() if "kNN" in ln]
     assert len(warnings) == 1 and "'nope'" in warnings[0], proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -387,6 +426,7 @@ def test_knn_without_the_eval_split_says_so_once_and_records_why(dataset, tmp_pa
     assert len(skipped) == 1 and "'nope'" in skipped[0]["reason"]
 
 
+@multi
 @pytest.mark.timeout(300)
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(dataset, tmp_path):
     """A signal that reaches one process only (or the processes at different steps): every
@@ -396,7 +436,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(dataset, tm
     args = [*TINY, f"--data.path={dataset}", "--train.max_steps=16", "--optim.epochs=4",
             "--train.log_every=2", f"--train.out_dir={tmp_path}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "-m", "train.pretrain", *args]
+    two = [*accelerate_launch("train.pretrain"), *args]
     launcher = subprocess.Popen(two, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     deadline, sent = time.time() + 200, False
@@ -432,8 +472,10 @@ def _knn_records(run_dir: Path) -> list[dict]:
     return [r for r in records(run_dir) if r.get("event") == "knn"]
 
 
+@TRAINS
 @pytest.mark.timeout(600)
-def test_knn_curve_lands_in_the_log_tensorboard_and_summary_and_survives_resume(dataset, tmp_path):
+def test_knn_curve_lands_in_the_log_tensorboard_and_summary_and_survives_resume(dataset, tmp_path,
+                                                                               capsys):
     """train.knn_every_s: a kNN point at each logged step past the interval, one at the end; the
     points are log records and TensorBoard scalars, the summary has the final and best values,
     and the best over a resumed run counts the points before the resume."""
@@ -443,8 +485,8 @@ def test_knn_curve_lands_in_the_log_tensorboard_and_summary_and_survives_resume(
 
     knn = ["--train.knn_every=0", "--train.knn_every_s=0.001", "--train.knn_k=5",
            "--train.knn_train_samples=64", "--optim.epochs=1"]
-    run([*TINY, *knn, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
-         "--train.max_steps=4"])
+    run_here([*TINY, *knn, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
+              "--train.max_steps=4"], capsys, check=True)
     first = _knn_records(tmp_path)
     assert [r["step"] for r in first] == [1, 2, 3, 4]  # every logged step, the last once
     for r in first:
@@ -464,8 +506,8 @@ def test_knn_curve_lands_in_the_log_tensorboard_and_summary_and_survives_resume(
     assert first[-1]["knn_top1"] == pytest.approx(
         run_knn(cfg, model, ds.split("train"), ds.split("test"), "cpu"), abs=1e-6)
 
-    run([*TINY, *knn, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
-         "--train.max_steps=8", "--resume"])
+    run_here([*TINY, *knn, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
+              "--train.max_steps=8", "--resume"], capsys, check=True)
     points = _knn_records(tmp_path)
     assert [r["step"] for r in points] == list(range(1, 9))
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -498,19 +540,22 @@ def test_throughput_leaves_out_paused_time(monkeypatch):
     assert total["data_wait_frac"] == pytest.approx(1 / 8)
 
 
+@multi
 @pytest.mark.timeout(300)
 def test_two_processes_agree_on_the_timed_knn_points(dataset, tmp_path):
     """Every process takes the slowest clock, so all enter each evaluation (no hang)."""
     run([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}", "--train.max_steps=3",
          "--train.knn_every=0", "--train.knn_every_s=0.001", "--train.knn_train_samples=64"],
-        launcher=[*ACCELERATE, "--multi_gpu", "--num_processes", "2", "-m", "train.pretrain"])
+        launcher=accelerate_launch("train.pretrain"))
     assert [r["step"] for r in _knn_records(tmp_path)] == [1, 2, 3]
 
 
+@TRAINS
 @pytest.mark.timeout(300)
-def test_knn_every_minus_one_turns_the_timed_points_off_too(dataset, tmp_path):
-    run([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}", "--train.max_steps=2",
-         "--train.knn_every=-1", "--train.knn_every_s=0.001"])
+def test_knn_every_minus_one_turns_the_timed_points_off_too(dataset, tmp_path, capsys):
+    run_here([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path}",
+              "--train.max_steps=2", "--train.knn_every=-1", "--train.knn_every_s=0.001"], capsys,
+             check=True)
     assert _knn_records(tmp_path) == []
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["knn_top1"] is None and summary["knn_best"] is None
