@@ -21,6 +21,8 @@ import math
 import numba
 import numpy as np
 
+import pipelines.kernel_cache  # noqa: F401  before the kernels: their cache covers every file they use
+
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
