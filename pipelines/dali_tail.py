@@ -6,11 +6,9 @@ numba's cache) on import.
 from __future__ import annotations
 
 import numba
-import numba.core.cgutils
-import numba.extending
 import numpy as np
 
-from pipelines.render_cpu import render_tail
+from pipelines.render_cpu import as_voidptr, render_tail
 
 # DALI's NumbaFunction compiles a generic C entry point around the kernel in every process (about
 # 3 s on top of the kernel's own compilation). The two entry points below are that wrapper written
@@ -20,17 +18,10 @@ from pipelines.render_cpu import render_tail
 # every `*_ptr` is an address; `ptrs` holds one data address per tensor; `shapes` holds, per
 # tensor and per sample, the address of that sample's int64 shape; `ndims` is int32 per tensor.
 
-@numba.extending.intrinsic
-def _voidptr(typingctx, address):
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], numba.core.cgutils.voidptr_t)
-    return numba.types.voidptr(address), codegen
-
-
 @numba.njit(inline="always")
 def _shape(shapes, tensor, samples, sample, ndim):
-    table = numba.carray(_voidptr(shapes), (tensor + 1) * samples, np.int64)
-    return numba.carray(_voidptr(table[tensor * samples + sample]), ndim, np.int64)
+    table = numba.carray(as_voidptr(shapes), (tensor + 1) * samples, np.int64)
+    return numba.carray(as_voidptr(table[tensor * samples + sample]), ndim, np.int64)
 
 
 _U64, _I32 = numba.types.uint64, numba.types.int32
@@ -40,13 +31,13 @@ _SETUP_SIG = numba.types.void(_U64, _U64, _I32, _U64, _U64, _I32, _I32)
 
 @numba.cfunc(_RUN_SIG, nopython=True, cache=True)
 def _dali_run(out_ptrs, out_shapes, out_ndims, num_outs, in_ptrs, in_shapes, in_ndims, num_ins):
-    outs = numba.carray(_voidptr(out_ptrs), 1, np.int64)
-    ins = numba.carray(_voidptr(in_ptrs), 2, np.int64)
+    outs = numba.carray(as_voidptr(out_ptrs), 1, np.int64)
+    ins = numba.carray(as_voidptr(in_ptrs), 2, np.int64)
     s = _shape(out_shapes, 0, 1, 0, 3)
-    out = numba.carray(_voidptr(outs[0]), (s[0], s[1], s[2]), np.uint8)  # [H, W, 3]
+    out = numba.carray(as_voidptr(outs[0]), (s[0], s[1], s[2]), np.uint8)  # [H, W, 3]
     s = _shape(in_shapes, 0, 1, 0, 3)
-    image = numba.carray(_voidptr(ins[0]), (s[0], s[1], s[2]), np.uint8)  # [H, W, 3]
-    params = numba.carray(_voidptr(ins[1]), _shape(in_shapes, 1, 1, 0, 1)[0], np.float64)
+    image = numba.carray(as_voidptr(ins[0]), (s[0], s[1], s[2]), np.uint8)  # [H, W, 3]
+    params = numba.carray(as_voidptr(ins[1]), _shape(in_shapes, 1, 1, 0, 1)[0], np.float64)
     out[:] = image
     render_tail(out, params)
 
@@ -76,5 +67,5 @@ def dali_tail():
         def _get_setup_fn_cpu(self, setup_fn):
             return _dali_setup.address
 
-    return CachedTail(run_fn=None, setup_fn=_dali_setup, out_types=[types.UINT8],
+    return CachedTail(run_fn=None, out_types=[types.UINT8],
                       in_types=[types.UINT8, types.FLOAT64], outs_ndim=[3], ins_ndim=[3, 1])

@@ -20,12 +20,9 @@ from dataclasses import replace
 import numba
 import numpy as np
 import torch
-from numba import types as nbt
-from numba.core import cgutils
-from numba.extending import intrinsic
 
 from pipelines.augment_params import DRAW_CROP, SALT_VIEW, crop_box_of, spec_constants, view_key
-from pipelines.render_cpu import tail_batch
+from pipelines.render_cpu import as_voidptr, tail_batch
 
 # Importing ffcv calls torch.set_num_threads(1) process-wide, which halves a 2-core training
 # step; keep the caller's setting.
@@ -36,13 +33,6 @@ from ffcv.pipeline.compiler import Compiler  # noqa: E402
 from ffcv.pipeline.operation import Operation  # noqa: E402
 
 torch.set_num_threads(_TORCH_THREADS)
-
-
-@intrinsic
-def _as_voidptr(typingctx, src):
-    def codegen(cgctx, builder, sig, args):
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-    return nbt.voidptr(src), codegen
 
 
 class EpochKey:
@@ -64,7 +54,7 @@ class EpochKey:
 
         @numba.njit(inline="always")
         def read():
-            return numba.carray(_as_voidptr(address), 1, np.uint64)[0]
+            return numba.carray(as_voidptr(address), 1, np.uint64)[0]
         return read
 
 

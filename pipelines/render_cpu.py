@@ -25,6 +25,8 @@ import math
 
 import numba
 import numpy as np
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from pipelines.augment_params import (
     N_P,
@@ -46,6 +48,15 @@ _F32 = np.float32
 _LR, _LG, _LB = np.float32(0.2989), np.float32(0.587), np.float32(0.114)
 _TO_U8 = np.float32(255.999)
 _INV_255 = np.float32(1.0 / 255.0)
+
+
+@intrinsic
+def as_voidptr(typingctx, address):
+    """An integer address as a void pointer in compiled code (for `numba.carray`): the operators
+    built around these kernels (`ffcv_ops`, `dali_tail`) read memory they are handed by address."""
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return numba.types.voidptr(address), codegen
 
 
 @numba.njit(inline="always")

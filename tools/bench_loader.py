@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -88,43 +89,25 @@ def first_batch_seconds(impl: str, split: Split, spec: AugmentSpec, batch_size: 
     return time.perf_counter() - t0
 
 
-def _send_first_batch_seconds(conn, *args) -> None:
-    # A spawned process inherits "spawn" as its start method; a training process has the
-    # platform's default, which the torchvision loader's workers then use.
+def _default_start_method() -> None:
     multiprocessing.set_start_method(None, force=True)
-    try:
-        conn.send(first_batch_seconds(*args))
-    except BaseException as e:  # the parent re-raises it
-        conn.send(RuntimeError(f"{type(e).__name__}: {e}"))
 
 
 def fresh_process_first_batch(cache_dir: Path, *args) -> float:
-    """`first_batch_seconds(*args)` in a new interpreter whose numba cache is `cache_dir` (not a
-    pool's daemon process: the torchvision loader starts worker processes of its own)."""
-    ctx = multiprocessing.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
+    """`first_batch_seconds(*args)` in a new interpreter whose numba cache is `cache_dir`. It
+    takes the platform's default start method again (a spawned process inherits "spawn"), as a
+    training process has, for the torchvision loader's workers."""
     before = os.environ.get("NUMBA_CACHE_DIR")
-    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir)  # the spawned process reads it at start
+    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir)  # read by the new interpreter at its start
     try:
-        child = ctx.Process(target=_send_first_batch_seconds, args=(send, *args))
-        child.start()
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_default_start_method) as pool:
+            return pool.submit(first_batch_seconds, *args).result(timeout=600)
     finally:
         if before is None:
             os.environ.pop("NUMBA_CACHE_DIR")
         else:
             os.environ["NUMBA_CACHE_DIR"] = before
-    send.close()
-    try:
-        result = recv.recv() if recv.poll(600) else TimeoutError("no first batch in 600 s")
-    except EOFError:
-        result = RuntimeError(f"the process died (exit code {child.join(5) or child.exitcode})")
-    child.join(60)  # it exits once its loader's workers have shut down
-    if child.is_alive():
-        child.terminate()
-        child.join()
-    if isinstance(result, Exception):
-        raise result
-    return result
 
 
 def _cases(args, tmp: Path):

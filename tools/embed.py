@@ -43,7 +43,7 @@ from pipelines.torchvision_loader import eval_transform
 from train.atomic import fsync_dir, remove_stale_temps, temp_name, write_atomic
 from train.checkpoint import load_pretrained, read_trainer_state, run_output
 from train.cli import add_checkpoint, at_least
-from train.commands import run_command
+from train.commands import print_report, run_command
 from train.config import ConfigError
 from train.features import eval_views, forward_eval
 from train.linear_eval import check_device
@@ -320,7 +320,6 @@ def query(args, ckpt: Path, cfg, encoder, source: Source, files: dict[str, Path]
                              for r, (i, s) in enumerate(zip(idx, sims))]}
     out = Path(args.query_json) if args.query_json else files["query.json"]
     write_atomic(out, json.dumps(result, indent=1))
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"Nearest to {args.query}")
@@ -328,8 +327,7 @@ def query(args, ckpt: Path, cfg, encoder, source: Source, files: dict[str, Path]
         t.add_column(col, justify=just)
     for n in result["neighbours"]:
         t.add_row(str(n["rank"]), f"{n['similarity']:.4f}", n["path"])
-    Console().print(t)
-    print(f"neighbours: {out}")  # plain: rich would wrap a long path
+    print_report([t], [f"neighbours: {out}"])
     return result
 
 
@@ -350,7 +348,6 @@ def run(args) -> dict:
 
 
 def _print_summary(meta: dict, files: dict[str, Path]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"Embeddings of step {meta['step']}")
@@ -360,9 +357,7 @@ def _print_summary(meta: dict, files: dict[str, Path]) -> None:
     t.add_row(Path(meta["source"]).name + (f" ({meta['split']})" if meta["split"] else ""),
               str(meta["count"]), str(meta["dim"]), meta["device"], f"{meta['seconds']:.1f}",
               f"{rate:.0f}" if rate else "-")
-    Console().print(t)
-    for kind in ("npy", "files.txt", "json"):
-        print(f"{kind}: {files[kind]}")  # plain: rich would wrap a long path
+    print_report([t], [f"{kind}: {files[kind]}" for kind in ("npy", "files.txt", "json")])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from pipelines.torchvision_loader import EVAL_CROP_PROPORTION
 from train.atomic import exchange, fsync_dir, temp_name, write_atomic
 from train.checkpoint import CheckpointError, load_pretrained, read_trainer_state, run_output
 from train.cli import add_checkpoint
-from train.commands import run_command
+from train.commands import print_report, run_command
 from train.config import ConfigError, config_to_dict
 
 WEIGHTS = ("encoder.safetensors", "encoder.pt")
@@ -258,7 +258,6 @@ def _write_folder(out: Path, blobs: dict[str, bytes], overwrite: bool) -> None:
 
 
 def _print_summary(out: Path, blobs: dict[str, bytes], meta: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     what = f"{meta['arch']} x{meta['width']:g}" + (
@@ -270,11 +269,7 @@ def _print_summary(out: Path, blobs: dict[str, bytes], meta: dict) -> None:
         size = len(data)
         shown = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
         t.add_row(name, shown, _sha256(data)[:12])
-    c = Console()
-    c.print(t)
-    c.print("load it with:")
-    c.print(meta["load"], markup=False, highlight=False, soft_wrap=True)
-    print(f"export: {out}")  # plain: rich would wrap a long path
+    print_report([t], ["load it with:", meta["load"], f"export: {out}"])
 
 
 def main(argv: list[str] | None = None) -> int:

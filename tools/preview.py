@@ -36,7 +36,7 @@ from tools.plot import pyplot, save_png
 from train.atomic import write_atomic
 from train.checkpoint import resolve_checkpoint
 from train.cli import at_least
-from train.commands import run_command
+from train.commands import print_report, run_command
 from train.config import ConfigError, load_config
 from train.features import eval_views
 
@@ -279,10 +279,9 @@ def preview(args) -> dict:
 
 
 def _print_table(r: dict, png: Path, js: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    c = Console()
+    tables = []
     if r["fidelity"]:
         t = Table(title=f"|difference| from {REFERENCE}'s views (uint8 levels, "
                         f"{len(r['indices'])} images)")
@@ -291,12 +290,10 @@ def _print_table(r: dict, png: Path, js: Path) -> None:
         for b, views in r["fidelity"].items():
             t.add_row(b, *(f"{views[v][k]:.2f}" if k == "mean" else str(views[v][k])
                            for v in ("view 1", "view 2") for k in ("mean", "max")))
-        c.print(t)
-    # paths by plain print: rich would wrap them at the terminal's width and read [..] as markup
-    print(f"backends: {', '.join(r['backends'])}"
-          + (f" (skipped: {', '.join(r['skipped'])})" if r["skipped"] else ""))
-    print(f"wrote {show_path(png)}")
-    print(f"wrote {show_path(js)}")
+        tables.append(t)
+    print_report(tables, [f"backends: {', '.join(r['backends'])}"
+                          + (f" (skipped: {', '.join(r['skipped'])})" if r["skipped"] else ""),
+                          f"wrote {show_path(png)}", f"wrote {show_path(js)}"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,3 +35,16 @@ def run_command(prog: str, work: Callable[[], object], *, out_option: str = "--o
         message = f"{e.strerror or e}{where}: pass another {out_option} or free disk space"
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
+
+
+def print_report(tables: list, lines: list[str]) -> None:
+    """A command's closing report: its rich tables, then `lines` (the paths it wrote among them)
+    printed as they are, so a long path is never wrapped at the terminal's width and `[..]` in it
+    is never read as markup."""
+    from rich.console import Console
+
+    console = Console()
+    for table in tables:
+        console.print(table)
+    for line in lines:
+        print(line)

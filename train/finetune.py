@@ -47,7 +47,7 @@ from pipelines.sources import DatasetError, Split, open_dataset, show_path
 from train.atomic import write_atomic
 from train.checkpoint import load_pretrained, run_output
 from train.cli import above, add_checkpoint, at_least
-from train.commands import run_command
+from train.commands import print_report, run_command
 from train.config import ConfigError, accelerate_precision, config_to_dict
 from train.features import eval_views, forward_eval
 from train.linear_eval import topk_accuracy
@@ -400,7 +400,6 @@ def finetune(args) -> dict:
 
 
 def _print_table(r: dict, out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     what = (f"{100 * r['label_fraction']:g}% of the labels" if r["label_fraction"] is not None
@@ -417,10 +416,8 @@ def _print_table(r: dict, out: Path) -> None:
     for name, m in rows:
         t.add_row(name, f"{100 * m['top1']:.2f}%", f"{100 * m['top5']:.2f}%",
                   f"{m['final_loss']:.3f}", f"{m['images_per_s']:.0f}", f"{m['train_s']:.0f} s")
-    Console().print(t)
-    # plain: rich would wrap a long path and read [..] in it as markup
-    print(f"results: {out / 'finetune.json'}\nlabels:  {r['labels_file']}\n"
-          f"model:   {r['model']}")
+    print_report([t], [f"results: {out / 'finetune.json'}", f"labels:  {r['labels_file']}",
+                       f"model:   {r['model']}"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from pipelines.sources import DatasetError, open_dataset
 from train.atomic import write_atomic
 from train.checkpoint import load_pretrained, run_dir_of, run_output
 from train.cli import add_checkpoint, at_least
-from train.commands import run_command
+from train.commands import print_report, run_command
 from train.config import ConfigError
 from train.features import eval_views, extract_features
 
@@ -240,7 +240,6 @@ def evaluate(args) -> dict:
 
 
 def _print_table(r: dict, out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"Linear evaluation on '{r['eval_split']}' ({r['eval_count']} images)")
@@ -254,8 +253,7 @@ def _print_table(r: dict, out: Path) -> None:
     for name, m in rows:
         t.add_row(name, str(m["feature_dim"]), f"{100 * m['top1']:.2f}%",
                   f"{100 * m['top5']:.2f}%", f"{m['l2']:g}")
-    c = Console()
-    c.print(t)
+    tables = [t]
     p = r.get("pretraining")
     if p:
         t = Table(title="Run")
@@ -264,8 +262,8 @@ def _print_table(r: dict, out: Path) -> None:
         t.add_row(str(p["steps"]), f"{p['epochs']:.1f}", f"{p['world']} x {p['device']}",
                   f"{p['images_per_s']:.0f}", f"{p['wall_s']:.0f} s", f"{r['wall_s']:.0f} s",
                   p["backend"])
-        c.print(t)
-    print(f"results: {out}")  # plain: rich would wrap a long path
+        tables.append(t)
+    print_report(tables, [f"results: {out}"])
 
 
 def main(argv: list[str] | None = None) -> int:

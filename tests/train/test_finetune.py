@@ -17,7 +17,7 @@ import torch
 from pipelines.sources import Split
 from tests.fashion_mnist import REPO
 from tests.marks import multi
-from tests.processes import accelerate_launch
+from tests.processes import accelerate_launch, main_here
 from train.config import ConfigError
 from train.finetune import Classifier, balanced_subset, labels_text, read_label_file
 
@@ -49,15 +49,10 @@ def finetune(*args, launcher=(PY, "-m", "train.finetune"), check=True):
 
 
 def finetune_here(*args) -> None:
-    """train.finetune's main() in this process (no process start per run); torch's thread count
-    is put back afterwards."""
+    """train.finetune's main() in this process (`main_here`)."""
     from train.finetune import main
 
-    threads = torch.get_num_threads()
-    try:
-        assert main([str(a) for a in args]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main_here(main, args) == 0
 
 
 def saved_network(out: Path, cfg_model, classes: int) -> Classifier:

@@ -17,7 +17,7 @@ import torch
 
 from tests.fashion_mnist import REPO, subset_dataset
 from tests.marks import multi
-from tests.processes import accelerate_launch
+from tests.processes import accelerate_launch, main_here
 from train.checkpoint import load_model_weights, resolve_checkpoint
 
 PY = sys.executable
@@ -52,20 +52,12 @@ def run(args, *, launcher=(PY, "-m", "train.pretrain"), check=True, timeout=300,
 
 
 def run_here(args, capsys, *, check: bool = False) -> subprocess.CompletedProcess:
-    """`train.pretrain`'s main() in this process: its exit status and what it printed, as `run`
-    gives them, without a process start (about 2.5 s of imports) per run. For runs that stop
-    before training and single-process runs that need no signal; the signal handlers and torch's
-    thread count are put back afterwards."""
+    """`train.pretrain`'s main() in this process (`main_here`): its exit status and what it
+    printed, as `run` gives them. For runs that stop before training and single-process runs that
+    need no signal."""
     from train.pretrain import main
 
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    threads = torch.get_num_threads()
-    try:
-        code = main([str(a) for a in args])
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        torch.set_num_threads(threads)
+    code = main_here(main, args)
     out, err = capsys.readouterr()
     if check and code != 0:
         raise AssertionError(f"exit {code}\nSTDOUT:\n{out[-3000:]}\nSTDERR:\n{err[-3000:]}")
