@@ -27,7 +27,7 @@ import torch
 from pipelines.augment_params import sample_views
 from pipelines.dali_ops import simclr_view, view_inputs
 from pipelines.formats import FormatError, image_size
-from pipelines.loader import TwoViewLoader, pixel_stats, to_device
+from pipelines.loader_base import TwoViewLoader, pixel_stats, to_device
 from pipelines.sources import DatasetError, Split, show_path
 from pipelines.spec import AugmentSpec, TwoViewBatch
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.loader import TwoViewLoader, pixel_stats, to_device
+from pipelines.loader_base import TwoViewLoader, pixel_stats, to_device
 from pipelines.sources import DatasetError, Split, find_beton
 from pipelines.spec import AugmentSpec, TwoViewBatch
 

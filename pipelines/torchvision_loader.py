@@ -25,7 +25,7 @@ from pipelines.augment_params import (
     P_SIGMA,
     sample_views,
 )
-from pipelines.loader import TwoViewLoader
+from pipelines.loader_base import TwoViewLoader
 from pipelines.sources import DatasetError, Split, one_line_worker_errors, show_path
 from pipelines.spec import AugmentSpec, TwoViewBatch
 

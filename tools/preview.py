@@ -24,13 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.loader import (
-    BACKENDS,
-    BackendUnavailable,
-    build_loader,
-    pixel_stats,
-    require_backend,
-)
+from pipelines.loader import BACKENDS, BackendUnavailable, build_loader, require_backend
+from pipelines.loader_base import pixel_stats
 from pipelines.sources import DatasetError, open_dataset, show_path
 from tools.plot import pyplot, save_png
 from train.atomic import write_atomic
