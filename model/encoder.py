@@ -18,6 +18,22 @@ ARCHS = {
     "resnet101": (Bottleneck, (3, 4, 23, 3)),
     "resnet152": (Bottleneck, (3, 8, 36, 3)),
 }
+# conv1's kernel, stride and padding: torchvision's stem, and the small-image stem
+STANDARD_STEM = (7, 2, 3)
+SMALL_STEM = (3, 1, 1)
+
+
+def set_stem(net: nn.Module, channels: int, *, small_stem: bool, stem_pool: bool | None = None
+             ) -> None:
+    """Give `net` (a torchvision ResNet, or this module's encoder) its stem: `conv1` from 3 to
+    `channels` channels and the max-pool after it. The small stem is a 3x3 convolution of stride
+    1, without the max-pool unless `stem_pool`; the standard stem is torchvision's own."""
+    kernel, stride, padding = SMALL_STEM if small_stem else STANDARD_STEM
+    net.conv1 = nn.Conv2d(3, channels, kernel, stride=stride, padding=padding, bias=False)
+    # The max-pool is dropped by default with the small stem; keeping it makes the
+    # network 4x cheaper on 28-32 px images at some cost in accuracy.
+    pool = not small_stem if stem_pool is None else stem_pool
+    net.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if pool else nn.Identity()
 
 
 class ResNetEncoder(ResNet):
@@ -35,14 +51,7 @@ class ResNetEncoder(ResNet):
         # attributes torchvision's _make_layer reads
         self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
         self.inplanes = planes[0]
-        if small_stem:
-            self.conv1 = nn.Conv2d(3, planes[0], 3, stride=1, padding=1, bias=False)
-        else:
-            self.conv1 = nn.Conv2d(3, planes[0], 7, stride=2, padding=3, bias=False)
-        # The max-pool is dropped by default with the small stem; keeping it makes the
-        # network 4x cheaper on 28-32 px images at some cost in accuracy.
-        pool = not small_stem if stem_pool is None else stem_pool
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if pool else nn.Identity()
+        set_stem(self, planes[0], small_stem=small_stem, stem_pool=stem_pool)
         self.bn1 = nn.BatchNorm2d(planes[0])
         self.relu = nn.ReLU(inplace=True)
         self.layer1 = self._make_layer(block, planes[0], layers[0])

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.encoder import ResNetEncoder
+from model.encoder import ResNetEncoder, set_stem
 from pipelines.sources import show_path
 from pipelines.torchvision_loader import EVAL_CROP_PROPORTION
 from train.atomic import exchange, fsync_dir, temp_name, write_atomic
@@ -91,10 +91,21 @@ def torchvision_model(meta: dict) -> nn.Module:
     if not classes:
         m.fc = nn.Identity()
     if meta["small_stem"]:
-        m.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        if not meta["stem_pool"]:
-            m.maxpool = nn.Identity()
+        set_stem(m, m.conv1.out_channels, small_stem=True, stem_pool=meta["stem_pool"])
     return m
+
+
+def _small_stem_lines(meta: dict) -> list[str]:
+    """The lines that give torchvision's network (conv1: 64 channels) the small stem, written
+    from the modules `model.encoder.set_stem` builds for it."""
+    stem = nn.Module()
+    set_stem(stem, 64, small_stem=True, stem_pool=meta["stem_pool"])
+    c = stem.conv1
+    lines = [f"m.conv1 = torch.nn.Conv2d({c.in_channels}, {c.out_channels}, {c.kernel_size[0]}, "
+             f"{c.stride[0]}, {c.padding[0]}, bias={c.bias is not None})"]
+    if isinstance(stem.maxpool, nn.Identity):
+        lines.append("m.maxpool = torch.nn.Identity()")
+    return lines
 
 
 def load_lines(meta: dict, folder: Path) -> str:
@@ -108,9 +119,7 @@ def load_lines(meta: dict, folder: Path) -> str:
         if not classes:
             lines.append("m.fc = torch.nn.Identity()")
         if meta["small_stem"]:
-            lines.append("m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)")
-            if not meta["stem_pool"]:
-                lines.append("m.maxpool = torch.nn.Identity()")
+            lines += _small_stem_lines(meta)
     else:
         lines += ["from model.encoder import ResNetEncoder  # simclr-fast's encoder",
                   f"m = ResNetEncoder({meta['arch']!r}, width={meta['width']!r}, "
