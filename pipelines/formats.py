@@ -7,6 +7,7 @@
                               served as is (`ImageCheck.plain`) or the error
     decode_rgb(path or bytes) the pixels of an image file, uint8 [H, W, 3], for every backend
     image_size(path or bytes) (height, width) of an image file from its header alone
+    image_files(folder)       the image files under a folder, recursively (`is_image`)
 
 Every reader raises `FormatError` with a one-line "<problem>: <fix>" message that names the
 file, never a bare struct/pickle/zlib exception.
@@ -51,6 +52,12 @@ def is_image(path) -> bool:
     """Whether a file name is one the image readers take: an image suffix, and not hidden (macOS
     leaves `._name.jpg` resource forks that are no images)."""
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder`, recursively, by the suffixes tools.convert reads; sorted
+    by their path as a string."""
+    return sorted((p for p in folder.rglob("*") if is_image(p) and p.is_file()), key=str)
 EXIF_ORIENTATION = 0x0112
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -25,8 +24,9 @@ from pipelines.augment_params import (
     P_SIGMA,
     sample_views,
 )
+from pipelines.eval_view import load_image
 from pipelines.loader_base import TwoViewLoader
-from pipelines.sources import DatasetError, Split, one_line_worker_errors, show_path
+from pipelines.sources import Split, one_line_worker_errors
 from pipelines.spec import AugmentSpec, TwoViewBatch
 
 # torchvision's four ColorJitter adjustments, in the sampler's numbering (P_ORDER)
@@ -56,62 +56,6 @@ def reference_tail(x: torch.Tensor, params, spec: AugmentSpec) -> torch.Tensor:
         sigma = float(params[P_SIGMA])
         x = F.gaussian_blur(x, [spec.blur_kernel, spec.blur_kernel], [sigma, sigma])
     return x
-
-
-# The official evaluation view crops the central 87.5% of the short side (above 32 px, i.e. not
-# for CIFAR-sized images) and resizes it bicubically (google-research/simclr data_util).
-EVAL_CROP_PROPORTION = 0.875
-
-
-def eval_resize(img: torch.Tensor, size: int) -> torch.Tensor:
-    """The deterministic evaluation view of uint8 [..., 3, H, W] at `size` x `size`.
-
-    Above 32 px, as the official evaluation: a centred square of 0.875 of the short side (offsets
-    rounded up), resized bicubically without antialiasing. At 32 px and below, the whole short
-    side, resized bilinearly, then centre-cropped.
-    """
-    h, w = img.shape[-2:]
-    if size > 32:
-        side = int(np.rint(EVAL_CROP_PROPORTION * min(h, w)))
-        x = F.crop(img, (h - side + 1) // 2, (w - side + 1) // 2, side, side)
-        return F.resize(x, [size, size], interpolation=v2.InterpolationMode.BICUBIC,
-                        antialias=False)
-    return F.center_crop(F.resize(img, size, antialias=True), [size, size])
-
-
-class _EvalResize(torch.nn.Module):
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return eval_resize(x, self.size)
-
-
-def eval_transform(spec: AugmentSpec) -> v2.Compose:
-    """Deterministic view for evaluation: `eval_resize`, then normalise."""
-    return v2.Compose([
-        _EvalResize(spec.size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(spec.mean, spec.std),
-    ])
-
-
-def load_image(split: Split, index: int) -> torch.Tensor:
-    """uint8 [3, H, W] for sample `index` of the split (grayscale expanded to 3 channels)."""
-    if split.images is not None:
-        img = torch.from_numpy(np.array(split.images[index])).permute(2, 0, 1)  # [C, H, W]
-        return img.expand(3, -1, -1) if img.shape[0] == 1 else img
-    data = split.file_bytes(index)  # DatasetError naming the file if it is gone or changed
-    try:
-        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        img = decode_image(raw, mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError) as e:
-        raise DatasetError(f"cannot decode image '{show_path(split.files[index])}' "
-                           f"({' '.join(str(e).split())}): re-run tools.convert") from None
-    if img.dtype != torch.uint8:  # 16-bit PNG: convert stores these as 8-bit PNGs, but be safe
-        img = F.to_dtype(img, torch.uint8, scale=True)
-    return img
 
 
 class TwoViewDataset(Dataset):

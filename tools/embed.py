@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from pipelines.formats import IMAGE_SUFFIXES, FormatError, decode_rgb, is_image
+from pipelines.eval_view import FolderViews, decode_view, eval_transform
+from pipelines.formats import IMAGE_SUFFIXES, image_files
 from pipelines.sources import (
     MANIFEST,
     DatasetError,
@@ -39,7 +40,6 @@ from pipelines.sources import (
     open_dataset,
     show_path,
 )
-from pipelines.torchvision_loader import eval_transform
 from train.atomic import fsync_dir, remove_stale_temps, temp_name, write_atomic
 from train.checkpoint import load_pretrained, read_trainer_state, run_output
 from train.cli import add_checkpoint, at_least
@@ -77,40 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-json", default=None, metavar="PATH",
                    help="where to write the neighbours (default: PREFIX.query.json)")
     return p
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The image files under `folder`, recursively, by the suffixes tools.convert reads."""
-    return sorted((p for p in folder.rglob("*") if is_image(p) and p.is_file()), key=str)
-
-
-def decode_view(path: Path, transform, fix: str = "remove it or pass --skip-bad") -> torch.Tensor:
-    """The evaluation view of one image file, or a one-line DatasetError naming it."""
-    try:
-        img = decode_rgb(path)
-    except FormatError as e:
-        raise DatasetError(f"{e.problem}: {fix}") from None
-    img = np.require(img, requirements="W")  # PIL's arrays are read-only; torch wants writable
-    return transform(torch.from_numpy(img).permute(2, 0, 1))  # uint8 [3, H, W]
-
-
-class _FolderViews(Dataset):
-    """(view, decoded) of each file; with skip_bad a corrupt file is (zeros, False)."""
-
-    def __init__(self, files: list[Path], spec, skip_bad: bool):
-        self.files, self.spec, self.skip_bad = files, spec, skip_bad
-        self.transform = eval_transform(spec)
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        try:
-            return decode_view(self.files[i], self.transform), True
-        except DatasetError:
-            if not self.skip_bad:
-                raise
-            return torch.zeros(3, self.spec.size, self.spec.size), False
 
 
 def _worker_init(_):
@@ -221,7 +187,7 @@ class Source:
             for x in eval_views(self.split, spec, np.arange(self.count), batch_size, workers):
                 yield x, torch.ones(len(x), dtype=torch.bool)
             return
-        loader = DataLoader(_FolderViews(self.files, spec, skip_bad), batch_size=batch_size,
+        loader = DataLoader(FolderViews(self.files, spec, skip_bad), batch_size=batch_size,
                             num_workers=workers, worker_init_fn=_worker_init if workers else None)
         yield from one_line_worker_errors(loader)
 

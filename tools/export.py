@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from model.encoder import ResNetEncoder, set_stem
+from pipelines.eval_view import describe_eval_view
 from pipelines.sources import show_path
-from pipelines.torchvision_loader import EVAL_CROP_PROPORTION
 from train.atomic import exchange, fsync_dir, temp_name, write_atomic
 from train.checkpoint import CheckpointError, load_pretrained, read_trainer_state, run_output
 from train.cli import add_checkpoint
@@ -60,18 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export_dir(ckpt: Path, out_arg: str | None) -> Path:
     return Path(out_arg) if out_arg else run_output(ckpt, "export")
-
-
-def eval_view_words(size: int) -> str:
-    """`pipelines.torchvision_loader.eval_transform` in words."""
-    if size > 32:
-        crop = (f"crop the centred square of {EVAL_CROP_PROPORTION} of the short side (offsets "
-                f"rounded up), resize it bicubically (no antialiasing) to {size}x{size}")
-    else:
-        crop = (f"resize the short side bilinearly (antialiased) to {size}, crop the centred "
-                f"{size}x{size}")
-    return (f"decode to 8-bit RGB (grayscale repeated to 3 channels, EXIF orientation applied), "
-            f"{crop}, scale to [0, 1], subtract mean and divide by std per channel")
 
 
 def torchvision_model(meta: dict) -> nn.Module:
@@ -209,7 +197,7 @@ def export(args) -> tuple[Path, dict]:
         "input_size": spec.size,
         "mean": list(spec.mean),
         "std": list(spec.std),
-        "eval_transform": eval_view_words(spec.size),
+        "eval_transform": describe_eval_view(spec),
         "checkpoint": str(ckpt.resolve()),
         "step": read_trainer_state(ckpt).get("step"),
         "classifier": str(Path(args.classifier).resolve()) if args.classifier else None,

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from pipelines.eval_view import eval_resize, eval_transform, load_image
 from pipelines.sources import Split, one_line_worker_errors
 from pipelines.spec import AugmentSpec
-from pipelines.torchvision_loader import eval_resize, eval_transform, load_image
 
 
 class _EvalViews(Dataset):

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipelines.eval_view import eval_transform, load_image
 from pipelines.sources import Split
 from pipelines.spec import AugmentSpec
-from pipelines.torchvision_loader import TorchvisionTwoViewLoader, eval_transform, load_image
+from pipelines.torchvision_loader import TorchvisionTwoViewLoader
 from tests.pipelines.augment_stats import binomial_ok, noise_split
 
 PLAIN = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, flip_p=0.0, mean=(0.0, 0.0, 0.0),
@@ -166,7 +167,7 @@ def test_cuda_batches_are_the_cpu_batches_on_the_device(dtype):
 def test_eval_view_is_the_official_centre_crop_above_32_pixels():
     """Above 32 px: the centred 0.875 of the short side (offsets rounded up, as the official
     `_compute_crop_shape` + crop), resized bicubically; at 32 px and below: the whole short side."""
-    from pipelines.torchvision_loader import eval_resize
+    from pipelines.eval_view import eval_resize
 
     ys, xs = torch.meshgrid(torch.arange(50.0), torch.arange(73.0), indexing="ij")
     # smooth: no clipping

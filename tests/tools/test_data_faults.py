@@ -357,7 +357,7 @@ def test_any_file_name_round_trips_and_trains(tmp_path, capsys):
     assert sorted(os.fsencode(Path(f).name) for f in split.files) == sorted(ODD_NAMES)
     for f in split.files:
         assert Path(f).is_file()
-    from pipelines.torchvision_loader import load_image
+    from pipelines.eval_view import load_image
 
     for i, f in enumerate(split.files):
         j = ODD_NAMES.index(os.fsencode(Path(f).name))

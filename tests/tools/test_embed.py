@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.eval_view import eval_transform
 from pipelines.formats import decode_rgb
 from pipelines.sources import open_dataset
-from pipelines.torchvision_loader import eval_transform
 from tests.fashion_mnist import REPO
 from tools.embed import main, nearest
 from train.checkpoint import load_pretrained

@@ -69,8 +69,8 @@ def saved_network(out: Path, cfg_model, classes: int) -> Classifier:
 def accuracy_by_hand(net: Classifier, dataset: Path, spec) -> float:
     """Top-1 of a network on the whole test split, one image at a time through the reference's
     evaluation transform (no batching, no strides, no reduction)."""
+    from pipelines.eval_view import eval_transform, load_image
     from pipelines.sources import open_dataset
-    from pipelines.torchvision_loader import eval_transform, load_image
 
     split = open_dataset(dataset).split("test")
     transform = eval_transform(spec)
