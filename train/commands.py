@@ -17,24 +17,41 @@ USER_ERRORS = (ConfigError, DatasetError, CheckpointError, BackendUnavailable)
 
 
 def run_command(prog: str, work: Callable[[], object], *, out_option: str = "--out",
-                oom_fix: str | None = None, errors: tuple[type[Exception], ...] = ()) -> int:
+                write_fix: str | None = None, oom_fix: str | None = None,
+                errors: tuple[type[Exception], ...] = (), interrupted: str | None = None) -> int:
     """Run `work()`; 0 when it returns, 2 after the one-line message of a user error (also
-    `errors`), of a failed write (naming `out_option`) or, with `oom_fix`, of running out of
-    memory."""
+    `errors`), of a failed write (naming `out_option`, or saying `write_fix`) or, with `oom_fix`,
+    of running out of memory; with `interrupted`, 130 after that line on Ctrl-C. The message is
+    printed on a line of its own: progress bars still drawn are closed first."""
     try:
         work()
         return 0
     except (*USER_ERRORS, *errors) as e:
-        message = str(e)
+        message = f"error: {e}"
     except torch.OutOfMemoryError:
         if oom_fix is None:
             raise
-        message = f"out of memory: {oom_fix}"
+        message = f"error: out of memory: {oom_fix}"
     except OSError as e:  # e.g. the output on a read-only file system, or the disk is full
         where = f" on '{show_path(e.filename)}'" if e.filename else ""
-        message = f"{e.strerror or e}{where}: pass another {out_option} or free disk space"
-    print(f"{prog}: error: {message}", file=sys.stderr)
+        fix = write_fix or f"pass another {out_option} or free disk space"
+        message = f"error: {e.strerror or e}{where}: {fix}"
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        _close_bars()
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+    _close_bars()
+    print(f"{prog}: {message}", file=sys.stderr)
     return 2
+
+
+def _close_bars() -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def print_report(tables: list, lines: list[str]) -> None:

@@ -1,20 +1,26 @@
-"""Learning-rate scaling and the warmup + cosine schedule of SimCLR, computed up front.
+"""Learning-rate scaling, the warmup + cosine schedule of SimCLR, its fit to a time budget, and the
+training clock.
 
 SimCLR (Chen et al. 2020, arXiv:2002.05709, Sec. B.1 and Fig. B.1) scales the base learning rate
 with the batch size (linearly, or by the square root for long/small-batch runs), warms up linearly
 for 10 epochs and then decays with a cosine schedule without restarts. The training loop reads
-``lrs[step]`` from a tensor built once here; nothing is parsed or recomputed inside the loop.
+``Schedule.lrs[step]``, a list built up front (again once, when a time budget fixes the length);
+nothing is parsed or recomputed inside the loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 
 import torch
 
 __all__ = [
     "SCALING_RULES",
     "SIMCLR_BASE_LR",
+    "Schedule",
+    "TrainClock",
     "base_lr",
     "epochs_to_steps",
     "steps_within_budget",
@@ -135,3 +141,92 @@ def steps_within_budget(budget_s: float, elapsed_s: float, step: int, step_s: fl
         raise ValueError(f"step must be in [0, cap={cap}], got {step}")
     more = math.floor(max(0.0, margin * budget_s - elapsed_s) / step_s)
     return max(step, min(cap, step + more))
+
+
+class Schedule:
+    """The learning rate of every step (`lrs`) and the step the run ends at (`last_step`).
+
+    Without a time budget it spans `cap_steps` (optim.epochs), cut at `max_steps` when that is set.
+    With `budget_s` (train.time_budget_s) steps [timed_from, timed_to) are timed first, past the
+    warm-up steps that pay for autotuning, compilation and worker start-up, and the schedule's
+    length is then fitted to the budget (`fit`); until then the steps follow the schedule of
+    `cap_steps`, which is the same while they lie in the warmup. A resumed run takes the length
+    fitted before (`fix`).
+    """
+
+    def __init__(self, peak_lr: float, warmup_steps: int, cap_steps: int, max_steps: int = 0,
+                 budget_s: float = 0.0):
+        self.peak_lr, self.warmup_steps, self.cap_steps = peak_lr, warmup_steps, cap_steps
+        self.max_steps, self.budget_s = max_steps, budget_s
+        self.planned = budget_s <= 0
+        self.timed_from = self.timed_to = -1
+        self._plan(cap_steps)
+
+    def _plan(self, total: int) -> None:
+        # a budget can cut the schedule inside the warmup
+        warmup = min(self.warmup_steps, total) if self.budget_s > 0 else self.warmup_steps
+        self.lrs = lr_schedule(self.peak_lr, total, warmup).tolist()
+        self.total_steps = total
+        self.last_step = min(total, self.max_steps) if self.max_steps > 0 else total
+
+    def fix(self, total: int) -> None:
+        """Set the schedule's length once and for all."""
+        self._plan(total)
+        self.planned = True
+
+    @property
+    def planned_steps(self) -> int | None:
+        """The length fitted to the time budget (None without a budget or before the fit)."""
+        return self.total_steps if self.budget_s > 0 and self.planned else None
+
+    def time_steps(self, first_step: int, log_every: int) -> None:
+        """Time from `first_step` + 10 to the first logged step (a multiple of `log_every`) at
+        least 20 steps later: the fit happens where the processes exchange their clocks."""
+        self.timed_from = first_step + 10
+        self.timed_to = -(-(self.timed_from + 20) // log_every) * log_every
+
+    def fit_due(self, step: int) -> bool:
+        return not self.planned and step == self.timed_to
+
+    def fit(self, elapsed_s: float, step: int, step_s: float) -> None:
+        """Fit the length to the budget after `elapsed_s` seconds and `step` steps, at `step_s`
+        seconds a step (the slowest process's figures, so that every process plans alike)."""
+        self.fix(steps_within_budget(self.budget_s, elapsed_s, step, step_s, self.cap_steps))
+
+    def overrun(self, step: int, elapsed_s: float) -> str | None:
+        """Why the run stops when the fitted plan was too optimistic, else None."""
+        if (self.budget_s > 0 and self.planned and step < self.last_step
+                and elapsed_s > 1.2 * self.budget_s):
+            return f"time budget: {elapsed_s:.0f} s > 1.2 x train.time_budget_s"
+        return None
+
+
+class TrainClock:
+    """Seconds of training over every invocation of a run: wall time less the pauses for
+    evaluation. The time budget, the timed kNN points and the throughput all read this one clock.
+    """
+
+    def __init__(self, seconds_before: float = 0.0):
+        self.seconds_before = seconds_before  # earlier invocations' training seconds
+        self.start()
+
+    def start(self, now: float | None = None) -> None:
+        self.t_start = time.perf_counter() if now is None else now
+        self.paused_s = 0.0
+
+    def seconds(self, now: float | None = None) -> float:
+        """Training seconds of the run so far (every invocation)."""
+        return self.seconds_before + self.wall(now) - self.paused_s
+
+    def wall(self, now: float | None = None) -> float:
+        """Wall seconds of this invocation, pauses included."""
+        return (time.perf_counter() if now is None else now) - self.t_start
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The time spent in the block is off the clock."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t0

@@ -473,7 +473,7 @@ def test_knn_curve_lands_in_the_log_tensorboard_and_summary_and_survives_resume(
     and the best over a resumed run counts the points before the resume."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from train.pretrain import run_knn
+    from train.bookkeeping import run_knn
 
     knn = ["--train.knn_every=0", "--train.knn_every_s=0.001", "--train.knn_k=5",
            "--train.knn_train_samples=64", "--optim.epochs=1"]
@@ -514,22 +514,28 @@ def test_knn_curve_lands_in_the_log_tensorboard_and_summary_and_survives_resume(
 
 
 def test_throughput_leaves_out_paused_time(monkeypatch):
-    """kNN evaluations pause the meter: images/s and data wait are over training time only."""
-    from train.pretrain import ThroughputMeter
+    """kNN evaluations pause the training clock: images/s and data wait are over training time
+    only."""
+    from train.bookkeeping import ThroughputMeter
+    from train.schedule import TrainClock
 
-    clock = iter([10.0])  # finish() reads the clock once
+    train_clock = TrainClock(seconds_before=5.0)
+    train_clock.start(now=0.0)
+    clock = iter([1.0, 3.0, 10.0])  # the pause's start and end, then finish() reads the clock
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
-    meter = ThroughputMeter(flops_per_image=1.0, peak=None, t_start=0.0)
+    meter = ThroughputMeter(flops_per_image=1.0, peak=None, clock=train_clock)
     meter.add(100, 1.0)
-    meter.pause(2.0)  # [t, t+2) spent on a kNN evaluation
+    with train_clock.paused():  # [1, 3) spent on a kNN evaluation
+        pass
     record = meter.interval(4.0)  # the interval [0, 4) trained for 2 s
     assert record["images_per_s"] == pytest.approx(50.0)
     assert record["data_wait_frac"] == pytest.approx(0.5)
     meter.add(60, 0.0)
-    total = meter.finish(paused_s=2.0)  # at t=10: 8 s of training
+    total = meter.finish()  # at t=10: 8 s of training
     assert total["wall_s"] == pytest.approx(10.0)
     assert total["images_per_s"] == pytest.approx(160 / 8)
     assert total["data_wait_frac"] == pytest.approx(1 / 8)
+    assert train_clock.seconds(10.0) == pytest.approx(5.0 + 8.0)  # earlier invocations count
 
 
 @multi
@@ -552,3 +558,27 @@ def test_knn_every_minus_one_turns_the_timed_points_off_too(dataset, tmp_path, c
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["knn_top1"] is None and summary["knn_best"] is None
     assert "disabled" in summary["knn_skipped"]
+
+
+@multi
+@pytest.mark.timeout(600)
+def test_one_collective_per_logged_step_and_none_on_the_others(dataset, tmp_path, monkeypatch):
+    """Two gloo processes with every torch.distributed collective counted: each logged step
+    (every 5th and the last) makes exactly one, an all-reduce, and the other steps none, with the
+    time budget fitted on the way (its timed steps end at a logged step)."""
+    monkeypatch.setenv("COLLECTIVE_COUNT", str(tmp_path / "calls"))
+    out = tmp_path / "run"
+    run([*TINY, f"--data.path={dataset}", f"--train.out_dir={out}", "--optim.epochs=5",
+         "--train.max_steps=33", "--train.log_every=5", "--train.checkpoint_every=0",
+         "--train.time_budget_s=3600"],
+        launcher=accelerate_launch("tests.train.collective_count"))
+    budget = [r for r in records(out) if r.get("event") == "time_budget"]
+    assert [(r["step"], r["planned_steps"]) for r in budget] == [(30, 40)]  # 5 epochs of 8 steps
+    logged = [5, 10, 15, 20, 25, 30, 33]
+    for rank in (0, 1):
+        calls = json.loads((tmp_path / f"calls-{rank}.json").read_text())
+        per_step = {s: [name for step, name in calls if step == s] for s in range(1, 34)}
+        assert per_step == {s: ["all_reduce"] if s in logged else [] for s in range(1, 34)}
+        assert not [c for c in calls if c[0] is not None and not 1 <= c[0] <= 33]
+        # the wrappers do see Accelerate's own collectives (set-up, the final checkpoint)
+        assert [name for step, name in calls if step is None], calls

@@ -121,3 +121,63 @@ def test_base_lr_defaults_to_the_papers_for_each_rule_and_an_explicit_lr_wins():
     assert scaled_lr(base_lr(0.0, "sqrt"), 4096, "sqrt") == pytest.approx(0.075 * 64)
     with pytest.raises(ValueError, match="rule"):
         base_lr(0.0, "log")
+
+
+# ---------------------------------------------------------------- Schedule and TrainClock
+
+def test_schedule_times_steps_up_to_a_logged_step():
+    """The budget's timed steps start 10 steps in and end at the first logged step (a multiple of
+    log_every) at least 20 steps later, where the processes exchange their clocks."""
+    from train.schedule import Schedule
+
+    for first, log_every, window in [(0, 10, (10, 30)), (0, 1, (10, 30)), (17, 10, (27, 50)),
+                                     (5, 7, (15, 35)), (0, 100, (10, 100))]:
+        s = Schedule(1.0, 5, 200, budget_s=60.0)
+        s.time_steps(first, log_every)
+        assert (s.timed_from, s.timed_to) == window
+        assert s.timed_to % log_every == 0
+        assert s.fit_due(window[1]) and not s.fit_due(window[1] - 1)
+
+
+def test_schedule_fit_to_budget_and_overrun():
+    from train.schedule import Schedule
+
+    s = Schedule(1.0, 5, 100, max_steps=0, budget_s=60.0)
+    assert not s.planned and s.planned_steps is None and s.last_step == 100
+    s.fit(elapsed_s=20.0, step=30, step_s=0.5)  # 30 + floor((0.97 * 60 - 20) / 0.5) = 106 > cap
+    assert s.planned and s.total_steps == s.planned_steps == s.last_step == 100
+    assert not s.fit_due(s.timed_to)
+    s.fit(elapsed_s=20.0, step=30, step_s=1.0)  # 30 + floor(38.2) = 68
+    assert s.total_steps == 68 and s.lrs == lr_schedule(1.0, 68, 5).tolist()
+    assert s.overrun(50, 72.0) is None  # 1.2 x 60 = 72 is still within
+    assert s.overrun(50, 72.1) == "time budget: 72 s > 1.2 x train.time_budget_s"
+    assert s.overrun(68, 100.0) is None  # the last step: nothing left to cut
+
+    capped = Schedule(1.0, 5, 100, max_steps=40)  # no budget: the epochs' schedule, cut
+    assert capped.planned and capped.planned_steps is None
+    assert (capped.total_steps, capped.last_step) == (100, 40)
+    assert capped.lrs == lr_schedule(1.0, 100, 5).tolist()
+
+
+def test_a_budget_shorter_than_the_warmup_cuts_the_warmup():
+    from train.schedule import Schedule
+
+    s = Schedule(2.0, 50, 100, budget_s=10.0)
+    s.fix(20)
+    assert s.lrs == lr_schedule(2.0, 20, 20).tolist()  # the warmup fills the 20 steps
+
+
+def test_train_clock_spans_invocations_and_leaves_pauses_out(monkeypatch):
+    import time
+
+    from train.schedule import TrainClock
+
+    clock = TrainClock(seconds_before=100.0)
+    clock.start(now=0.0)
+    reads = iter([2.0, 5.0])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(reads))
+    with clock.paused():  # [2, 5): an evaluation
+        pass
+    assert clock.paused_s == 3.0
+    assert clock.wall(10.0) == 10.0
+    assert clock.seconds(10.0) == 100.0 + 10.0 - 3.0

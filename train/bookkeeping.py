@@ -1,0 +1,373 @@
+"""Everything that follows a pretraining step, behind one call: `Bookkeeper.after_step` receives
+one `StepRecord` per step and keeps the throughput, the progress bar, the time budget, the log,
+stop signals, kNN points and checkpoints.
+
+At a logged step (every train.log_every steps and the last) the processes exchange what they must
+agree on (the loss, a stop signal, their training clocks, the budget's step time) in ONE
+all-reduce (`agree`) and every decision is taken from its result, the same table on every
+process, so no condition can come out differently on two processes and leave one waiting. Other
+steps exchange nothing and read nothing back from the device. (A kNN evaluation adds a barrier:
+the other processes wait for the main one to evaluate.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from model.flops import model_flops_utilisation
+from train.config import Config
+from train.features import knn_top1
+from train.schedule import TrainClock
+
+if TYPE_CHECKING:  # not imported at run time: pretrain imports this module
+    from train.pretrain import Run
+
+
+@dataclass
+class StepRecord:
+    """What one training step hands to the bookkeeping."""
+
+    step: int  # steps done, this one included
+    loss: torch.Tensor  # detached and still on the device: read at logged steps only
+    lr: float
+    images: int  # images (each two views) of the global batch
+    wait_s: float  # seconds this process waited for the batch
+
+
+@dataclass
+class Agreed:
+    """What every process decides from at a logged step."""
+
+    loss: float  # the mean over the processes
+    stop: bool  # a signal reached some process
+    clock_s: float  # the slowest process's training seconds
+    step_s: float  # the slowest process's seconds per timed step (0 outside the budget's fit)
+
+
+def agree(loss: torch.Tensor, signalled: bool, clock_s: float, step_s: float, *, world: int,
+          rank: int) -> Agreed:
+    """The one collective of a logged step. Each process writes its row (loss, signal, clock, step
+    time) into a [world, 4] table of zeros that one all-reduce (sum) completes; the table is read
+    back once. One process: no collective, the same one read."""
+    row = torch.tensor([0.0, float(signalled), clock_s, step_s], dtype=torch.float64,
+                       device=loss.device)
+    row[0] = loss
+    if world > 1:
+        import torch.distributed as dist
+
+        table = torch.zeros(world, 4, dtype=torch.float64, device=loss.device)
+        table[rank] = row
+        dist.all_reduce(table)
+    else:
+        table = row[None]
+    rows = table.tolist()
+    losses = torch.tensor([r[0] for r in rows], dtype=torch.float32)  # each process's float32
+    return Agreed(loss=(losses.sum() / world).item(), stop=max(r[1] for r in rows) > 0,
+                  clock_s=max(r[2] for r in rows), step_s=max(r[3] for r in rows))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Bookkeeper:
+    """The bookkeeping of one invocation of `train.pretrain.train`; starts the training clock."""
+
+    def __init__(self, run: Run, checkpoint: Callable[[], Path]):
+        from tqdm import tqdm
+
+        self.run, self.checkpoint = run, checkpoint
+        self.stop = StopSignals(run.world)
+        self.knn = KnnMonitor(run)
+        run.schedule.time_steps(run.step, run.cfg.train.log_every)
+        self.bar = tqdm(total=run.schedule.last_step, initial=run.step, dynamic_ncols=True,
+                        disable=not run.acc.is_main_process, unit="step")
+        run.clock.start()
+        self.meter = ThroughputMeter(run.flops_per_image, run.peak, run.clock)
+        self._timed_s = 0.0  # the clock where the budget's timed steps began
+
+    def logged(self, step: int) -> bool:
+        return step % self.run.cfg.train.log_every == 0 or step == self.run.schedule.last_step
+
+    def after_step(self, rec: StepRecord) -> None:
+        run = self.run
+        self.meter.add(rec.images, rec.wait_s)
+        self.bar.update(1)
+        if not run.schedule.planned and rec.step == run.schedule.timed_from:
+            _sync(run.device)
+            self._timed_s = run.clock.seconds()
+        if self.logged(rec.step):
+            self._at_logged_step(rec)
+        every = run.cfg.train.checkpoint_every
+        if every > 0 and rec.step % every == 0:
+            self.checkpoint()
+
+    def after_epoch(self) -> None:
+        self.knn.after_epoch()
+
+    def close(self) -> dict:
+        """The end of the loop: the final kNN point (before the last checkpoint, which holds it)
+        and the throughput over this invocation."""
+        self.bar.close()
+        self.knn.at_end(stopped=self.stop.now)
+        return self.meter.finish()
+
+    def _at_logged_step(self, rec: StepRecord) -> None:
+        run, sched = self.run, self.run.schedule
+        fit = sched.fit_due(rec.step)
+        _sync(run.device)  # the loss is read below anyway; the clock then counts the step whole
+        now = time.perf_counter()
+        clock_s = run.clock.seconds(now)
+        step_s = (clock_s - self._timed_s) / (sched.timed_to - sched.timed_from) if fit else 0.0
+        agreed = agree(rec.loss, self.stop.signal is not None, clock_s, step_s, world=run.world,
+                       rank=run.acc.process_index)
+        self.stop.now = self.stop.now or agreed.stop
+        if not math.isfinite(agreed.loss):
+            raise FloatingPointError(f"loss became {agreed.loss} at step {rec.step}: lower "
+                                     f"optim.lr (now {rec.lr:.3g}) or raise loss.temperature")
+        if fit:
+            self._fit_budget(rec.step, agreed)
+        record = {"step": rec.step, "epoch": rec.step / run.steps_per_epoch, "loss": agreed.loss,
+                  "lr": rec.lr, **self.meter.interval(now)}
+        run.log(record)
+        overrun = sched.overrun(rec.step, agreed.clock_s)
+        if overrun:
+            self.stop.reason, self.stop.now = overrun, True
+        self.bar.set_postfix(loss=f"{agreed.loss:.4f}", lr=f"{rec.lr:.3g}",
+                             img_s=f"{record['images_per_s']:.0f}")
+        self.knn.at_logged_step(agreed.clock_s)
+
+    def _fit_budget(self, step: int, agreed: Agreed) -> None:
+        run, sched = self.run, self.run.schedule
+        sched.fit(agreed.clock_s, step, agreed.step_s)
+        self.bar.total = sched.last_step
+        self.bar.refresh()
+        run.log({"event": "time_budget", "step": step, "budget_s": sched.budget_s,
+                 "elapsed_s": agreed.clock_s, "step_s": agreed.step_s,
+                 "planned_steps": sched.total_steps,
+                 "planned_epochs": sched.total_steps / run.steps_per_epoch})
+
+
+class StopSignals:
+    """SIGTERM / first SIGINT: stop after this step and checkpoint; a second SIGINT aborts.
+    Several processes stop together at the next logged step (a signal may reach them at
+    different steps, and one that stopped alone would leave the others waiting). A time-budget
+    overrun stops the run too, with its `reason`."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self.now = False
+        self.signal: str | None = None
+        self.reason: str | None = None
+        self._pid = os.getpid()
+        self._previous = {}
+
+    def install(self) -> None:
+        self._previous = {sig: signal.signal(sig, self._on_signal)
+                          for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        from tqdm import tqdm
+
+        if os.getpid() != self._pid:  # a forked loader worker: it keeps serving batches
+            return
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        self.now = self.now or self.world == 1
+        where = "this step" if self.world == 1 else "the next logged step"
+        tqdm.write(f"pretrain: {self.signal}: stopping after {where} and writing a checkpoint "
+                   f"(Ctrl-C again aborts)", file=sys.stderr)
+
+
+class ThroughputMeter:
+    """Images (each two views), data-wait seconds and model FLOP/s, per log interval and over the
+    invocation, on the training clock (time spent on evaluations is left out)."""
+
+    def __init__(self, flops_per_image: float, peak: float | None, clock: TrainClock):
+        self.flops_per_image, self.peak, self.clock = flops_per_image, peak, clock
+        self.images, self.wait_s = 0, 0.0  # up to the last interval
+        self.tick, self.tick_images, self.tick_wait = clock.seconds(clock.t_start), 0, 0.0
+
+    def add(self, images: int, wait_s: float) -> None:
+        self.tick_images += images
+        self.tick_wait += wait_s
+
+    def interval(self, now: float) -> dict:
+        """The log record's throughput since the last interval, which ends at `now`
+        (perf_counter)."""
+        t = self.clock.seconds(now)
+        ips = self.tick_images / (t - self.tick)
+        record = {"images_per_s": ips, "data_wait_frac": self.tick_wait / (t - self.tick),
+                  "tflops": ips * self.flops_per_image / 1e12}
+        mfu = model_flops_utilisation(self.flops_per_image, ips, self.peak)
+        if mfu is not None:
+            record["mfu"] = mfu
+        self.images += self.tick_images
+        self.wait_s += self.tick_wait
+        self.tick, self.tick_images, self.tick_wait = t, 0, 0.0
+        return record
+
+    def finish(self) -> dict:
+        """The summary's throughput over this invocation's training time; the data wait is that
+        of the logged intervals."""
+        now = time.perf_counter()
+        wall = self.clock.wall(now)
+        train_s = self.clock.seconds(now) - self.clock.seconds_before
+        self.images += self.tick_images
+        ips = self.images / train_s if train_s > 0 else 0.0
+        return {"images_per_s": ips, "wall_s": wall,
+                "data_wait_frac": self.wait_s / train_s if train_s > 0 else 0.0,
+                "tflops": ips * self.flops_per_image / 1e12,
+                "mfu": model_flops_utilisation(self.flops_per_image, ips, self.peak)
+                if wall > 0 else None}
+
+
+def run_knn(cfg: Config, model, train_split, eval_split, device) -> float:
+    """kNN top-1 of the (possibly DDP-wrapped) SimCLR model's encoder."""
+    return knn_top1(cfg, getattr(model, "module", model).encoder, train_split, eval_split, device)
+
+
+class KnnMonitor:
+    """kNN top-1 of the encoder on data.eval_split, on the main process: every train.knn_every
+    epochs, every train.knn_every_s seconds of training, and at the end (train.knn_every 0: at
+    the end only; < 0: never). Each result is a log record (a curve in TensorBoard) and joins
+    run.knn_history, which checkpoints carry so that the best value survives a resume. An
+    evaluation pauses the training clock."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.result: float | None = None
+        self.skipped = knn_skip_reason(run.cfg, run.ds, run.train_split)
+        if self.skipped and run.acc.is_main_process:  # said once; the summary repeats the reason
+            print(f"pretrain: warning: no kNN monitor: {self.skipped}", file=sys.stderr)
+            run.log({"event": "knn_skipped", "step": run.step, "reason": self.skipped})
+        # the next point on the training clock (resumed runs continue the same grid)
+        self.next_s = _next_point(run.clock.seconds_before, run.cfg.train.knn_every_s)
+
+    def after_epoch(self) -> None:
+        run = self.run
+        every, spe = run.cfg.train.knn_every, run.steps_per_epoch
+        if (run.step % spe == 0 and every > 0 and not self.skipped
+                and (run.step // spe) % every == 0 and not self._evaluated_here()):
+            self._evaluate()
+
+    def at_logged_step(self, clock_s: float) -> None:
+        """train.knn_every_s, from the slowest process's clock, which every process sees."""
+        run = self.run
+        if (not self.next_s or self.skipped or run.cfg.train.knn_every < 0
+                or run.step >= run.schedule.last_step):
+            return
+        if clock_s >= self.next_s:
+            self.next_s = _next_point(clock_s, run.cfg.train.knn_every_s)
+            self._evaluate()
+
+    def at_end(self, stopped: bool) -> None:
+        run = self.run
+        if (run.cfg.train.knn_every >= 0 and not self.skipped and not stopped
+                and run.step == run.schedule.last_step and not self._evaluated_here()):
+            self._evaluate()
+        elif self.result is None and run.knn_history and not stopped:
+            self.result = run.knn_history[-1][1]  # resumed after the last evaluation
+        elif self.result is None and not self.skipped:
+            self.skipped = ("disabled (train.knn_every < 0)" if run.cfg.train.knn_every < 0
+                            else f"the run stopped at step {run.step} before the final kNN "
+                                 f"evaluation")
+
+    def best(self) -> tuple[float, int] | tuple[None, None]:
+        """The highest kNN top-1 of the run (every invocation) and its step."""
+        if not self.run.knn_history:
+            return None, None
+        step, top1 = max(self.run.knn_history, key=lambda h: (h[1], -h[0]))
+        return top1, step
+
+    def _evaluated_here(self) -> bool:
+        """Whether this step was evaluated already (two cadences, or a resumed run)."""
+        history = self.run.knn_history
+        return bool(history) and history[-1][0] == self.run.step
+
+    def _evaluate(self) -> None:
+        run, cfg, acc = self.run, self.run.cfg, self.run.acc
+        with run.clock.paused():
+            train_s = run.clock.seconds()
+            self.result = None
+            if acc.is_main_process:
+                self.result = run_knn(cfg, run.model, run.train_split,
+                                      run.ds.split(cfg.data.eval_split), run.device)
+                run.log({"event": "knn", "step": run.step,
+                         "epoch": run.step / run.steps_per_epoch,
+                         "images": run.step * cfg.data.batch_size, "train_s": train_s,
+                         "knn_top1": self.result})
+                acc.print(f"step {run.step}: kNN top-1 on '{cfg.data.eval_split}' = "
+                          f"{100 * self.result:.2f}%")
+            acc.wait_for_everyone()
+        run.knn_history.append([run.step, self.result])
+
+
+def _next_point(seconds: float, every_s: float) -> float:
+    """The first multiple of every_s after `seconds` (0: no timed points)."""
+    return (math.floor(seconds / every_s) + 1) * every_s if every_s else 0.0
+
+
+def knn_skip_reason(cfg: Config, ds, train_split) -> str | None:
+    """Why the kNN monitor cannot run on this dataset (None: it can, or it is disabled)."""
+    if cfg.train.knn_every < 0:
+        return None
+    if cfg.data.eval_split not in ds.splits:
+        return (f"data.eval_split '{cfg.data.eval_split}' is not in the dataset (splits: "
+                f"{', '.join(ds.splits)}); set data.eval_split to a labelled split, or "
+                f"train.knn_every=-1")
+    for split in (train_split, ds.split(cfg.data.eval_split)):
+        if len(split) == 0 or (split.labels < 0).any():
+            return f"split '{split.name}' is empty or unlabelled; kNN needs labels"
+    return None
+
+
+class RunLog:
+    """log.jsonl, one JSON record a line, its curves mirrored to TensorBoard; the main process
+    writes, the others hold a RunLog that writes nothing."""
+
+    def __init__(self, out: Path, main: bool):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out / "tb")) if main else None
+        self.file = open(out / "log.jsonl", "a") if main else None
+
+    def __call__(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            for k in self._curves(record):
+                self.writer.add_scalar(k, record[k], record["step"])
+
+    @staticmethod
+    def _curves(record: dict) -> list[str]:
+        """The keys TensorBoard draws: a step record's numbers and a kNN point's accuracy; the
+        other events (start, time budget, end) are facts of the run, not points of a curve."""
+        if record.get("event") == "knn":
+            return ["knn_top1"]
+        if "event" in record:
+            return []
+        return [k for k, v in record.items() if isinstance(v, (int, float)) and k != "step"]
+
+    def close(self) -> None:
+        if self.file:
+            self.writer.close()
+            self.file.close()

@@ -1,0 +1,120 @@
+"""The run directory (train.out_dir) before training begins: an earlier run in it is continued
+(--resume), set aside and later deleted (--overwrite), or the directory is refused; a resumed run
+sets its later checkpoints aside; a checkpoint that does not fit is explained by its config."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from train.checkpoint import CheckpointError, step_dirs
+from train.config import ConfigError
+
+# what a pretraining run writes into train.out_dir
+RUN_ARTEFACTS = ("checkpoints", "summary.json", "log.jsonl", "config.yaml", "tb",
+                 "linear_eval.json")
+
+
+def earlier_run(out: Path) -> str | None:
+    """What in `out` shows an earlier run (its checkpoints, summary or log), or None."""
+    ckpts = out / "checkpoints"
+    if ckpts.is_dir() and ((ckpts / "latest").exists() or any(ckpts.glob("step-*"))):
+        return "checkpoints"
+    for name in ("summary.json", "log.jsonl"):
+        if (out / name).exists():
+            return name
+    return None
+
+
+def check_out_dir(out: Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse a file in the directory's place, both --resume and --overwrite, or an earlier run
+    with neither."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"config: train.out_dir '{out}' is an existing file, not a directory: "
+                          f"choose another --train.out_dir")
+    if resume is not None and overwrite:
+        raise ConfigError("--resume continues the run in train.out_dir, --overwrite deletes it: "
+                          "pass one of them")
+    earlier = earlier_run(out) if resume is None else None
+    if earlier and not overwrite:
+        raise CheckpointError(f"train.out_dir '{out}' already holds a run ({earlier}): continue it "
+                              f"with --resume, replace it with --overwrite, or choose another "
+                              f"--train.out_dir")
+
+
+def set_aside_earlier_run(out: Path) -> Path | None:
+    """--overwrite: move the earlier run's artefacts into one hidden .overwritten-* directory
+    (renames: the new run never sees a mix of two). They are deleted by `delete_earlier_runs`
+    once the new run has written its first checkpoint, so a new run that fails before that
+    leaves the earlier one recoverable."""
+    names = [n for n in RUN_ARTEFACTS if (out / n).exists() or (out / n).is_symlink()]
+    if not names:
+        return None
+    trash = Path(tempfile.mkdtemp(prefix=".overwritten-", dir=out))
+    for name in names:
+        (out / name).rename(trash / name)
+    print(f"pretrain: --overwrite: the earlier run in '{out}' was moved to {trash.name}, "
+          f"deleted once this run writes its first checkpoint", file=sys.stderr)
+    return trash
+
+
+def delete_earlier_runs(out: Path) -> None:
+    for old in out.glob(".overwritten-*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside_later_checkpoints(ckpt_root: Path, ckpt: Path, step: int) -> None:
+    """Resuming this run from an earlier checkpoint: move its later ones into
+    checkpoints/abandoned-after-<step>-*/ (kept, not deleted), so that the highest step under
+    checkpoints/ stays the current one. The main process calls this."""
+    if ckpt.parent.resolve() != ckpt_root.resolve():
+        return
+    later = [d for s, d in step_dirs(ckpt_root) if s > step]
+    if later:
+        aside = Path(tempfile.mkdtemp(prefix=f"abandoned-after-{step:08d}-", dir=ckpt_root))
+        for d in later:
+            d.rename(aside / d.name)
+        print(f"pretrain: resuming from step {step}: the later checkpoints "
+              f"({', '.join(d.name for d in later)}) were moved to {aside}", file=sys.stderr)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flat(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def config_diff(ckpt: Path, current: dict) -> list[str]:
+    """'key (checkpoint A, now B)' for the settings that shape the saved state (model.*,
+    optim.name) and differ between the checkpoint's config.yaml and `current`."""
+    try:
+        saved = _flat(yaml.safe_load((ckpt / "config.yaml").read_text()) or {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    now = _flat(current)
+    diff = [k for k in now if (k.startswith("model.") or k == "optim.name")
+            and k in saved and saved[k] != now[k]]
+    return [f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in diff[:6]]
+
+
+def unfit_checkpoint(ckpt: Path, current: dict, error: Exception) -> CheckpointError:
+    """The error for a checkpoint whose state did not load: the config keys that differ, or the
+    loader's first line."""
+    diff = config_diff(ckpt, current)
+    if diff:
+        return CheckpointError(
+            f"checkpoint '{ckpt}' does not fit this run: its config differs in {'; '.join(diff)}: "
+            f"resume with the checkpoint's settings, or start a new run with --overwrite or "
+            f"another --train.out_dir")
+    first = (str(error).splitlines() or [""])[0][:200]
+    return CheckpointError(
+        f"checkpoint '{ckpt}' is unreadable ({type(error).__name__}: {first}): pass another with "
+        f"--resume, or start afresh with --overwrite")
