@@ -36,6 +36,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,7 @@ from train.config import ConfigError, accelerate_precision, config_to_dict
 from train.features import eval_views, forward_eval
 from train.linear_eval import topk_accuracy
 from train.schedule import lr_schedule
+from train.step import optimizer_step, set_lr
 
 MODES = ("finetune", "linear")
 LR_PER_256 = 0.05  # the paper's fine-tuning LR per 256 examples (Appendix B.5)
@@ -205,29 +207,22 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 def train_classifier(acc, model: Classifier, loader, lrs: torch.Tensor, bar) -> list[dict]:
     """Train `model` along `lrs` (one LR per step) with the paper's optimizer, prepared by
-    Accelerate here; the mean loss of each epoch."""
+    Accelerate here; the mean loss of each epoch. Each step trains on both views of its images."""
     optimizer = make_optimizer(model, float(lrs[0]))
     model, optimizer = acc.prepare(model, optimizer)
     model.train()
     history, step, epoch = [], 0, 0
     while step < len(lrs):
         loader.set_epoch(epoch)
-        total = torch.zeros((), device=acc.device)
-        count = 0
+        total, count = torch.zeros((), device=acc.device), 0
         for batch in loader:
             if step == len(lrs):
                 break
-            for g in optimizer.param_groups:
-                g["lr"] = float(lrs[step])
-            x = torch.cat([batch.view1, batch.view2])  # [2B, 3, S, S]: both views are examples
-            y = torch.cat([batch.label, batch.label])
+            set_lr(optimizer, float(lrs[step]))
             with acc.autocast():
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            optimizer.step()
-            total += loss.detach()
+                logits = model(torch.cat([batch.view1, batch.view2]))  # [2B, classes]
+            loss = F.cross_entropy(logits.float(), torch.cat([batch.label, batch.label]))
+            total += optimizer_step(optimizer, loss, acc.backward)
             count += 1
             step += 1
             if bar is not None:
@@ -288,26 +283,68 @@ def _save_model(net: Classifier, path: Path) -> None:
     write_atomic(path, save(state))
 
 
+@dataclasses.dataclass
+class Job:
+    """What a fine-tuning command works with, from its arguments and the pretrained run."""
+
+    args: argparse.Namespace
+    acc: Any  # accelerate.Accelerator
+    ckpt: Path
+    cfg: Any  # the pretrained run's train.config.Config
+    pretrained: nn.Module  # the SimCLR model
+    precision: str
+    seed: int
+    backend: str
+    ds: Any  # pipelines.sources.DatasetDir
+    train_split: Split
+    eval_split: Split
+    classes: int
+    labelled: np.ndarray  # indices into train_split
+    fraction: float | None
+    transfer: bool
+    out: Path
+    spec: Any = None  # the crop-and-flip augmentation
+    loader: Any = None
+    steps_per_epoch: int = 0
+    batch_views: int = 0
+    lr: float = 0.0
+    lrs: torch.Tensor | None = None
+
+
 def finetune(args) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from model.global_batchnorm import convert_to_global_bn
-    from model.simclr import build_simclr
-
+    """Fine-tune (or train linearly on) the pretrained encoder and, unless --no-scratch, the same
+    network from scratch; test both; write labels.txt, finetune.json and model.safetensors."""
     t0 = time.perf_counter()
-    cuda = torch.cuda.is_available()
+    job = _job(args)
+    _plan_steps(job)
+    main = job.acc.is_main_process
+    if main:
+        _write_labels(job)
+    results, nets = {}, {}
+    for name, encoder in _contenders(job).items():
+        results[name], nets[name] = _train_and_test(job, name, encoder)
+    result = _result(job, results, t0)
+    if main:
+        _save_model(nets["pretrained"], job.out / "model.safetensors")
+        result["model"] = str(job.out / "model.safetensors")
+        write_atomic(job.out / "finetune.json", json.dumps(result, indent=1))
+        _print_table(result, job.out)
+    job.acc.wait_for_everyone()
+    return result
+
+
+def _job(args) -> Job:
+    """The pretrained run, the datasets and the labelled subset; the output directory."""
+    from accelerate import Accelerator
+
     ckpt, cfg, pretrained = load_pretrained(args.checkpoint)
-    precision = accelerate_precision(cfg.train.mixed_precision, cuda)
-    acc = Accelerator(cpu=not cuda, mixed_precision=precision)
-    rank, world, device = acc.process_index, acc.num_processes, acc.device
-    main = acc.is_main_process
+    precision = accelerate_precision(cfg.train.mixed_precision, torch.cuda.is_available())
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
     seed = cfg.train.seed if args.seed is None else args.seed
     backend = args.backend or cfg.data.backend
     if backend not in BACKENDS:
         raise ConfigError(f"--backend: unknown loader backend '{backend}': choose one of "
                           f"{', '.join(BACKENDS)}")
-
     data = Path(args.data or cfg.data.path)
     ds = open_dataset(data)
     train_split = ds.split(args.train_split or cfg.data.train_split)
@@ -315,88 +352,108 @@ def finetune(args) -> dict:
     classes = _check_splits(train_split, eval_split)
     labelled, fraction, tag = choose_labels(args.labels, train_split, seed)
     transfer = data.resolve() != Path(cfg.data.path).resolve()
-    tag = f"{args.mode}-{tag}" + (f"-{data.name}" if transfer else "")
-    out = output_dir(ckpt, args.out, tag)
+    out = output_dir(ckpt, args.out, f"{args.mode}-{tag}" + (f"-{data.name}" if transfer else ""))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' is an existing file: pass a directory")
+    return Job(args, acc, ckpt, cfg, pretrained, precision, seed, backend, ds, train_split,
+               eval_split, classes, labelled, fraction, transfer, out)
 
+
+def _plan_steps(job: Job) -> None:
+    """The loader of the labelled images (crop and flip only) and the LR of every step."""
+    args, world = job.args, job.acc.num_processes
     if args.batch_size % (2 * world):
         raise ConfigError(f"--batch-size {args.batch_size} views cannot be split into two views "
                           f"of whole images on {world} process(es): use a multiple of {2 * world}")
-    pairs = min(args.batch_size // (2 * world), len(labelled) // world)  # images per process
+    pairs = min(args.batch_size // (2 * world), len(job.labelled) // world)  # images per process
     if pairs < 1:
-        raise ConfigError(f"{len(labelled)} labelled images cannot give each of {world} "
+        raise ConfigError(f"{len(job.labelled)} labelled images cannot give each of {world} "
                           f"processes one image: label more images or use fewer processes")
-    batch_views = 2 * pairs * world
+    job.batch_views = 2 * pairs * world
     # the crop and flip of the recipe, nothing else (Appendix B.5)
-    spec = dataclasses.replace(cfg.augment, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
-    loader = build_loader(backend, train_split, spec, batch_size=pairs, rank=rank, world=world,
-                          seed=seed, device=device, num_workers=cfg.data.num_workers,
-                          drop_last=True, subset=labelled)
-    steps_per_epoch = len(loader)
-    epochs = args.epochs or default_epochs(fraction if fraction is not None
-                                           else len(labelled) / len(train_split))
-    steps = max(round(epochs * steps_per_epoch), args.min_steps, 1)
-    peak = args.lr if args.lr is not None else LR_PER_256 * batch_views / 256
-    lrs = lr_schedule(peak, steps, 0)  # no warm-up, cosine to zero
+    job.spec = dataclasses.replace(job.cfg.augment, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    job.loader = build_loader(job.backend, job.train_split, job.spec, batch_size=pairs,
+                              rank=job.acc.process_index, world=world, seed=job.seed,
+                              device=job.acc.device, num_workers=job.cfg.data.num_workers,
+                              drop_last=True, subset=job.labelled)
+    job.steps_per_epoch = len(job.loader)
+    epochs = args.epochs or default_epochs(job.fraction if job.fraction is not None
+                                           else len(job.labelled) / len(job.train_split))
+    steps = max(round(epochs * job.steps_per_epoch), args.min_steps, 1)
+    job.lr = args.lr if args.lr is not None else LR_PER_256 * job.batch_views / 256
+    job.lrs = lr_schedule(job.lr, steps, 0)  # no warm-up, cosine to zero
 
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        how = (f"class-balanced draw of {fraction:g} of the labels" if fraction is not None
-               else f"from {show_path(args.labels)}")
-        write_atomic(out / "labels.txt", labels_text(
-            labelled, f"labelled images of split '{train_split.name}' of '{ds.root}', {how}, "
-            f"seed {seed}"))
-        print(f"finetune: {args.mode} on {len(labelled)} labelled images of "
-              f"'{train_split.name}' ({len(np.unique(train_split.labels[labelled]))} classes), "
-              f"{steps} steps of {batch_views} views ({steps / steps_per_epoch:.1f} epochs), "
-              f"LR {peak:g}, loader {backend}, {world} x {device.type}", flush=True)
 
+def _write_labels(job: Job) -> None:
+    args, split, steps = job.args, job.train_split, len(job.lrs)
+    job.out.mkdir(parents=True, exist_ok=True)
+    how = (f"class-balanced draw of {job.fraction:g} of the labels" if job.fraction is not None
+           else f"from {show_path(args.labels)}")
+    write_atomic(job.out / "labels.txt", labels_text(
+        job.labelled, f"labelled images of split '{split.name}' of '{job.ds.root}', {how}, "
+        f"seed {job.seed}"))
+    print(f"finetune: {args.mode} on {len(job.labelled)} labelled images of '{split.name}' "
+          f"({len(np.unique(split.labels[job.labelled]))} classes), {steps} steps of "
+          f"{job.batch_views} views ({steps / job.steps_per_epoch:.1f} epochs), LR {job.lr:g}, "
+          f"loader {job.backend}, {job.acc.num_processes} x {job.acc.device.type}", flush=True)
+
+
+def _contenders(job: Job) -> dict[str, nn.Module]:
+    """The pretrained encoder and, unless --no-scratch, the same network randomly initialised."""
+    from model.simclr import build_simclr
+
+    contenders = {"pretrained": job.pretrained.encoder}
+    if not job.args.no_scratch:
+        torch.manual_seed(job.seed)
+        contenders["scratch"] = build_simclr(job.cfg.model).encoder
+    return contenders
+
+
+def _train_and_test(job: Job, name: str, encoder: nn.Module) -> tuple[dict, nn.Module | None]:
+    """Train `encoder` with a linear layer through the schedule, then test it: its results and,
+    for the pretrained one, the trained network."""
+    from accelerate.utils import set_seed
     from tqdm import tqdm
 
-    contenders = {"pretrained": pretrained.encoder}
-    if not args.no_scratch:
-        torch.manual_seed(seed)
-        contenders["scratch"] = build_simclr(cfg.model).encoder
-    results, nets = {}, {}
-    for name, encoder in contenders.items():
-        set_seed(seed)
-        net = Classifier(encoder, classes, frozen=args.mode == "linear")
-        if world > 1 and cfg.train.sync_bn and args.mode == "finetune":
-            net = convert_to_global_bn(net, device)
-        net = net.to(device).to(memory_format=torch.channels_last)
-        t1 = time.perf_counter()
-        with tqdm(total=steps, desc=name, unit="step", disable=not main) as bar:
-            history = train_classifier(acc, net, loader, lrs, bar)
-        train_s = time.perf_counter() - t1
-        metrics = evaluate(acc, net, eval_split, cfg.augment, cfg.eval.batch_size,
-                           cfg.data.num_workers)
-        results[name] = {**metrics, "train_s": train_s,
-                         "images_per_s": steps * batch_views / train_s,
-                         "final_loss": history[-1]["loss"], "loss_by_epoch": history}
-        nets[name] = acc.unwrap_model(net) if name == "pretrained" else None
+    from model.global_batchnorm import convert_to_global_bn
 
-    result = {
-        "checkpoint": str(ckpt), "dataset": str(ds.root), "transfer": transfer,
-        "mode": args.mode, "train_split": train_split.name, "eval_split": eval_split.name,
-        "eval_count": len(eval_split), "label_fraction": fraction,
-        "labels_file": str(out / "labels.txt"), "labelled": len(labelled),
-        "num_classes": classes, "classes": _class_names(ds, classes),
+    acc, cfg, steps = job.acc, job.cfg, len(job.lrs)
+    set_seed(job.seed)
+    net = Classifier(encoder, job.classes, frozen=job.args.mode == "linear")
+    if acc.num_processes > 1 and cfg.train.sync_bn and job.args.mode == "finetune":
+        net = convert_to_global_bn(net, acc.device)
+    net = net.to(acc.device).to(memory_format=torch.channels_last)
+    t1 = time.perf_counter()
+    with tqdm(total=steps, desc=name, unit="step", disable=not acc.is_main_process) as bar:
+        history = train_classifier(acc, net, job.loader, job.lrs, bar)
+    train_s = time.perf_counter() - t1
+    metrics = evaluate(acc, net, job.eval_split, cfg.augment, cfg.eval.batch_size,
+                       cfg.data.num_workers)
+    result = {**metrics, "train_s": train_s, "images_per_s": steps * job.batch_views / train_s,
+              "final_loss": history[-1]["loss"], "loss_by_epoch": history}
+    return result, acc.unwrap_model(net) if name == "pretrained" else None
+
+
+def _result(job: Job, results: dict, t0: float) -> dict:
+    """finetune.json's record."""
+    args, cfg, steps = job.args, job.cfg, len(job.lrs)
+    return {
+        "checkpoint": str(job.ckpt), "dataset": str(job.ds.root), "transfer": job.transfer,
+        "mode": args.mode, "train_split": job.train_split.name,
+        "eval_split": job.eval_split.name, "eval_count": len(job.eval_split),
+        "label_fraction": job.fraction, "labels_file": str(job.out / "labels.txt"),
+        "labelled": len(job.labelled), "num_classes": job.classes,
+        "classes": _class_names(job.ds, job.classes),
         "arch": cfg.model.arch, "width": cfg.model.width, "small_stem": cfg.model.small_stem,
-        "settings": {"steps": steps, "epochs": steps / steps_per_epoch, "batch_views": batch_views,
-                     "lr": peak, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0,
-                     "warmup_steps": 0, "schedule": "cosine", "backend": backend,
-                     "processes": world, "device": device.type, "precision": precision,
-                     "seed": seed, "augment": config_to_dict(spec)},
+        "settings": {"steps": steps, "epochs": steps / job.steps_per_epoch,
+                     "batch_views": job.batch_views, "lr": job.lr, "momentum": 0.9,
+                     "nesterov": True, "weight_decay": 0.0, "warmup_steps": 0,
+                     "schedule": "cosine", "backend": job.backend,
+                     "processes": job.acc.num_processes, "device": job.acc.device.type,
+                     "precision": job.precision, "seed": job.seed,
+                     "augment": config_to_dict(job.spec)},
         **results, "wall_s": time.perf_counter() - t0,
     }
-    if main:
-        _save_model(nets["pretrained"], out / "model.safetensors")
-        result["model"] = str(out / "model.safetensors")
-        write_atomic(out / "finetune.json", json.dumps(result, indent=1))
-        _print_table(result, out)
-    acc.wait_for_everyone()
-    return result
 
 
 def _print_table(r: dict, out: Path) -> None:

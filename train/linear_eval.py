@@ -181,36 +181,18 @@ def evaluate(args) -> dict:
             raise DatasetError(f"split '{s.name}' is unlabelled: linear evaluation needs labels "
                                f"(convert a labelled dataset)")
 
-    from model.simclr import build_simclr
-
-    torch.manual_seed(cfg.train.seed)
-    random_encoder = build_simclr(cfg.model).encoder  # the baseline: same network, no training
-    encoder = model.encoder.to(args.device).to(memory_format=torch.channels_last)
-
-    from tqdm import tqdm
-
-    spec, kw = cfg.augment, dict(batch_size=cfg.eval.batch_size, device=args.device,
-                                 num_workers=cfg.data.num_workers)
     train_idx = subset(len(train_split), args.train_samples, cfg.train.seed)
     test_idx = subset(len(test_split), args.eval_samples, cfg.train.seed + 1)
-    encoders = {"encoder": encoder}
-    if not args.no_baseline:
-        encoders["random_init"] = (random_encoder.to(args.device)
-                                   .to(memory_format=torch.channels_last))
-    feats = {}
-    with tqdm(total=len(encoders) * (len(train_idx) + len(test_idx)), desc="features",
-              unit="img") as bar:
-        for name, enc in encoders.items():
-            feats[name] = (extract_features(enc, train_split, spec, indices=train_idx,
-                                            progress=bar.update, **kw),
-                           extract_features(enc, test_split, spec, indices=test_idx,
-                                            progress=bar.update, **kw))
+    feats = _features(args, cfg, model, (train_split, train_idx), (test_split, test_idx))
     probe = dict(l2_grid=cfg.eval.l2_grid, val_fraction=cfg.eval.val_fraction,
                  max_iter=cfg.eval.max_iter, seed=cfg.train.seed, device=args.device)
     fits = (len(cfg.eval.l2_grid) + 1) * (1 if args.no_baseline else 3)
     result = {"checkpoint": str(ckpt), "dataset": str(ds.root), "train_split": train_split.name,
               "eval_split": test_split.name, "train_count": len(train_idx),
               "eval_count": len(test_idx), "device": str(args.device)}
+    from tqdm import tqdm
+
+    spec = cfg.augment
     with tqdm(total=fits, desc="classifier fits", unit="fit") as bar:
         for name, ((train_h, train_y), (test_h, test_y)) in feats.items():
             result[name] = {"feature_dim": train_h.shape[1],
@@ -229,14 +211,43 @@ def evaluate(args) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(result, indent=1))
     _print_table(result, out)
+    _warn_at_edge(result, cfg.eval.l2_grid)
+    return result
+
+
+def _features(args, cfg, model, train: tuple, test: tuple) -> dict:
+    """{name: ((train features, labels), (test features, labels))} of the pretrained encoder and,
+    unless --no-baseline, of the same network randomly initialised; `train` and `test` are
+    (split, indices)."""
+    from tqdm import tqdm
+
+    from model.simclr import build_simclr
+
+    torch.manual_seed(cfg.train.seed)
+    random_encoder = build_simclr(cfg.model).encoder  # the baseline: same network, no training
+    encoders = {"encoder": model.encoder}
+    if not args.no_baseline:
+        encoders["random_init"] = random_encoder
+    kw = dict(batch_size=cfg.eval.batch_size, device=args.device,
+              num_workers=cfg.data.num_workers)
+    feats = {}
+    with tqdm(total=len(encoders) * (len(train[1]) + len(test[1])), desc="features",
+              unit="img") as bar:
+        for name, enc in encoders.items():
+            enc = enc.to(args.device).to(memory_format=torch.channels_last)
+            feats[name] = tuple(extract_features(enc, split, cfg.augment, indices=idx,
+                                                 progress=bar.update, **kw)
+                                for split, idx in (train, test))
+    return feats
+
+
+def _warn_at_edge(result: dict, grid) -> None:
     for name in ("encoder", "random_init", "raw_pixels"):
         r = result.get(name)
         if r and r["l2_at_edge"]:
-            grid = cfg.eval.l2_grid
             print(f"linear_eval: warning: the best L2 penalty for {name} ({r['l2']:g}) is at the "
                   f"edge of eval.l2_grid ({min(grid):g}..{max(grid):g}): widen the grid",
                   file=sys.stderr)
-    return result
 
 
 def _print_table(r: dict, out: Path) -> None:
