@@ -12,7 +12,6 @@ the other processes wait for the main one to evaluate.)
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -21,17 +20,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from model.flops import model_flops_utilisation
 from train.config import Config
 from train.features import knn_top1
+from train.run import Run
 from train.schedule import TrainClock
-
-if TYPE_CHECKING:  # not imported at run time: pretrain imports this module
-    from train.pretrain import Run
 
 
 @dataclass
@@ -338,36 +334,3 @@ def knn_skip_reason(cfg: Config, ds, train_split) -> str | None:
         if len(split) == 0 or (split.labels < 0).any():
             return f"split '{split.name}' is empty or unlabelled; kNN needs labels"
     return None
-
-
-class RunLog:
-    """log.jsonl, one JSON record a line, its curves mirrored to TensorBoard; the main process
-    writes, the others hold a RunLog that writes nothing."""
-
-    def __init__(self, out: Path, main: bool):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(out / "tb")) if main else None
-        self.file = open(out / "log.jsonl", "a") if main else None
-
-    def __call__(self, record: dict) -> None:
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-            for k in self._curves(record):
-                self.writer.add_scalar(k, record[k], record["step"])
-
-    @staticmethod
-    def _curves(record: dict) -> list[str]:
-        """The keys TensorBoard draws: a step record's numbers and a kNN point's accuracy; the
-        other events (start, time budget, end) are facts of the run, not points of a curve."""
-        if record.get("event") == "knn":
-            return ["knn_top1"]
-        if "event" in record:
-            return []
-        return [k for k, v in record.items() if isinstance(v, (int, float)) and k != "step"]
-
-    def close(self) -> None:
-        if self.file:
-            self.writer.close()
-            self.file.close()

@@ -18,18 +18,17 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import yaml
 
 from pipelines.loader import build_loader
 from pipelines.sharding import dropped_per_epoch
-from pipelines.sources import DatasetDir, Split, open_dataset
+from pipelines.sources import Split, open_dataset
 from train.atomic import write_atomic
-from train.bookkeeping import Bookkeeper, RunLog, StepRecord
+from train.bookkeeping import Bookkeeper, StepRecord
 from train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -46,6 +45,7 @@ from train.config import (
     load_config,
     save_config,
 )
+from train.run import Run, RunLog
 from train.run_dir import (
     check_out_dir,
     delete_earlier_runs,
@@ -55,9 +55,6 @@ from train.run_dir import (
 )
 from train.schedule import Schedule, TrainClock, base_lr, scaled_lr
 from train.step import optimizer_step, set_lr, two_view_loss
-
-if TYPE_CHECKING:
-    from accelerate import Accelerator
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,38 +84,6 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
     for g in groups:  # the same exclusions, without layer-wise adaptation
         g.pop("lars_exclude", None)
     return torch.optim.SGD(groups, lr=0.0, momentum=cfg.optim.momentum, foreach=True)
-
-
-@dataclass
-class Run:
-    """What a pretraining run works with, built by `set_up`; `step` advances as it trains."""
-
-    cfg: Config
-    acc: Accelerator
-    world: int
-    device: torch.device
-    out: Path  # train.out_dir
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    loader: Any  # pipelines.loader's loader: len, iter, set_epoch, state_dict, load_state_dict
-    ds: DatasetDir
-    train_split: Split
-    schedule: Schedule
-    steps_per_epoch: int
-    precision: str  # Accelerate's mixed_precision: "bf16", "fp16" or "no"
-    loss_impl: str
-    flops_per_image: float  # conv+matmul FLOPs, fwd+bwd, 2 views
-    peak: float | None  # the device's peak FLOP/s, where known
-    overwrite: bool
-    step: int = 0
-    clock: TrainClock = field(default_factory=TrainClock)  # carried over by a resume
-    knn_history: list = field(default_factory=list)  # [step, kNN top-1] of every evaluation
-    log: RunLog | None = None
-    config_yaml: str = ""  # the resolved settings, written into every checkpoint
-
-    @property
-    def ckpt_root(self) -> Path:
-        return self.out / "checkpoints"
 
 
 def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> dict:
