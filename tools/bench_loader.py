@@ -139,6 +139,25 @@ def _cases(args, tmp: Path):
     yield "array32", split, spec, bs, n * (1 if quick else 2), None
 
 
+def headline(report: dict) -> str:
+    """gpu_check's line for this report: images/s of every case and loader against the baseline,
+    the time to first batch cold and warm where measured, and what was skipped. KeyError for a
+    key or metric the report lacks."""
+    rows = benchmark.by_key(report, METRIC, *FIRST_BATCH)
+    out = []
+    for (case, impl, metric), row in rows.items():
+        if metric != METRIC:
+            continue
+        text = f"{case} {impl}: {row['value']:.0f} img/s"
+        if impl != row["baseline"] and benchmark.finite(row["ratio"]):
+            text += f" ({row['ratio']:.2f}x {row['baseline']})"
+        cold, warm = (rows.get((case, impl, m)) for m in FIRST_BATCH)  # --quick: arrays only
+        if cold and warm:
+            text += f", first batch {cold['value']:.1f} s cold / {warm['value']:.1f} s warm"
+        out.append(text)
+    return "; ".join(out + [f"{k} skipped" for k in report["settings"]["skipped"]])
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     device = benchmark.pick_device(args.device, "bench_loader")

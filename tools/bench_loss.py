@@ -431,6 +431,30 @@ def _print_table(report: dict):
     print(f"memory: {settings['memory_method']}")
 
 
+def headline(report: dict) -> str:
+    """gpu_check's line for this report: the largest 2N of the fast implementations and of the
+    reference, and the fastest one's speed and memory against the reference at the largest size
+    up to 32768 where both ran. KeyError for a key or metric the report lacks."""
+    rows = benchmark.by_key(report, "largest_2N", "time_ms")
+    largest = {impl: int(r["value"]) for (case, impl, metric), r in rows.items()
+               if (case, metric) == ("largest", "largest_2N")}
+    parts = [f"{impl} largest 2N={largest[impl]:,}" for impl in ("triton", "chunked")
+             if impl in largest]
+    if BASELINE in largest:
+        parts.append(f"reference {largest[BASELINE]:,}")
+    impl = "triton" if any(k[1] == "triton" for k in rows) else "chunked"
+    for m in (32768, 16384, 8192, 4096, 2048, 1024):
+        t = rows.get((f"2N={m}", impl, "time_ms"))
+        if t and t["baseline"] == BASELINE and benchmark.finite(t["ratio"]):
+            text = f"at 2N={m:,}: {impl} {1 / t['ratio']:.2f}x the reference's speed"
+            mem = rows.get((f"2N={m}", impl, "peak_extra_MiB"))  # absent where unmeasurable
+            if mem and benchmark.finite(mem["ratio"]):
+                text += f", 1/{1 / mem['ratio']:.0f} of its memory"
+            parts.append(text)
+            break
+    return "; ".join(parts) or "no sizes measured"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

@@ -186,6 +186,22 @@ def _print_table(case: str, info: str, rows: list[dict[str, Any]]) -> None:
     print("(the ratio column uses medians)")
 
 
+def headline(report: dict) -> str:
+    """gpu_check's line for this report: per case, LARS's median step, against foreach SGD and
+    against the per-parameter form. KeyError for a key, metric or row the report lacks."""
+    rows = benchmark.by_key(report, "step_ms")
+    out = []
+    for (case, impl, metric), row in rows.items():
+        if (impl, metric) == ("lars", "step_ms"):
+            ref = rows[(case, "lars_reference", "step_ms")]
+            speed = (f", {ref['value'] / row['value']:.1f}x the per-parameter form"
+                     if row["value"] else "")
+            out.append(f"{case}: {row['value']:.2f} ms ({row['ratio']:.2f}x foreach SGD{speed})")
+    if not out:
+        raise KeyError("no 'lars' rows of metric 'step_ms'")
+    return "; ".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = benchmark.pick_device(args.device, "bench_optim")

@@ -339,6 +339,27 @@ def _loads(avg) -> str:
     return "/".join(f"{x:.2f}" for x in avg)
 
 
+def headline(report: dict) -> str:
+    """gpu_check's line for this report: images/s of every case and data source, TFLOP/s and MFU
+    (where the peak is known) of the synthetic ones, the real loaders against them, and what was
+    skipped. KeyError for a key or metric the report lacks."""
+    rows = benchmark.by_key(report, "images_per_s", "achieved_tflops")
+    out = []
+    for (case, impl, metric), row in rows.items():
+        if metric != "images_per_s":
+            continue
+        text = f"{case} {impl}: {row['value']:.0f} img/s"
+        if impl == BASELINE:
+            text += f", {rows[(case, impl, 'achieved_tflops')]['value']:.1f} TFLOP/s"
+            mfu = rows.get((case, impl, "mfu"))  # only on a GPU with a known peak
+            if mfu:
+                text += f", MFU {100 * mfu['value']:.0f}%"
+        elif benchmark.finite(row["ratio"]):
+            text += f" ({row['ratio']:.2f}x {BASELINE})"
+        out.append(text)
+    return "; ".join(out + [f"{k} skipped" for k in report["settings"]["skipped"]])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = benchmark.pick_device(args.device, "bench_train")

@@ -1,8 +1,11 @@
-"""The JSON contract of tools/benchmark.py that every benchmark keeps (checked on each benchmark
-as `gpu_check --device cpu --quick` runs it, in test_gpu_check.py), and the harness's ratio rule."""
+"""The JSON contract of tools/benchmark.py that every benchmark keeps, and each benchmark's
+headline() of its JSON (both checked on each benchmark as `gpu_check --device cpu --quick` runs
+it, in test_gpu_check.py; here on small reports), and the harness's ratio rule."""
 
 from __future__ import annotations
 
+import copy
+import importlib
 import json
 import math
 import subprocess
@@ -25,6 +28,16 @@ EXPECTED = {
                     {"images_per_s", "views_per_s", "step_ms", "step_ms_median", "data_wait_ms",
                      "compute_ms", "data_wait_frac", "achieved_tflops"},
                     {"synthetic", "torchvision"}),
+}
+
+# benchmark -> (the metrics and the top-level keys its headline() reads): a report without one
+# of them must fail the headline with a KeyError naming it
+HEADLINE_READS = {
+    "bench_loader": (("images_per_s", "first_batch_s_cold", "first_batch_s_warm"),
+                     ("results", "settings")),
+    "bench_loss": (("largest_2N", "time_ms"), ("results",)),
+    "bench_optim": (("step_ms",), ("results",)),
+    "bench_train": (("images_per_s", "achieved_tflops"), ("results", "settings")),
 }
 
 
@@ -59,6 +72,114 @@ def check_contract(report: dict, device: str) -> None:
             assert r["ratio"] == pytest.approx(r["value"] / base, rel=1e-12), r
         if r["impl"] == r["baseline"] and base:
             assert r["ratio"] == 1.0, r
+
+
+def _loss_figures(rows: list[dict]) -> list[str]:
+    largest = {r["impl"]: int(r["value"]) for r in rows if r["case"] == "largest"}
+    figures = [f"{impl} largest 2N={largest[impl]:,}" for impl in ("triton", "chunked")
+               if impl in largest] + [f"reference {largest['reference']:,}"]
+    fast = "triton" if "triton" in largest else "chunked"
+    at = max((r for r in rows if r["impl"] == fast and r["metric"] == "time_ms"
+              and r["baseline"] == "reference" and math.isfinite(r["ratio"])
+              and int(r["case"][3:]) <= 32768), key=lambda r: int(r["case"][3:]))
+    figures.append(f"at 2N={int(at['case'][3:]):,}: {fast} {1 / at['ratio']:.2f}x the "
+                   f"reference's speed")
+    figures += [f", 1/{1 / r['ratio']:.0f} of its memory" for r in rows
+                if (r["case"], r["impl"], r["metric"]) == (at["case"], fast, "peak_extra_MiB")
+                and math.isfinite(r["ratio"])]
+    return figures
+
+
+def expected_figures(name: str, report: dict) -> list[str]:
+    """What a benchmark's headline must show, formatted here from its JSON's values."""
+    rows = report["results"]
+    if name == "bench_loss":
+        return _loss_figures(rows)
+    value = {(r["case"], r["impl"], r["metric"]): r["value"] for r in rows}
+    figures = [f"{k} skipped" for k in report["settings"].get("skipped", {})]
+    for r in rows:
+        case, impl, metric, base = r["case"], r["impl"], r["metric"], r["baseline"]
+        if name == "bench_optim" and (impl, metric, base) == ("lars", "step_ms", "sgd_foreach"):
+            per_param = value[(case, "lars_reference", "step_ms")] / r["value"]
+            figures.append(f"{case}: {r['value']:.2f} ms ({r['ratio']:.2f}x foreach SGD, "
+                           f"{per_param:.1f}x the per-parameter form)")
+        elif name in ("bench_train", "bench_loader") and metric == "images_per_s":
+            figures.append(f"{case} {impl}: {r['value']:.0f} img/s")
+            if impl == base and name == "bench_train":
+                figures.append(f", {value[(case, impl, 'achieved_tflops')]:.1f} TFLOP/s")
+            elif impl != base:
+                figures.append(f" ({r['ratio']:.2f}x {base})")
+            cold, warm = (value.get((case, impl, f"first_batch_s_{t}")) for t in ("cold", "warm"))
+            if name == "bench_loader" and cold is not None:
+                figures.append(f"first batch {cold:.1f} s cold / {warm:.1f} s warm")
+    return figures
+
+
+def check_headline(name: str, report: dict) -> str:
+    """`tools.<name>.headline` of the benchmark's report: one line holding the report's figures;
+    the same report with a metric the headline reads renamed, or without a key it reads, fails
+    it with a KeyError naming that metric or key. Returns the line."""
+    headline = importlib.import_module(f"tools.{name}").headline
+    line = headline(report)
+    assert line and "\n" not in line
+    figures = expected_figures(name, report)
+    assert figures and all(f in line for f in figures), (figures, line)
+    metrics, keys = HEADLINE_READS[name]
+    for metric in metrics:
+        renamed = copy.deepcopy(report)
+        for r in renamed["results"]:
+            r["metric"] = r["metric"] + "_v2" if r["metric"] == metric else r["metric"]
+        with pytest.raises(KeyError, match=metric):
+            headline(renamed)
+    for key in keys:
+        with pytest.raises(KeyError, match=key):
+            headline({k: v for k, v in report.items() if k != key})
+    return line
+
+
+def _report(rows: list[list[dict]], **settings) -> dict:
+    return {"device": "cpu", "versions": {}, "settings": settings, "results": sum(rows, [])}
+
+
+# small reports of each benchmark's shape, and the headline gpu_check has shown for them
+SMALL = {
+    "bench_loss": (_report([
+        benchmark.rows("2N=1024", "time_ms", {"reference": 4.0, "chunked": 2.5}, "reference"),
+        benchmark.rows("2N=1024", "peak_extra_MiB", {"reference": 64.0, "chunked": 8.0},
+                       "reference"),
+        benchmark.rows("2N=2048", "time_ms", {"chunked": 9.0}, "chunked"),  # reference ran out
+        benchmark.rows("largest", "largest_2N", {"reference": 1024.0, "chunked": 2048.0},
+                       "reference")]),
+        "chunked largest 2N=2,048; reference 1,024; at 2N=1,024: chunked 1.60x the reference's "
+        "speed, 1/8 of its memory"),
+    "bench_optim": (_report([benchmark.rows("resnet18", "step_ms", {
+        "lars": 2.0, "lars_reference": 8.0, "sgd_foreach": 4.0}, "sgd_foreach")]),
+        "resnet18: 2.00 ms (0.50x foreach SGD, 4.0x the per-parameter form)"),
+    "bench_train": (_report([
+        benchmark.rows("resnet18-32", "images_per_s", {"synthetic": 100.0, "torchvision": 40.0},
+                       "synthetic"),
+        benchmark.rows("resnet18-32", "achieved_tflops", {"synthetic": 0.52, "torchvision": 0.21},
+                       "synthetic")], skipped={"resnet18-32/dali": "no DALI"}),
+        "resnet18-32 synthetic: 100 img/s, 0.5 TFLOP/s; resnet18-32 torchvision: 40 img/s (0.40x "
+        "synthetic); resnet18-32/dali skipped"),
+    "bench_loader": (_report([
+        benchmark.rows("array32", "images_per_s", {"torchvision": 900.0, "dali": 1800.0},
+                       "torchvision"),
+        benchmark.rows("array32", "first_batch_s_cold", {"torchvision": 3.04, "dali": 5.0},
+                       "torchvision"),
+        benchmark.rows("array32", "first_batch_s_warm", {"torchvision": 1.0, "dali": 0.61},
+                       "torchvision")], skipped={"jpeg224": "no JPEGs"}),
+        "array32 torchvision: 900 img/s, first batch 3.0 s cold / 1.0 s warm; array32 dali: "
+        "1800 img/s (2.00x torchvision), first batch 5.0 s cold / 0.6 s warm; jpeg224 skipped"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_headline_of_a_small_report_and_a_loud_failure_without_a_key(name):
+    report, line = SMALL[name]
+    check_contract(report | {"versions": {"python": "3", "torch": "2", "cpu": "x",
+                                          **dict.fromkeys(benchmark.PACKAGES)}}, "cpu")
+    assert check_headline(name, report) == line
 
 
 def test_ratio_is_nan_without_a_baseline_value_and_survives_the_json(tmp_path, capsys):
