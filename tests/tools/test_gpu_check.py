@@ -1,8 +1,10 @@
 """tools.gpu_check: the step runner under failures and hangs, pytest's report, the benchmark
-contract, and the whole check at toy sizes on the CPU (so it cannot rot between GPU sessions)."""
+contract, each step's headline (and a headline that cannot read its results), and the whole
+check at toy sizes on the CPU (so it cannot rot between GPU sessions)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -15,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.fashion_mnist import REPO, fashion_mnist_dir
-from tests.tools.test_benchmarks import EXPECTED, check_contract
+from tests.tools.test_benchmarks import EXPECTED, check_contract, check_headline
 from tools import gpu_check as gc
+from tools import quality_check
+from tools.benchmark import environment_headline
 
 PY = sys.executable
 # The tests that read the one `gpu_check --device cpu --quick` run of this module.
@@ -39,10 +43,11 @@ def gpu_check_quick(tmp_path_factory) -> dict:
     return {"proc": proc, "report_path": report}
 
 
-def _step(name: str, code: str, tmp: Path, weight: float = 1.0, result: bool = True) -> gc.Step:
+def _step(name: str, code: str, tmp: Path, weight: float = 1.0, result: bool = True,
+          headline: str | None = None) -> gc.Step:
     rf = tmp / f"{name}.json" if result else None
     argv = [PY, "-c", textwrap.dedent(code)] + ([str(rf)] if rf else [])
-    return gc.Step(name, f"test step {name}", weight, argv, rf)
+    return gc.Step(name, f"test step {name}", weight, argv, rf, headline=headline)
 
 
 def _alive(pid: int) -> bool:
@@ -94,11 +99,11 @@ def test_failing_and_contract_breaking_steps_are_reported_and_the_run_goes_on(
         _step("loss-fp32", "import sys; print('boom: CUDA error', flush=True); sys.exit(3)",
               tmp_path, weight=1),
         _step("loss-bf16", "import time; time.sleep(60)", tmp_path, weight=1),
-        _step("optim", write.format(good), tmp_path, weight=1),
+        _step("optim", write.format(good), tmp_path, weight=1, headline="tools.bench_optim"),
         _step("train", write.format(bad), tmp_path, weight=1),
         gc.Step("loader", "no images", 1, None, None, skip="no --images DIR given"),
     ]
-    monkeypatch.setattr(gc, "plan_steps", lambda args, env, out: steps)
+    monkeypatch.setattr(gc, "plan_steps", lambda args, out: steps)
     args = gc.build_parser().parse_args(["--device", "cpu", "--budget-s", "12",
                                          "--out", str(tmp_path)])
     t0 = time.perf_counter()
@@ -117,6 +122,47 @@ def test_failing_and_contract_breaking_steps_are_reported_and_the_run_goes_on(
     assert report["counts"] == {"pass": 1, "fail": 2, "timeout": 1, "skip": 1}
     # the hanging step got a share of the budget, not all of it: 12 s over four runnable steps
     assert by["loss-bf16"]["limit_s"] < 6
+
+
+def test_a_headline_that_cannot_read_its_results_fails_its_step_and_names_the_key(tmp_path):
+    """A benchmark JSON that keeps the contract but lacks a metric its headline reads (here
+    bench_optim's rows where bench_loss's are expected, as after a renamed metric)."""
+    rows = [{"case": "c", "impl": "lars", "metric": "step_ms", "value": 2.0,
+             "baseline": "lars", "ratio": 1.0}]
+    report = {"device": "cpu", "versions": {}, "settings": {}, "results": rows}
+    step = _step("loss-fp32", f"import json, sys; json.dump({report!r}, open(sys.argv[1], 'w'))",
+                 tmp_path, headline="tools.bench_loss")
+    rec = gc.finish_record(step, gc.run_step(step, 60.0, tmp_path / "loss.log"))
+    assert rec["returncode"] == 0 and rec["results"] == report
+    assert rec["status"] == "fail", rec
+    assert rec["headline"].startswith("headline failed: tools.bench_loss.headline could not read "
+                                      "the results: KeyError"), rec["headline"]
+    assert "largest_2N" in rec["headline"] and "time_ms" in rec["headline"]
+
+
+QUALITY = {"encoder_top1": 0.8123, "raw_pixels_top1": 0.7901, "finetune_1pct_top1": 0.7012,
+           "finetune_1pct_scratch_top1": None,
+           "pretraining": {"wall_s": 61.4, "epochs": 2.04, "images_per_s": 1234.5}}
+ENV = {"gpus": [], "cpu": {"cores": 2}, "driver": None,
+       "torch": {"version": "2.5.0", "cuda": None},
+       "optional": {"dali": {"ok": True}, "ffcv": {"ok": False, "error": "No module named 'ffcv'"}}}
+
+
+def test_quality_and_environment_headlines_and_a_missing_key():
+    assert quality_check.headline(QUALITY) == (
+        "linear top-1 81.23% (raw pixels 79.01%) after 61 s, 2.0 epochs at 1234 img/s; 1% labels "
+        "fine-tuned 70.12%")
+    assert environment_headline(ENV) == ("no CUDA device (2 CPU cores); driver -, CUDA -, torch "
+                                         "2.5.0; optional: dali")
+    for key in QUALITY:
+        with pytest.raises(KeyError, match=key):
+            quality_check.headline({k: v for k, v in QUALITY.items() if k != key})
+    with pytest.raises(KeyError, match="epochs"):
+        quality_check.headline(QUALITY | {"pretraining": {"wall_s": 1.0, "images_per_s": 1.0}})
+    for key in ENV:
+        if key != "cpu":  # read only without a GPU
+            with pytest.raises(KeyError, match=key):
+                environment_headline({k: v for k, v in ENV.items() if k != key})
 
 
 def test_budget_shares_pass_unused_time_forward():
@@ -201,6 +247,8 @@ def test_cpu_quick_run_covers_every_step_and_writes_the_report(gpu_check_quick):
 
     env_rec = report["environment"]
     assert env_rec["torch"]["version"] and env_rec["cpu"]["cores"] >= 1
+    assert steps["env"]["headline"] == environment_headline(env_rec)
+    assert f"torch {env_rec['torch']['version']}" in steps["env"]["headline"]
     assert set(env_rec["optional"]) == {"dali", "ffcv", "lightly"}
     for v in env_rec["optional"].values():
         assert v["ok"] or v["error"]  # a backend that does not import says why
@@ -213,6 +261,11 @@ def test_cpu_quick_run_covers_every_step_and_writes_the_report(gpu_check_quick):
         assert steps[name]["status"] == "pass", steps[name]
         assert gc.contract_problems(steps[name]["results"]) == [], name
         assert Path(steps[name]["log"]).is_file() and steps[name]["limit_s"] > 0
+        # the headline is the benchmark's own headline() of the JSON it wrote (and the note)
+        argv = steps[name]["command"]
+        own = json.loads(Path(argv[argv.index("--json") + 1]).read_text())
+        note = f" [{steps[name]['note']}]" if "note" in steps[name] else ""
+        assert steps[name]["headline"] == importlib.import_module(argv[2]).headline(own) + note
     assert steps["loss-bf16"]["results"]["settings"]["dtype"] == "bfloat16"
     # each loader's time to first batch, cold and warm, in the headline
     ran = [r for r in steps["loader"]["results"]["results"] if r["metric"] == "images_per_s"]
@@ -231,7 +284,10 @@ def test_cpu_quick_run_covers_every_step_and_writes_the_report(gpu_check_quick):
         # after pretraining: fine-tuning on 1% of the labels, embeddings and a query
         assert 0.1 < res["finetune_1pct_top1"] <= 1 and res["embed_count"] == 10000
         assert math.isfinite(res["finetune_images_per_s"]) and res["embed_images_per_s"] > 0
-        assert "1% labels fine-tuned" in q["headline"]
+        assert q["headline"] == quality_check.headline(res)
+        assert (f"linear top-1 {100 * res['encoder_top1']:.2f}% (raw pixels "
+                f"{100 * res['raw_pixels_top1']:.2f}%)" in q["headline"])
+        assert f"1% labels fine-tuned {100 * res['finetune_1pct_top1']:.2f}%" in q["headline"]
     assert "step" in proc.stdout and "headline" in proc.stdout  # the table
 
 
@@ -257,6 +313,7 @@ def test_quick_cpu_run_writes_the_contract(gpu_check_quick, name):
     assert f"wrote {path}" in printed and "impl" in printed  # the table's header
     report = json.loads(path.read_text())
     check_contract(report, "cpu")
+    check_headline(name, report)  # its figures, and a KeyError without a key it reads
     assert report["settings"]["quick"] is True
     cases, metrics, impls = EXPECTED[name]
     rows = report["results"]
