@@ -49,7 +49,7 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 def make_subset(dst: Path, n_train: int, n_test: int, *, beton: bool = False) -> Path:
     """Real Fashion-MNIST images cut to the first n_train/n_test and converted by tools.convert
     (with `beton`, also the train split's FFCV file, where FFCV imports)."""
-    from tools.convert import convert
+    from pipelines.dataset_writer import convert
 
     src = require_fashion_mnist()
     raw = dst / "raw-fashion-mnist"

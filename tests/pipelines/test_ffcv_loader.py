@@ -198,8 +198,8 @@ def _imagenet_sample() -> Path:
 def test_convert_writes_beton_the_loader_reads(tmp_path):
     from PIL import Image
 
+    from pipelines.dataset_writer import convert
     from pipelines.sources import open_dataset
-    from tools.convert import convert
 
     sample = _imagenet_sample()
     files = []

@@ -25,11 +25,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tools.convert as convert_mod
+import pipelines.dataset_writer as convert_mod
+from pipelines.dataset_readers import ConvertError
+from pipelines.dataset_writer import convert
 from pipelines.formats import FASHION_MNIST_CLASSES, FormatError, read_cifar_pickle, read_idx
 from pipelines.sources import open_dataset
 from tools.benchmark import default_images
-from tools.convert import ConvertError, convert, main
+from tools.convert import main
 
 REPO = Path(__file__).resolve().parents[2]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

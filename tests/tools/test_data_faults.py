@@ -27,10 +27,11 @@ import torch
 from PIL import Image
 
 import pipelines.formats as formats_mod
+from pipelines.dataset_writer import convert
 from pipelines.sources import DatasetError, open_dataset
 from pipelines.spec import AugmentSpec
 from tests.marks import backends
-from tools.convert import convert, main
+from tools.convert import main
 
 SIDE = 24
 # Identity crop, no colour ops: a view is the decoded image (resized S -> S), normalised.
@@ -295,7 +296,7 @@ def _inspect_or_die(path):
 def test_killed_decoding_worker_ends_convert_with_one_line_and_no_output(tmp_path, capsys,
                                                                          monkeypatch):
     """A sibling of the writer's hang: multiprocessing.Pool waits forever for a killed worker."""
-    import tools.convert as convert_mod
+    import pipelines.dataset_readers as convert_mod
 
     src, out = tmp_path / "src", tmp_path / "out"
     _jpeg_folder(src, 8)

@@ -262,7 +262,7 @@ def test_transfer_to_an_image_folder_with_other_classes(mode, run_dir, tmp_path)
     """--data elsewhere: a folder of JPEGs with three classes of its own and another image size."""
     from PIL import Image
 
-    from tools.convert import convert
+    from pipelines.dataset_writer import convert
 
     rng = np.random.default_rng(0)
     src = tmp_path / "folder"
