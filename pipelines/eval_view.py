@@ -5,7 +5,8 @@ sees (kNN monitor, linear evaluation, fine-tuning accuracy, embeddings, export's
     eval_resize(img, size)     the centre crop and resize, by `eval_resize_steps(size)`
     eval_transform(spec)       eval_resize, then scale to [0, 1] and normalise
     describe_eval_view(spec)   eval_transform(spec) in words, written from its steps
-    FolderViews(files, spec)   the evaluation views of image files (a folder, not a dataset)
+    FolderViews(files, spec, skip_bad)
+                               the evaluation views of image files (a folder, not a dataset)
 
 It depends on no loader backend, so evaluating a model trained with any of them loads none.
 """
