@@ -35,7 +35,7 @@ from pipelines.spec import AugmentSpec
 from train.config import ConfigError, load_config, save_config
 from train.schedule import epochs_to_steps, lr_schedule, steps_within_budget
 
-TIMED_FROM, TIMED_TO = 10, 30  # the steps BudgetPlanner in train/pretrain.py times
+TIMED_FROM, TIMED_TO = 10, 30  # the steps train.schedule.Schedule times at log_every 10
 
 
 def unavailable() -> str | None:
