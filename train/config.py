@@ -346,10 +346,21 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config: file '{path}' not found: pass an existing recipe, "
                           "e.g. train/configs/fashion_mnist_demo.yaml")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: '{path}' is not a text file: pass a YAML recipe, e.g. "
+                          "train/configs/fashion_mnist_demo.yaml") from None
+    except OSError as e:
+        raise ConfigError(f"config: '{path}' is unreadable ({e.strerror or e}): fix its "
+                          "permissions or pass another recipe") from None
+    try:
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0]
         raise ConfigError(f"config: '{path}' is not valid YAML ({first})") from None
+    if tree is None:  # empty, or comments only: a recipe that says nothing is a mistake
+        raise ConfigError(f"config: '{path}' holds no settings (it is empty or only comments): "
+                          "pass a recipe, or leave --config out to train on the defaults")
     if not isinstance(tree, dict):
         raise ConfigError(f"config: '{path}' must hold a mapping of sections")
     return tree

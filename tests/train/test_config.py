@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -352,10 +353,30 @@ def test_yaml_that_is_not_a_mapping_is_rejected(tmp_path):
     _one_line_error(path=bad)
 
 
-def test_empty_yaml_gives_defaults(tmp_path):
+@pytest.mark.parametrize("text", ["", "# nothing here\n", "\n\n  \n# a: 1\n"])
+def test_empty_or_comment_only_yaml_is_a_one_line_error(tmp_path, text):
+    """A recipe that says nothing is a mistake (a wrong file, a truncated copy), not a request for
+    the defaults, which come from leaving --config out."""
     empty = tmp_path / "empty.yaml"
-    empty.write_text("# nothing here\n")
-    assert load_config(empty) == Config()
+    empty.write_text(text)
+    assert yaml.safe_load(text) is None  # the oracle: PyYAML reads no document
+    msg = _one_line_error(path=empty)
+    assert str(empty) in msg and "no settings" in msg and "--config" in msg
+    assert load_config(None) == Config()  # no file: the defaults
+
+
+def test_binary_or_unreadable_yaml_is_a_one_line_error(tmp_path):
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(UnicodeDecodeError):  # the oracle: not UTF-8 text
+        binary.read_text(encoding="utf-8")
+    msg = _one_line_error(path=binary)
+    assert str(binary) in msg and "not a text file" in msg
+    if os.geteuid() != 0:  # root reads any file
+        locked = tmp_path / "locked.yaml"
+        locked.write_text("optim:\n  lr: 1\n")
+        locked.chmod(0)
+        assert "unreadable" in _one_line_error(path=locked)
 
 
 def _non_default_config() -> Config:
