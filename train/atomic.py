@@ -19,6 +19,7 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 FAULT_ENV = "SIMCLR_FAULT"
@@ -112,3 +113,25 @@ def write_atomic(path: str | Path, data: str | bytes, *, fault: str | None = Non
             pass
         raise
     fsync_dir(path.parent)
+
+
+def unwritable(path: str | Path) -> str | None:
+    """Why `write_atomic(path, ...)` would fail, found before the work that produces the data:
+    `path` is a directory, or the nearest existing folder above it is not a directory or takes no
+    new file (read-only, no permission: a probe file is created there and removed). None when it
+    would succeed, as far as can be told before writing."""
+    path = Path(path)
+    if path.is_dir():
+        return f"'{path}' is a directory"
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"'{folder}' is not a directory"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
+    except OSError as e:
+        return f"'{folder}' takes no new file ({e.strerror or e})"
+    os.close(fd)
+    os.unlink(probe)
+    return None

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.sources import DatasetError, open_dataset
-from train.atomic import write_atomic
+from train.atomic import unwritable, write_atomic
 from train.checkpoint import load_pretrained, run_dir_of, run_output
 from train.cli import add_checkpoint, at_least
 from train.commands import print_report, run_command
@@ -181,6 +181,11 @@ def evaluate(args) -> dict:
             raise DatasetError(f"split '{s.name}' is unlabelled: linear evaluation needs labels "
                                f"(convert a labelled dataset)")
 
+    out = output_path(ckpt, args.json)
+    problem = unwritable(out)
+    if problem:  # before the features and fits, not after them
+        raise ConfigError(f"--json: the results cannot be written: {problem}: pass another "
+                          f"--json path")
     train_idx = subset(len(train_split), args.train_samples, cfg.train.seed)
     test_idx = subset(len(test_split), args.eval_samples, cfg.train.seed + 1)
     feats = _features(args, cfg, model, (train_split, train_idx), (test_split, test_idx))
@@ -207,9 +212,12 @@ def evaluate(args) -> dict:
     summary = run_summary(ckpt)
     if summary is not None:
         result["pretraining"] = summary
-    out = output_path(ckpt, args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, json.dumps(result, indent=1))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, json.dumps(result, indent=1))
+    except OSError:
+        _print_table(result, None)  # the results are shown even when they cannot be saved
+        raise
     _print_table(result, out)
     _warn_at_edge(result, cfg.eval.l2_grid)
     return result
@@ -250,7 +258,7 @@ def _warn_at_edge(result: dict, grid) -> None:
                   file=sys.stderr)
 
 
-def _print_table(r: dict, out: Path) -> None:
+def _print_table(r: dict, out: Path | None) -> None:
     from rich.table import Table
 
     t = Table(title=f"Linear evaluation on '{r['eval_split']}' ({r['eval_count']} images)")
@@ -274,7 +282,7 @@ def _print_table(r: dict, out: Path) -> None:
                   f"{p['images_per_s']:.0f}", f"{p['wall_s']:.0f} s", f"{r['wall_s']:.0f} s",
                   p["backend"])
         tables.append(t)
-    print_report(tables, [f"results: {out}"])
+    print_report(tables, [f"results: {out}" if out else "results: not saved (see the error)"])
 
 
 def main(argv: list[str] | None = None) -> int:

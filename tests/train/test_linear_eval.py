@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -184,3 +185,46 @@ def test_linear_eval_writes_beside_the_run_that_owns_the_checkpoint(tiny_run_cop
         assert "--device cpu" in err
         assert len(err.splitlines()) == 1
 
+
+
+def test_an_unwritable_json_is_refused_before_any_feature_and_a_late_failure_still_prints(
+        tiny_run, tmp_path, capsys, monkeypatch):
+    """--json naming a directory or a place that takes no file: one line before any feature is
+    computed (it used to fail after every feature and fit, naming a temp file). A write that fails
+    anyway (a full disk) still prints the results before its one-line error."""
+    import errno
+
+    import train.linear_eval as le
+
+    quick = ["--checkpoint", str(tiny_run), "--train-samples", "64", "--eval-samples", "32",
+             "--no-baseline", "--device", "cpu"]
+    real_extract = le.extract_features
+
+    def no_work(*a, **kw):
+        raise AssertionError("features computed before the output was checked")
+
+    monkeypatch.setattr(le, "extract_features", no_work)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = [tmp_path, blocker / "le.json"]  # a directory; a path under a file
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append(locked / "le.json")
+    for target in cases:
+        assert main([*quick, "--json", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("linear_eval: error: --json") and err.count("\n") == 1, err
+        assert str(target if target.is_dir() else target.parent) in err
+
+    monkeypatch.setattr(le, "extract_features", real_extract)
+
+    def disk_full(path, data, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(le, "write_atomic", disk_full)
+    assert main([*quick, "--json", str(tmp_path / "le.json")]) == 2
+    out, err = capsys.readouterr()
+    assert "SimCLR encoder (frozen)" in out and "not saved" in out
+    errors = [ln for ln in err.splitlines() if "error:" in ln]  # after the progress bars
+    assert len(errors) == 1 and errors[0].startswith("linear_eval: error: No space left"), err
