@@ -46,19 +46,22 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
-def make_subset(dst: Path, n_train: int, n_test: int, *, beton: bool = False) -> Path:
-    """Real Fashion-MNIST images cut to the first n_train/n_test and converted by tools.convert
-    (with `beton`, also the train split's FFCV file, where FFCV imports)."""
+def make_subset(dst: Path, n_train: int, n_test: int, *, beton: bool = False,
+                classes: tuple[int, ...] | None = None) -> Path:
+    """Real Fashion-MNIST images cut to the first n_train/n_test (of `classes` only, when given)
+    and converted by tools.convert (with `beton`, also the train split's FFCV file, where FFCV
+    imports)."""
     from pipelines.dataset_writer import convert
 
     src = require_fashion_mnist()
     raw = dst / "raw-fashion-mnist"
     raw.mkdir(parents=True)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = read_idx(src / f"{prefix}-labels-idx1-ubyte.gz")
+        keep = np.flatnonzero(np.isin(labels, classes) if classes else labels >= 0)[:n]
         _write_idx(raw / f"{prefix}-images-idx3-ubyte",
-                   read_idx(src / f"{prefix}-images-idx3-ubyte.gz")[:n])
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte",
-                   read_idx(src / f"{prefix}-labels-idx1-ubyte.gz")[:n])
+                   read_idx(src / f"{prefix}-images-idx3-ubyte.gz")[keep])
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[keep])
     out = dst / "fashion-mnist"
     convert(raw, out, fmt="idx", name="fashion-mnist", workers=1)
     if beton and importlib.util.find_spec("ffcv") is not None:

@@ -180,6 +180,13 @@ def evaluate(args) -> dict:
         if (s.labels < 0).any():
             raise DatasetError(f"split '{s.name}' is unlabelled: linear evaluation needs labels "
                                f"(convert a labelled dataset)")
+    classes = len(np.unique(train_split.labels))
+    if classes < 2:
+        raise DatasetError(f"split '{train_split.name}' holds a single class: every classifier "
+                           f"scores 100% on it; evaluate on a dataset with two classes or more")
+    if classes <= 5:
+        print(f"linear_eval: warning: split '{train_split.name}' has {classes} classes: top-5 "
+              f"counts every image as right", file=sys.stderr)
 
     out = output_path(ckpt, args.json)
     problem = unwritable(out)

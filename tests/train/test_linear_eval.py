@@ -228,3 +228,26 @@ def test_an_unwritable_json_is_refused_before_any_feature_and_a_late_failure_sti
     assert "SimCLR encoder (frozen)" in out and "not saved" in out
     errors = [ln for ln in err.splitlines() if "error:" in ln]  # after the progress bars
     assert len(errors) == 1 and errors[0].startswith("linear_eval: error: No space left"), err
+
+
+def test_a_single_class_is_refused_and_few_classes_warn(tiny_run, tmp_path, capsys, monkeypatch):
+    """One class: every classifier scores 100% (top-1 and top-5), so linear_eval refuses before
+    any feature; up to five classes: top-5 counts every image as right, which it says."""
+    import train.linear_eval as le
+    from tests.fashion_mnist import make_subset
+
+    one = make_subset(tmp_path / "one", 64, 32, classes=(3,))
+    few = make_subset(tmp_path / "few", 64, 32, classes=(0, 1, 2))
+    real_extract = le.extract_features
+    monkeypatch.setattr(le, "extract_features", lambda *a, **kw: pytest.fail("features computed"))
+    quick = ["--checkpoint", str(tiny_run), "--no-baseline", "--device", "cpu"]
+    assert main([*quick, "--data", str(one), "--json", str(tmp_path / "one.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("linear_eval: error: split 'train' holds a single class"), err
+    assert err.count("\n") == 1 and not (tmp_path / "one.json").exists()
+
+    monkeypatch.setattr(le, "extract_features", real_extract)
+    assert main([*quick, "--data", str(few), "--json", str(tmp_path / "few.json")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: split 'train' has 3 classes: top-5 counts every image" in err
+    assert json.loads((tmp_path / "few.json").read_text())["encoder"]["top5"] == 1.0  # the oracle
