@@ -18,6 +18,7 @@ Every problem with the directory is a one-line `DatasetError` naming the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 MANIFEST = "manifest.json"
+# the files of a split in a dataset directory, `<split>_<part>` (array or folder datasets)
+SPLIT_FILES = ("images.npy", "labels.npy", "files.nul", "sizes.npy")
 FORMAT_VERSION = 2
 RECONVERT = "re-run tools.convert (check it with 'python -m tools.convert --verify DIR')"
 
@@ -185,6 +188,17 @@ class DatasetDir:
     @property
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])
+
+    def fingerprint(self, split: str) -> str | None:
+        """A digest of what `split` holds (its images or file list, sizes and labels, by the
+        manifest's checksums; not its FFCV file, which is derived from them): the same after the
+        dataset directory moves, different for another dataset of the same size. None where the
+        manifest records no checksum."""
+        names = [f"{split}_{part}" for part in SPLIT_FILES]
+        records = [(n, self.artefacts[n].get("sha256")) for n in names if n in self.artefacts]
+        if not records or any(not isinstance(h, str) for _, h in records):
+            return None
+        return hashlib.sha256(json.dumps(records).encode()).hexdigest()[:16]
 
     def beton(self, split: str) -> Path:
         return find_beton(self.root, split, self.artefacts)

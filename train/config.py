@@ -375,6 +375,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return build_config(_merge(tree, parse_overrides(overrides or [])))
 
 
+# What a resumed run may set differently from its checkpoint: how the rest of the run is carried
+# out (its length, time budget, cadences, workers, where the data now lives), never what it trains
+# (the dataset's contents, model, batch, loss, augmentation, optimizer, precision, seed).
+RESUMABLE = (
+    "data.path",  # the same dataset moved: its identity is checked apart (its fingerprint)
+    "data.num_workers", "train.out_dir", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.log_every", "train.max_steps", "train.time_budget_s", "train.knn_every",
+    "train.knn_every_s", "train.knn_k", "train.knn_train_samples", "eval.",
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flat(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def resume_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """(allowed, refused): the settings that differ between a checkpoint's config tree `saved` and
+    this run's `now`, as 'key A -> B', split by `RESUMABLE`. A key missing from `saved` (a
+    checkpoint of an older version) is not a difference."""
+    old, new = _flat(saved), _flat(now)
+    allowed, refused = [], []
+    for key in new:
+        if key in old and old[key] != new[key]:
+            line = f"{key} {old[key]!r} -> {new[key]!r}"
+            resumable = any(key == r or (r.endswith(".") and key.startswith(r))
+                            for r in RESUMABLE)
+            (allowed if resumable else refused).append(line)
+    return allowed, refused
+
+
 def config_to_dict(cfg) -> dict:
     def plain(v):
         if isinstance(v, tuple):

@@ -174,6 +174,17 @@ class Schedule:
         self._plan(total)
         self.planned = True
 
+    def replan(self, elapsed_s: float, step: int) -> None:
+        """A resumed run with another time budget (`budget_s` set to it): what is left is fitted
+        to it at once, at the mean pace of the `step` steps so far (`elapsed_s` seconds, warm-up
+        steps included, so the pace errs slow); with no budget now, the schedule of the epochs."""
+        if self.budget_s <= 0:
+            self.fix(self.cap_steps)
+        elif step > 0 and elapsed_s > 0:
+            self.fit(elapsed_s, step, elapsed_s / step)
+        else:
+            self.planned = False  # nothing trained yet: time the first steps as usual
+
     @property
     def planned_steps(self) -> int | None:
         """The length fitted to the time budget (None without a budget or before the fit)."""

@@ -432,3 +432,42 @@ def test_scientific_notation_without_a_dot_is_a_float(tmp_path, source):
         recipe.write_text("optim:\n  weight_decay: 1e-6\n")
         cfg = load_config(recipe)
     assert cfg.optim.weight_decay == float("1e-6")
+
+
+def test_resume_differences_allow_how_the_run_goes_on_and_refuse_what_it_trains():
+    from train.config import RESUMABLE, config_to_dict, resume_differences
+
+    saved = config_to_dict(load_config(REPO / "train/configs/fashion_mnist_demo.yaml"))
+    same = resume_differences(saved, saved)
+    assert same == ([], [])
+    now = config_to_dict(load_config(REPO / "train/configs/fashion_mnist_demo.yaml", [
+        "--train.time_budget_s=60", "--train.log_every=5", "--data.path=/elsewhere",
+        "--eval.max_iter=7", "--model.width=0.25", "--data.batch_size=128",
+        "--augment.crop_area=[0.2, 1.0]", "--loss.temperature=0.5", "--train.seed=1"]))
+    allowed, refused = resume_differences(saved, now)
+    assert sorted(line.split()[0] for line in allowed) == [
+        "data.path", "eval.max_iter", "train.log_every", "train.time_budget_s"]
+    assert sorted(line.split()[0] for line in refused) == [
+        "augment.crop_area", "data.batch_size", "loss.temperature", "model.width", "train.seed"]
+    assert "train.time_budget_s 300.0 -> 60.0" in allowed
+    # every allowed key names a setting that exists
+    flat = {f"{s}.{k}" for s, sub in saved.items() for k in sub}
+    assert all(r in flat or any(f.startswith(r) for f in flat) for r in RESUMABLE)
+    old = {k: v for k, v in saved.items() if k != "eval"}  # a checkpoint from before eval.*
+    assert resume_differences(old, now)[0] == [a for a in allowed if not a.startswith("eval.")]
+
+
+def test_dataset_fingerprint_follows_the_contents_not_the_place(tmp_path):
+    import shutil
+
+    from pipelines.sources import open_dataset
+    from tests.fashion_mnist import make_subset
+
+    a = make_subset(tmp_path / "a", 64, 32)
+    b = make_subset(tmp_path / "b", 64, 32, classes=(1, 2))  # the same sizes, other images
+    moved = tmp_path / "moved"
+    shutil.copytree(a, moved)
+    fa, fb = open_dataset(a).fingerprint("train"), open_dataset(b).fingerprint("train")
+    assert fa and fb and fa != fb
+    assert open_dataset(moved).fingerprint("train") == fa
+    assert open_dataset(a).fingerprint("test") not in (None, fa)

@@ -181,3 +181,23 @@ def test_train_clock_spans_invocations_and_leaves_pauses_out(monkeypatch):
     assert clock.paused_s == 3.0
     assert clock.wall(10.0) == 10.0
     assert clock.seconds(10.0) == 100.0 + 10.0 - 3.0
+
+
+def test_replan_fits_what_is_left_to_the_new_budget_at_the_pace_so_far():
+    from train.schedule import Schedule
+
+    s = Schedule(1.0, 5, 100, budget_s=60.0)
+    s.fix(50)  # the plan the checkpoint recorded, 40 steps done in 40 s
+    s.budget_s = 100.0  # the resumed run's budget
+    s.replan(elapsed_s=40.0, step=40)  # 40 + floor((0.97 * 100 - 40) / 1.0) = 97
+    assert s.planned and s.total_steps == s.last_step == 97
+    assert s.lrs == lr_schedule(1.0, 97, 5).tolist()
+    s.budget_s = 30.0  # less than already spent: the run ends where it is
+    s.replan(elapsed_s=40.0, step=40)
+    assert s.total_steps == 40
+    s.budget_s = 0.0  # no budget now: the epochs' schedule
+    s.replan(elapsed_s=40.0, step=40)
+    assert s.planned and s.total_steps == 100 and s.planned_steps is None
+    fresh = Schedule(1.0, 5, 100, budget_s=60.0)
+    fresh.replan(elapsed_s=0.0, step=0)
+    assert not fresh.planned  # nothing trained: the first steps are timed as usual
