@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 
 from train.atomic import write_atomic
+from train.cli import writable_file
 
 CONTRACT_KEYS = ("device", "versions", "settings", "results")
 CONTRACT_ROW = {"case", "impl", "metric", "value", "baseline", "ratio"}
@@ -55,7 +56,7 @@ def parser(prog: str, description: str, *, device: str, quick: str,
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help=f"{device} (default: cuda when available, else cpu)")
     p.add_argument("--quick", action="store_true", help=quick)
-    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+    p.add_argument("--json", type=writable_file, default=None, metavar="PATH",
                    help="write the results as JSON here")
     return p
 
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         description="This machine's environment record (gpu_check's env step): GPU, memory, "
                     "driver, CUDA, package versions, and which optional backends (DALI, FFCV, "
                     "lightly) import, or why not.")
-    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+    p.add_argument("--json", type=writable_file, default=None, metavar="PATH",
                    help="write the record here (default: print it)")
     args = p.parse_args(argv)
     env = json_safe(environment())

@@ -53,7 +53,7 @@ from pathlib import Path
 from tools.benchmark import contract_problems, environment_headline, json_safe
 from tools.quality_check import FMNIST_FILES, default_data, has_fashion_mnist
 from train.atomic import write_atomic
-from train.cli import above, at_least
+from train.cli import above, at_least, writable_file
 
 ROOT = Path(__file__).resolve().parent.parent
 STATUSES = ("pass", "fail", "timeout", "skip")
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, default=None,
                    help="folder of JPEGs for the loader steps (default: $SIMCLR_IMAGENET_SAMPLE); "
                         "without it those steps are skipped")
-    p.add_argument("--json", type=Path, default=None,
+    p.add_argument("--json", type=writable_file, default=None,
                    help="write the report here (default: OUT/gpu_check.json)")
     p.add_argument("--out", type=Path, default=Path("runs/gpu-check"),
                    help="folder for step logs, step JSON and the quality run (default %(default)s)")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tools.benchmark import json_safe, try_import
 from train.atomic import write_atomic
-from train.cli import above, at_least
+from train.cli import above, at_least, writable_file
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "train" / "configs" / "fashion_mnist_gpu.yaml"
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the dataset and the runs (default runs/gpu-check)")
     p.add_argument("--workers", type=at_least(1), default=None,
                    help="loader workers (default: every CPU core, at most 16)")
-    p.add_argument("--json", type=Path, default=None,
+    p.add_argument("--json", type=writable_file, default=None,
                    help="write the results here (default: OUT/quality.json)")
     return p
 

@@ -4,6 +4,7 @@ A number outside its range becomes argparse's one-line usage error naming the op
 (`error: argument --workers: must be >= 1, got 0`), not a traceback or a silent NaN later.
 
     p.add_argument("--workers", type=at_least(1))
+    p.add_argument("--json", type=writable_file)  # checked before the work
     p.add_argument("--temperature", type=above(0.0))
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 
 def add_checkpoint(p: argparse.ArgumentParser) -> None:
@@ -50,3 +52,17 @@ def above(lo: float) -> Callable[[str], float]:
 
     parse.__name__ = f"number > {lo:g}"
     return parse
+
+
+def writable_file(text: str) -> Path:
+    """A path a result file can be written to (checked before the work that produces it: not a
+    directory, under a folder that takes new files)."""
+    from train.atomic import unwritable
+
+    problem = unwritable(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"cannot write '{text}': {problem}")
+    return Path(text)
+
+
+writable_file.__name__ = "writable file path"

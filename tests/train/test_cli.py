@@ -30,6 +30,11 @@ BAD = [  # (tool, arguments, option named in the error)
     ("tools.quality_check", ["--data", "d", "--time-limit", "60", "--workers", "0"],
      "--workers"),
     ("train.linear_eval", ["--train-samples", "0"], "--train-samples"),
+    # a result file that cannot be written is refused before the work, not after it
+    ("tools.bench_loss", ["--json", "/"], "--json"),
+    ("tools.bench_train", ["--json", "/proc/results.json"], "--json"),
+    ("tools.gpu_check", ["--json", "/"], "--json"),
+    ("tools.quality_check", ["--data", "d", "--time-limit", "9", "--json", "/"], "--json"),
     ("train.finetune", ["--batch-size", "0"], "--batch-size"),
     ("train.finetune", ["--epochs", "nan"], "--epochs"),
     ("train.finetune", ["--min-steps", "-1"], "--min-steps"),
