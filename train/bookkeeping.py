@@ -157,10 +157,12 @@ class Bookkeeper:
 
 
 class StopSignals:
-    """SIGTERM / first SIGINT: stop after this step and checkpoint; a second SIGINT aborts.
-    Several processes stop together at the next logged step (a signal may reach them at
-    different steps, and one that stopped alone would leave the others waiting). A time-budget
-    overrun stops the run too, with its `reason`."""
+    """SIGTERM, SIGHUP (the terminal closed) or a first SIGINT: stop after this step and
+    checkpoint; a second SIGINT aborts, a further SIGTERM or SIGHUP changes nothing; an ignored
+    SIGHUP (`nohup`) stays ignored. The death of the launcher arrives as SIGTERM
+    (train/signals.py: watch_launcher). Several processes stop together at the next logged
+    step (a signal may reach them at different steps, and one that stopped alone would leave
+    the others waiting). A time-budget overrun stops the run too, with its `reason`."""
 
     def __init__(self, world: int):
         self.world = world
@@ -173,6 +175,8 @@ class StopSignals:
     def install(self) -> None:
         self._previous = {sig: signal.signal(sig, self._on_signal)
                           for sig in (signal.SIGTERM, signal.SIGINT)}
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_signal)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -184,13 +188,18 @@ class StopSignals:
 
         if os.getpid() != self._pid:  # a forked loader worker: it keeps serving batches
             return
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.signal is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return  # already stopping (Ctrl-C to the group, then the launcher's death)
         self.signal = signal.Signals(signum).name
         self.now = self.now or self.world == 1
         where = "this step" if self.world == 1 else "the next logged step"
-        tqdm.write(f"pretrain: {self.signal}: stopping after {where} and writing a checkpoint "
-                   f"(Ctrl-C again aborts)", file=sys.stderr)
+        try:
+            tqdm.write(f"pretrain: {self.signal}: stopping after {where} and writing a "
+                       f"checkpoint (Ctrl-C again aborts)", file=sys.stderr)
+        except OSError:  # no terminal any more (SIGHUP): stop all the same
+            pass
 
 
 class ThroughputMeter:

@@ -478,9 +478,12 @@ def _print_table(r: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from train.signals import watch_launcher
+
     args = build_parser().parse_args(argv)
-    return run_command("finetune", lambda: finetune(args),
-                       oom_fix=f"pass a smaller --batch-size than {args.batch_size}")
+    with watch_launcher("finetune"):  # a launcher that dies ends it (SIGTERM) rather than orphan it
+        return run_command("finetune", lambda: finetune(args),
+                           oom_fix=f"pass a smaller --batch-size than {args.batch_size}")
 
 
 if __name__ == "__main__":

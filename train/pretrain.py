@@ -7,8 +7,9 @@ One process on CPU, several CPU processes over gloo (`accelerate launch --multi_
 --num_processes N` on a machine without GPUs), or GPUs with bf16 autocast. Writes to
 train.out_dir: config.yaml, log.jsonl, TensorBoard events, checkpoints/, summary.json.
 A directory that already holds a run is continued with --resume or replaced with --overwrite,
-never mixed into. SIGTERM or Ctrl-C (SIGINT) finishes the current step, writes a checkpoint and
-exits with status 0; a second Ctrl-C aborts at once (status 130), keeping the last checkpoint.
+never mixed into. SIGTERM, SIGHUP or Ctrl-C (SIGINT), to the process or to its launcher, finishes
+the current step, writes a checkpoint and exits with status 0, and so does the launcher's death;
+a second Ctrl-C aborts at once (status 130), keeping the last checkpoint.
 """
 
 from __future__ import annotations
@@ -337,16 +338,19 @@ def _print_summary(s: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from train.signals import watch_launcher
+
     args, overrides = build_parser().parse_known_args(argv)
-    return run_command(
-        "pretrain",
-        lambda: train(load_config(args.config, overrides), args.resume, args.overwrite),
-        errors=(FloatingPointError,),
-        write_fix="free disk space or fix the path (train.out_dir, data.path), then continue "
-                  "with --resume",
-        oom_fix="lower data.batch_size or use loss.impl=chunked",
-        interrupted="aborted (Ctrl-C): the steps since the last checkpoint are lost; continue "
-                    "with --resume")
+    with watch_launcher("pretrain"):  # a launcher that dies stops the run as SIGTERM would
+        return run_command(
+            "pretrain",
+            lambda: train(load_config(args.config, overrides), args.resume, args.overwrite),
+            errors=(FloatingPointError,),
+            write_fix="free disk space or fix the path (train.out_dir, data.path), then "
+                      "continue with --resume",
+            oom_fix="lower data.batch_size or use loss.impl=chunked",
+            interrupted="aborted (Ctrl-C): the steps since the last checkpoint are lost; "
+                        "continue with --resume")
 
 
 if __name__ == "__main__":
