@@ -39,6 +39,7 @@ class StepRecord:
     lr: float
     images: int  # images (each two views) of the global batch
     wait_s: float  # seconds this process waited for the batch
+    finite: torch.Tensor | None = None  # 0-dim bool on the device: loss and gradients finite
 
 
 @dataclass
@@ -49,20 +50,22 @@ class Agreed:
     stop: bool  # a signal reached some process
     clock_s: float  # the slowest process's training seconds
     step_s: float  # the slowest process's seconds per timed step (0 outside the budget's fit)
+    diverged_at: int = 0  # the first unsound step any process saw (0: none)
 
 
 def agree(loss: torch.Tensor, signalled: bool, clock_s: float, step_s: float, *, world: int,
-          rank: int) -> Agreed:
+          rank: int, bad_step: torch.Tensor | float = 0.0) -> Agreed:
     """The one collective of a logged step. Each process writes its row (loss, signal, clock, step
-    time) into a [world, 4] table of zeros that one all-reduce (sum) completes; the table is read
-    back once. One process: no collective, the same one read."""
-    row = torch.tensor([0.0, float(signalled), clock_s, step_s], dtype=torch.float64,
+    time, its first unsound step or 0) into a [world, 5] table of zeros that one all-reduce (sum)
+    completes; the table is read back once. One process: no collective, the same one read."""
+    row = torch.tensor([0.0, float(signalled), clock_s, step_s, 0.0], dtype=torch.float64,
                        device=loss.device)
     row[0] = loss
+    row[4] = bad_step
     if world > 1:
         import torch.distributed as dist
 
-        table = torch.zeros(world, 4, dtype=torch.float64, device=loss.device)
+        table = torch.zeros(world, 5, dtype=torch.float64, device=loss.device)
         table[rank] = row
         dist.all_reduce(table)
     else:
@@ -70,7 +73,8 @@ def agree(loss: torch.Tensor, signalled: bool, clock_s: float, step_s: float, *,
     rows = table.tolist()
     losses = torch.tensor([r[0] for r in rows], dtype=torch.float32)  # each process's float32
     return Agreed(loss=(losses.sum() / world).item(), stop=max(r[1] for r in rows) > 0,
-                  clock_s=max(r[2] for r in rows), step_s=max(r[3] for r in rows))
+                  clock_s=max(r[2] for r in rows), step_s=max(r[3] for r in rows),
+                  diverged_at=int(min((r[4] for r in rows if r[4] > 0), default=0)))
 
 
 def _sync(device: torch.device) -> None:
@@ -93,6 +97,11 @@ class Bookkeeper:
         run.clock.start()
         self.meter = ThroughputMeter(run.flops_per_image, run.peak, run.clock)
         self._timed_s = 0.0  # the clock where the budget's timed steps began
+        # The first step whose loss or gradients were not finite (0: none), kept on the device
+        # and read at logged steps and checkpoints only; the step whose whole state was last
+        # found sound (a resumed checkpoint was verified when it was loaded).
+        self._bad_step = torch.zeros((), dtype=torch.float64, device=run.device)
+        self._sound_at, self._lr = run.step, 0.0
 
     def logged(self, step: int) -> bool:
         return step % self.run.cfg.train.log_every == 0 or step == self.run.schedule.last_step
@@ -101,6 +110,10 @@ class Bookkeeper:
         run = self.run
         self.meter.add(rec.images, rec.wait_s)
         self.bar.update(1)
+        self._lr = rec.lr
+        if rec.finite is not None:  # device ops only: no read back
+            first = (self._bad_step == 0) & ~rec.finite
+            self._bad_step = torch.where(first, float(rec.step), self._bad_step)
         if not run.schedule.planned and rec.step == run.schedule.timed_from:
             _sync(run.device)
             self._timed_s = run.clock.seconds()
@@ -108,6 +121,7 @@ class Bookkeeper:
             self._at_logged_step(rec)
         every = run.cfg.train.checkpoint_every
         if every > 0 and rec.step % every == 0:
+            self.check_sound(rec.step)
             self.checkpoint()
 
     def after_epoch(self) -> None:
@@ -117,8 +131,51 @@ class Bookkeeper:
         """The end of the loop: the final kNN point (before the last checkpoint, which holds it)
         and the throughput over this invocation."""
         self.bar.close()
+        self.check_sound(self.run.step)  # the final checkpoint follows
         self.knn.at_end(stopped=self.stop.now)
         return self.meter.finish()
+
+    def _bad_so_far(self, step: int) -> torch.Tensor:
+        """The first unsound step (0: none), the model's and optimizer's whole state looked at
+        too: a NaN, an infinity or a value beyond SOUND_LIMIT there counts as unsound at `step`.
+        On the device."""
+        from train.checkpoint import training_state, unsound_flag
+
+        state_bad = unsound_flag(training_state(self.run.model, self.run.optimizer))
+        if state_bad is None:
+            return self._bad_step
+        return torch.where((self._bad_step == 0) & state_bad, float(step), self._bad_step)
+
+    def check_sound(self, step: int) -> None:
+        """Before a checkpoint: every process agrees that no step since the last check was
+        unsound and that the state is sound, or the run stops (FloatingPointError) keeping its
+        last sound checkpoint. Nothing to do right after a logged step, which checked it all; else
+        one read back (and, over several processes, one all-reduce)."""
+        if self._sound_at == step:
+            return
+        bad = self._bad_so_far(step)
+        if self.run.world > 1:
+            import torch.distributed as dist
+
+            bad = bad.clone()
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self._stop_if_diverged(int(bad.item()), step)
+
+    def _stop_if_diverged(self, bad_step: int, step: int, loss: float = 0.0) -> None:
+        if not bad_step and math.isfinite(loss):
+            self._sound_at = step
+            return
+        from train.checkpoint import SOUND_LIMIT, last_sound_checkpoint
+
+        kept = last_sound_checkpoint(self.run.ckpt_root)
+        kept = (f"its last good checkpoint '{kept}' is kept as `latest`" if kept
+                else "it has no good checkpoint yet")
+        raise FloatingPointError(
+            f"training diverged by step {bad_step or step} (its loss, a gradient or a weight "
+            f"became NaN, infinite or beyond {SOUND_LIMIT:.1e}; loss at step {step}: {loss:.4g}) "
+            f"and was stopped before any checkpoint of it; {kept}: lower optim.lr (now "
+            f"{self._lr:.3g}) or raise loss.temperature (or fix augment.mean/std if the inputs "
+            f"overflow) and start again with --overwrite or another train.out_dir")
 
     def _at_logged_step(self, rec: StepRecord) -> None:
         run, sched = self.run, self.run.schedule
@@ -128,11 +185,9 @@ class Bookkeeper:
         clock_s = run.clock.seconds(now)
         step_s = (clock_s - self._timed_s) / (sched.timed_to - sched.timed_from) if fit else 0.0
         agreed = agree(rec.loss, self.stop.signal is not None, clock_s, step_s, world=run.world,
-                       rank=run.acc.process_index)
+                       rank=run.acc.process_index, bad_step=self._bad_so_far(rec.step))
         self.stop.now = self.stop.now or agreed.stop
-        if not math.isfinite(agreed.loss):
-            raise FloatingPointError(f"loss became {agreed.loss} at step {rec.step}: lower "
-                                     f"optim.lr (now {rec.lr:.3g}) or raise loss.temperature")
+        self._stop_if_diverged(agreed.diverged_at, rec.step, agreed.loss)
         if fit:
             self._fit_budget(rec.step, agreed)
         record = {"step": rec.step, "epoch": rec.step / run.steps_per_epoch, "loss": agreed.loss,

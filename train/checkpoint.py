@@ -13,6 +13,13 @@ step: the one `latest` names, or a newer one a kill kept `latest` from naming, o
 `latest` names a missing one, the newest that is there. train.pretrain keeps the highest step
 the current one: resuming from an earlier checkpoint moves the later ones into an abandoned-*
 folder.
+
+Every checkpoint carries manifest.json, the sha256 of each of its files, written before the
+rename. `verify_checkpoint` checks those sums and that the model weights are sound (finite and
+below SOUND_LIMIT in magnitude, the rule train.pretrain applies before it writes one);
+`load_pretrained` and `pretrain --resume` load nothing that fails it, and `newest_sound_checkpoint`
+is what `--resume auto` continues from. A checkpoint written before manifests existed is checked
+for its weights only.
 """
 
 from __future__ import annotations
@@ -29,6 +36,12 @@ from train.atomic import fault_point, fsync_dir, write_atomic
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
+MANIFEST = "manifest.json"
+# The largest magnitude a sound weight, buffer or optimizer value may have: 2**64 (~1.8e19), where
+# its square overflows float32, so norms, variances and weight decay of it are no longer numbers.
+# A diverging run crosses it within a step or two (SGD at a far too high learning rate grows its
+# weights to ~1e23 while its loss stays finite); no trained network comes near it.
+SOUND_LIMIT = 2.0 ** 64
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -67,6 +80,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
             fault_point("in-state-save", step)
             write_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1))
             write_atomic(tmp / "config.yaml", config_yaml)
+            write_manifest(tmp)
             _fsync_files(tmp)  # on disk before it is named: a power loss cannot tear it either
             _move_into_place(tmp, final, step)
             fault_point("after-rename", step)
@@ -85,6 +99,117 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
         raise CheckpointError(_save_failure(e, full, final, ckpt_root)) from None
     accelerator.wait_for_everyone()
     return final
+
+
+def _sha256(f: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: Path) -> None:
+    """manifest.json: the sha256 of every file of the (still unnamed) checkpoint directory."""
+    files = sorted(f for f in ckpt.rglob("*") if f.is_file() and f.name != MANIFEST)
+    sums = {f.relative_to(ckpt).as_posix(): _sha256(f) for f in files}
+    write_atomic(ckpt / MANIFEST, json.dumps({"sha256": sums}, indent=1))
+
+
+def check_manifest(ckpt: Path) -> str | None:
+    """What is wrong with the files of `ckpt` by its manifest (None: nothing, or no manifest: a
+    checkpoint written before manifests existed)."""
+    if not (ckpt / MANIFEST).exists():
+        return None
+    try:
+        sums = json.loads((ckpt / MANIFEST).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its {MANIFEST} is unreadable ({type(e).__name__})"
+    for name, digest in sums.items():
+        f = ckpt / name
+        try:
+            if _sha256(f) != digest:
+                return f"file '{f}' is damaged (its sha256 differs from the one written with it)"
+        except OSError as e:
+            return f"file '{f}' is unreadable ({e.strerror or type(e).__name__})"
+    return None
+
+
+def unsound_flag(tensors):
+    """A 0-dim bool tensor, left on the tensors' device: whether any floating-point tensor holds
+    a NaN, an infinity or a value beyond SOUND_LIMIT (None where there is none to look at)."""
+    import torch
+
+    peaks = [t.detach().abs().amax().float() for t in tensors
+             if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
+    if not peaks:
+        return None
+    return ~(torch.stack([p.to(peaks[0].device) for p in peaks]).max() <= SOUND_LIMIT)
+
+
+def unsound(tensors) -> bool:
+    """`unsound_flag` read back: one read from the device, whatever the number of tensors."""
+    flag = unsound_flag(tensors)
+    return flag is not None and bool(flag)
+
+
+def training_state(model, optimizer) -> list:
+    """The tensors a checkpoint of `model` and `optimizer` holds: parameters, buffers (BN
+    statistics) and the optimizer's state (momentum)."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
+    return [*model.parameters(), *model.buffers(),
+            *[t for s in opt.state.values() for t in s.values()]]
+
+
+def unsound_names(state: dict) -> list[str]:
+    return [k for k, t in state.items() if unsound([t])]
+
+
+def verify_checkpoint(ckpt: Path) -> dict:
+    """The model weights of `ckpt` once its files match its manifest and the weights are sound;
+    else a one-line CheckpointError naming the file."""
+    problem = check_manifest(ckpt)
+    if problem is None:
+        state = load_model_weights(ckpt)
+        bad = unsound_names(state)
+        if not bad:
+            return state
+        problem = (f"{len(bad)} of its {len(state)} weight tensors hold NaN, infinite or "
+                   f"astronomically large values (e.g. '{bad[0]}'): it was written by a diverged "
+                   f"run")
+    raise CheckpointError(f"checkpoint '{ckpt}' is unusable: {problem}: pass another checkpoint")
+
+
+def newest_sound_checkpoint(ckpt_root: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint under `ckpt_root` that verifies (None where there is no
+    checkpoint at all) and why each newer one was passed over; raises where none verifies."""
+    first = latest_checkpoint(ckpt_root)
+    if first is None:
+        return None, []
+    candidates = [first, *[d for _, d in reversed(step_dirs(first.parent))
+                           if d != first and _step(d) < _step(first) and _complete(d)]]
+    passed = []
+    for ckpt in candidates:
+        try:
+            verify_checkpoint(ckpt)
+            return ckpt, passed
+        except CheckpointError as e:
+            passed.append(str(e).removesuffix(": pass another checkpoint"))
+    raise CheckpointError(f"no checkpoint under '{ckpt_root}' verifies ({passed[0]}): pass "
+                          f"another checkpoint with --resume, or --overwrite to start afresh")
+
+
+def last_sound_checkpoint(ckpt_root: Path) -> Path | None:
+    try:
+        return newest_sound_checkpoint(ckpt_root)[0]
+    except CheckpointError:
+        return None
+
+
+def _step(ckpt: Path) -> int:
+    return int(ckpt.name.rsplit("-", 1)[1])
 
 
 def _disk_full(e: Exception, ckpt_root: Path) -> bool:
@@ -251,14 +376,15 @@ def load_pretrained(path: str | Path):
     """(checkpoint, config, SimCLR model) of a run directory, checkpoints/ folder or step-*
     checkpoint: the model built from the checkpoint's own config and its trained weights, on the
     CPU. The one way every after-pretraining tool (linear evaluation, fine-tuning, export,
-    embeddings, benchmarks) gets a trained encoder."""
+    embeddings, benchmarks) gets a trained encoder; a checkpoint that fails `verify_checkpoint`
+    is refused in one line."""
     from model.simclr import build_simclr
     from train.config import build_config, load_yaml
 
     ckpt = resolve_checkpoint(path)
+    state = verify_checkpoint(ckpt)  # damaged files and a diverged run's weights are refused
     cfg = build_config(load_yaml(ckpt / "config.yaml"))
     model = build_simclr(cfg.model)
-    state = load_model_weights(ckpt)
     # DDP and torch.compile prefixes, in case a checkpoint kept a wrapper's names
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     try:

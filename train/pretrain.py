@@ -32,10 +32,11 @@ from train.atomic import write_atomic
 from train.bookkeeping import Bookkeeper, StepRecord
 from train.checkpoint import (
     CheckpointError,
-    latest_checkpoint,
+    newest_sound_checkpoint,
     read_trainer_state,
     resolve_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
 from train.commands import run_command
 from train.config import (
@@ -55,7 +56,7 @@ from train.run_dir import (
     unfit_checkpoint,
 )
 from train.schedule import Schedule, TrainClock, base_lr, scaled_lr
-from train.step import optimizer_step, set_lr, two_view_loss
+from train.step import optimizer_step, set_lr, step_finite, two_view_loss
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,8 +130,10 @@ def train_one_epoch(run: Run, book: Bookkeeper) -> None:
         lr = set_lr(optimizer, run.schedule.lrs[run.step])
         loss = two_view_loss(model, batch, cfg.loss.temperature, run.loss_impl, acc.autocast)
         loss = optimizer_step(optimizer, loss, acc.backward, cfg.loss.scale)
+        finite = step_finite(optimizer, loss)  # on the device: read at logged steps only
         run.step += 1
-        book.after_step(StepRecord(run.step, loss, lr, len(batch.index) * run.world, wait_s))
+        book.after_step(StepRecord(run.step, loss, lr, len(batch.index) * run.world, wait_s,
+                                   finite))
         if run.step >= run.schedule.last_step or book.stop.now:
             break
 
@@ -235,10 +238,18 @@ def _schedule(cfg: Config, acc, steps_per_epoch: int) -> Schedule:
 
 
 def resume_from(run: Run, resume: str) -> None:
-    """Continue from the checkpoint `resume` names ('auto': the run's newest, if any): model,
-    optimizer and RNG state, step, training seconds, the loader's position, the budget's plan."""
+    """Continue from the checkpoint `resume` names ('auto': the run's newest that verifies, if
+    any, saying which it passed over): model, optimizer and RNG state, step, training seconds,
+    the loader's position, the budget's plan. A named checkpoint that fails
+    `verify_checkpoint` (damaged files, unsound weights) is refused in one line."""
     acc = run.acc
-    ckpt = latest_checkpoint(run.ckpt_root) if resume == "auto" else resolve_checkpoint(resume)
+    if resume == "auto":  # the newest that verifies (sha256 manifest, sound weights)
+        ckpt, passed = newest_sound_checkpoint(run.ckpt_root)
+        if passed and acc.is_main_process:
+            print(f"pretrain: warning: {'; '.join(passed)}: resuming from the newest checkpoint "
+                  f"that verifies, '{ckpt}'", file=sys.stderr)
+    else:
+        ckpt = resolve_checkpoint(resume)
     if ckpt is None:
         if acc.is_main_process:
             acc.print(f"no checkpoint under {run.ckpt_root}: starting afresh")
@@ -249,6 +260,8 @@ def resume_from(run: Run, resume: str) -> None:
                               f"processes and {state.get('steps_per_epoch')} steps/epoch, this "
                               f"run has {run.world} and {run.steps_per_epoch}: resume with the "
                               f"same launch settings")
+    if resume != "auto":
+        verify_checkpoint(ckpt)
     try:
         acc.load_state(str(ckpt))
     except Exception as e:

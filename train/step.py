@@ -4,6 +4,7 @@ fine-tuning loop (train/finetune.py) and the benchmark (tools/bench_train.py). A
     lr = set_lr(optimizer, lrs[step])
     loss = two_view_loss(model, batch, temperature, loss_impl, autocast)  # forward, NT-Xent
     optimizer_step(optimizer, loss, backward)                          # backward, step
+    finite = step_finite(optimizer, loss)   # the step's health, a flag left on the device
 
 It imports no Accelerate: the trainer passes its accelerator's autocast and backward, the
 benchmark torch's own. Nothing here reads a value back from the device."""
@@ -48,6 +49,18 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
     backward(loss * loss_scale if loss_scale != 1.0 else loss)
     optimizer.step()
     return loss.detach()
+
+
+def step_finite(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
+    """Whether the step just taken was sound: its loss and the norm of every gradient finite (a
+    NaN or infinite gradient, or one whose norm overflows float32). A 0-dim bool tensor left on
+    the device: called after `optimizer_step` (the gradients stay until the next step's
+    zero_grad), it reads nothing back and changes nothing."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    total = loss.detach().float().reshape(())
+    if grads:
+        total = total + torch.stack(torch._foreach_norm(grads)).float().sum().to(total.device)
+    return torch.isfinite(total)
 
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: TwoViewBatch,

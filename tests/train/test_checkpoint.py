@@ -246,7 +246,7 @@ def test_load_pretrained_gives_the_checkpoints_weights_and_names_a_mismatch(tiny
 
     import torch
 
-    from train.checkpoint import load_model_weights, load_pretrained
+    from train.checkpoint import load_model_weights, load_pretrained, write_manifest
 
     run = tiny_run  # read only
     ckpt, cfg, model = load_pretrained(run)
@@ -259,6 +259,7 @@ def test_load_pretrained_gives_the_checkpoints_weights_and_names_a_mismatch(tiny
     shutil.copytree(ckpt, other)
     text = (other / "config.yaml").read_text().replace("width: 0.125", "width: 0.25")
     (other / "config.yaml").write_text(text)
+    write_manifest(other)  # a consistent checkpoint, only its config does not fit its weights
     with pytest.raises(CheckpointError, match=r"does not match its config .*pass another"):
         load_pretrained(other)
 
@@ -279,3 +280,23 @@ def test_stale_temps_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
         p.write_bytes(b"partial")
     assert remove_stale_temps(target) == [dead]
     assert mine.exists() and other.exists() and not dead.exists()
+
+
+def test_each_checkpoint_carries_the_sha256_of_its_files_and_a_changed_byte_is_found(tmp_path):
+    import hashlib
+
+    from train.checkpoint import MANIFEST, check_manifest
+
+    ckpt = save(tmp_path, 2, b"weights" * 1000)
+    sums = json.loads((ckpt / MANIFEST).read_text())["sha256"]
+    assert set(sums) == {"model.safetensors", "trainer_state.json", "config.yaml"}
+    assert sums["model.safetensors"] == hashlib.sha256(b"weights" * 1000).hexdigest()
+    assert check_manifest(ckpt) is None
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[3500] ^= 1  # one bit, the size unchanged
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    assert f"'{ckpt / 'model.safetensors'}' is damaged" in check_manifest(ckpt)
+    (ckpt / "model.safetensors").unlink()
+    assert "unreadable" in check_manifest(ckpt)
+    (ckpt / MANIFEST).unlink()  # a checkpoint from before manifests: nothing to check against
+    assert check_manifest(ckpt) is None
