@@ -245,3 +245,46 @@ def test_resume_auto_passes_over_a_bad_checkpoint_and_says_so(harm, run_copy, da
     assert warning[0].endswith(f"resuming from the newest checkpoint that verifies, "
                                f"'{ckpts / 'step-00000002'}'")
     assert f"resumed from {ckpts / 'step-00000002'} at step 2" in got.stdout
+
+
+@TRAINS
+def test_the_flag_reads_nothing_back_on_unlogged_steps(dataset, tmp_path, capsys, monkeypatch):
+    """No host sync per step: between logged steps (every 4th) and checkpoints (none but the
+    final one) neither `step_finite` nor the bookkeeping reads a tensor back from the device."""
+    import train.bookkeeping as bookkeeping
+    import train.pretrain as pretrain
+
+    reads: list[tuple[int | None, str]] = []
+    where: list[int | None] = [None]
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **kw):
+            if where[0] is not None:
+                reads.append((where[0], _name))
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    after_step, step_finite_ = bookkeeping.Bookkeeper.after_step, pretrain.step_finite
+
+    def watched_after_step(self, rec):
+        where[0] = rec.step
+        try:
+            return after_step(self, rec)
+        finally:
+            where[0] = None
+
+    def watched_step_finite(*a, **kw):
+        where[0] = -1
+        try:
+            return step_finite_(*a, **kw)
+        finally:
+            where[0] = None
+    monkeypatch.setattr(bookkeeping.Bookkeeper, "after_step", watched_after_step)
+    monkeypatch.setattr(pretrain, "step_finite", watched_step_finite)
+    run_here([*TINY, f"--data.path={dataset}", f"--train.out_dir={tmp_path / 'run'}",
+              "--train.log_every=4", "--train.checkpoint_every=0", "--train.max_steps=10"],
+             capsys, check=True)
+    steps = {s for s, _ in reads}
+    assert -1 not in steps, reads  # step_finite: never
+    assert steps <= {4, 8, 10}, reads  # the logged steps only
+    assert {4, 8, 10} <= steps  # where the loss and the flag are read
