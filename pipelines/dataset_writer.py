@@ -9,7 +9,8 @@
     verify(root)                        re-hash the inputs and artefacts the manifest lists
 
 `python -m tools.convert` is the command line over these. Problems the user can fix are one-line
-`ConvertError`s.
+`ConvertError`s. One conversion at a time writes an OUT (a lock beside it, `train.lock`): another
+one is refused with `train.lock.OutputBusy`, naming it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from pipelines.sources import (
     write_file_list,
 )
 from train.atomic import exchange
+from train.lock import acquire, lock_beside, released_on_return
 
 # the manifest's "tool": the command that runs this writer; --overwrite replaces only what it wrote
 TOOL = "tools.convert"
@@ -205,6 +207,7 @@ def _written_by_us(out: Path) -> bool:
             and type(manifest.get("format_version")) is int)
 
 
+@released_on_return  # the lock of OUT
 def convert(src: str | Path, out: str | Path, *, fmt: str = "auto", name: str | None = None,
             overwrite: bool = False, to: str = "numpy", workers: int | None = None,
             max_resolution: int | None = None, progress=no_progress) -> dict:
@@ -223,6 +226,8 @@ def convert(src: str | Path, out: str | Path, *, fmt: str = "auto", name: str | 
         raise ConvertError(f"source '{src}' does not exist or is not a directory",
                            "pass the directory that holds the dataset files")
     _check_out(src, out, overwrite)
+    acquire(lock_beside(out), f"output '{out}'",
+            "wait for that conversion to end, or choose another OUT").until_return()
     if to == "ffcv":
         _load_write_beton()  # fail before the slow part
     fmt = detect_format(src) if fmt == "auto" else fmt

@@ -21,7 +21,7 @@ never abort the run. 8-bit RGB or grayscale JPEGs and PNGs are used in place; ev
 `pipelines.formats.decode_rgb` and stored as a lossless 8-bit RGB PNG in the dataset directory,
 so that every backend sees the same pixels. The output is built in a temporary directory next to
 OUT and renamed into place only when complete; the manifest records the sha256 of every input and
-artefact.
+artefact. One conversion at a time writes an OUT: another one is refused in one line naming it.
 
     python -m tools.convert --verify data/imagenet    # re-hash inputs and artefacts
 """
@@ -42,6 +42,7 @@ from pipelines.dataset_writer import TARGETS, convert, verify
 from pipelines.formats import FormatError
 from pipelines.sources import MANIFEST, DatasetError, show_path
 from train.cli import at_least
+from train.lock import OutputBusy
 
 # the bars of the slow steps, on a terminal only (disable=None), removed when done
 PROGRESS = functools.partial(tqdm, disable=None, leave=False)
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = convert(args.src, args.out, fmt=args.fmt, name=args.name,
                            overwrite=args.overwrite, to=args.to, workers=args.workers,
                            max_resolution=args.max_resolution, progress=PROGRESS)
-    except (ConvertError, FormatError, DatasetError) as e:
+    except (ConvertError, FormatError, DatasetError, OutputBusy) as e:
         print(f"convert: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except OSError as e:

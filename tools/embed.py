@@ -14,7 +14,8 @@ memory does not grow with the image count); PREFIX.files.txt names each row's im
 is <run dir>/embeddings/<source name>-<split, or 'images' for a folder>. --query IMAGE (a file, or
 <split>/<index> of the dataset) prints the --k rows of highest cosine similarity to the query's
 feature and writes them to PREFIX.query.json; embeddings already written for this checkpoint and
-source are reused.
+source are reused. One command at a time writes a PREFIX: another one is refused in one line
+naming it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from train.commands import print_report, run_command
 from train.config import ConfigError
 from train.features import eval_views, forward_eval
 from train.linear_eval import check_device
+from train.lock import acquire, lock_beside, released_on_return
 
 SIMILARITY_CHUNK = 1 << 16  # rows per block of the query's similarity pass
 
@@ -297,11 +299,16 @@ def query(args, ckpt: Path, cfg, encoder, source: Source, files: dict[str, Path]
     return result
 
 
+@released_on_return  # the lock of PREFIX
 def run(args) -> dict:
     check_device(args.device)
     ckpt, cfg, model = load_pretrained(args.checkpoint)
     source = Source(args.source, args.split, cfg)
-    files = outputs(output_prefix(ckpt, source.path, source.split_name, args.out))
+    prefix = output_prefix(ckpt, source.path, source.split_name, args.out)
+    files = outputs(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)  # kept: the lock beside PREFIX goes
+    acquire(lock_beside(prefix), f"--out '{show_path(prefix)}'",
+            "wait for that command to end, or pass another --out").until_return()
     ckpt = ckpt.resolve()  # PREFIX.json names it wherever the command runs from
     encoder = model.encoder.to(args.device).to(memory_format=torch.channels_last).eval()
     meta = reusable(files, ckpt, source) if args.query else None

@@ -14,6 +14,7 @@ model.safetensors) is exported instead, its classifier as `fc`, so it loads stri
 torchvision.models.resnetXX(num_classes=K). A width other than 1 has no torchvision counterpart
 (torchvision's wide_resnet widens only the bottleneck): it is exported with load lines that build
 this repository's model.encoder.ResNetEncoder.
+One export at a time writes a folder: another one into it is refused in one line naming it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from train.checkpoint import CheckpointError, load_pretrained, read_trainer_stat
 from train.cli import add_checkpoint
 from train.commands import print_report, run_command
 from train.config import ConfigError, config_to_dict
+from train.lock import acquire, lock_beside, released_on_return
 
 WEIGHTS = ("encoder.safetensors", "encoder.pt")
 META = "encoder.json"
@@ -159,10 +161,13 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@released_on_return  # the lock of --out
 def export(args) -> tuple[Path, dict]:
     ckpt, cfg, model = load_pretrained(args.checkpoint)
     out = export_dir(ckpt, args.out)
     _check_target(out, args.overwrite)
+    acquire(lock_beside(out), f"--out '{show_path(out)}'",
+            "wait for that command to end, or pass another --out").until_return()
     encoder = model.encoder
     meta = {
         "arch": cfg.model.arch,

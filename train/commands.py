@@ -12,8 +12,9 @@ from pipelines.loader import BackendUnavailable
 from pipelines.sources import DatasetError, show_path
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
+from train.lock import OutputBusy
 
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, BackendUnavailable)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, BackendUnavailable, OutputBusy)
 
 
 def run_command(prog: str, work: Callable[[], object], *, out_option: str = "--out",

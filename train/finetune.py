@@ -25,14 +25,21 @@ finetune.json (top-1/top-5 on the evaluation split of both networks, settings, l
 the architecture and class names)
 and model.safetensors (the fine-tuned network: `encoder.*` in torchvision's names, `fc.weight`,
 `fc.bias`; `python -m tools.export --classifier` turns it into a torchvision classifier).
+The three are written into a hidden folder beside --out and renamed into place when all are
+complete, so --out holds one run's set or none. A used --out is refused unless --overwrite (which
+replaces only a set fine-tuning wrote: other files in --out are refused); one command at a time
+writes an --out (the others are refused in one line naming it).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,17 +52,20 @@ from torch import nn
 
 from pipelines.loader import BACKENDS, build_loader
 from pipelines.sources import DatasetError, Split, open_dataset, show_path
-from train.atomic import write_atomic
+from train.atomic import exchange, fsync_dir, temp_name, write_atomic
 from train.checkpoint import load_pretrained, run_output
 from train.cli import above, add_checkpoint, at_least
 from train.commands import print_report, run_command
 from train.config import ConfigError, accelerate_precision, config_to_dict
 from train.features import eval_views, forward_eval
 from train.linear_eval import topk_accuracy
+from train.lock import lock_beside, released_on_return
+from train.run_dir import lock_on_main
 from train.schedule import lr_schedule
 from train.step import optimizer_step, set_lr
 
 MODES = ("finetune", "linear")
+OUTPUTS = ("labels.txt", "finetune.json", "model.safetensors")  # what a run writes into --out
 LR_PER_256 = 0.05  # the paper's fine-tuning LR per 256 examples (Appendix B.5)
 
 
@@ -94,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-scratch", action="store_true",
                    help="skip the baseline trained from random initialisation")
     p.add_argument("--out", default=None, help="output directory (default: see above)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the fine-tuning run already in --out (its labels.txt, "
+                   "finetune.json and model.safetensors), once this one has finished")
     return p
 
 
@@ -303,6 +316,7 @@ class Job:
     fraction: float | None
     transfer: bool
     out: Path
+    work: Path | None = None  # the hidden folder beside `out` the outputs are written into
     spec: Any = None  # the crop-and-flip augmentation
     loader: Any = None
     steps_per_epoch: int = 0
@@ -311,26 +325,74 @@ class Job:
     lrs: torch.Tensor | None = None
 
 
+@released_on_return  # the lock of --out, taken by _hold_out
 def finetune(args) -> dict:
     """Fine-tune (or train linearly on) the pretrained encoder and, unless --no-scratch, the same
-    network from scratch; test both; write labels.txt, finetune.json and model.safetensors."""
+    network from scratch; test both; write labels.txt, finetune.json and model.safetensors (into
+    a hidden folder, renamed to --out once all three are written)."""
     t0 = time.perf_counter()
     job = _job(args)
     _plan_steps(job)
+    _hold_out(job)
     main = job.acc.is_main_process
-    if main:
-        _write_labels(job)
-    results, nets = {}, {}
-    for name, encoder in _contenders(job).items():
-        results[name], nets[name] = _train_and_test(job, name, encoder)
-    result = _result(job, results, t0)
-    if main:
-        _save_model(nets["pretrained"], job.out / "model.safetensors")
-        result["model"] = str(job.out / "model.safetensors")
-        write_atomic(job.out / "finetune.json", json.dumps(result, indent=1))
-        _print_table(result, job.out)
+    try:
+        if main:
+            job.work = temp_name(job.out)
+            job.work.mkdir()
+            _write_labels(job)
+        results, nets = {}, {}
+        for name, encoder in _contenders(job).items():
+            results[name], nets[name] = _train_and_test(job, name, encoder)
+        result = _result(job, results, t0)
+        if main:
+            _save_model(nets["pretrained"], job.work / "model.safetensors")
+            result["model"] = str(job.out / "model.safetensors")
+            write_atomic(job.work / "finetune.json", json.dumps(result, indent=1))
+            _put_in_place(job.work, job.out)
+            _print_table(result, job.out)
+    finally:
+        if job.work is not None:
+            shutil.rmtree(job.work, ignore_errors=True)
     job.acc.wait_for_everyone()
     return result
+
+
+def _hold_out(job: Job) -> None:
+    """One command at a time writes --out (its main process holds the lock beside it until
+    `finetune` ends); a used --out is refused without --overwrite, and with it where it holds
+    files that fine-tuning does not write. The hidden folders of a killed earlier command on the
+    same --out are deleted."""
+    out = job.out
+    lock_on_main(job.acc, lock_beside(out), f"--out '{show_path(out)}'",
+                 "wait for that command to end, or pass another --out")
+    used = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    foreign = [n for n in used if n not in OUTPUTS]
+    if foreign:
+        raise ConfigError(f"--out '{show_path(out)}' holds files fine-tuning did not write "
+                          f"({', '.join(foreign[:5])}): pass another --out")
+    if used and not job.args.overwrite:
+        raise ConfigError(f"--out '{show_path(out)}' already holds a fine-tuning run "
+                          f"({', '.join(used)}): replace it with --overwrite, or pass another "
+                          f"--out")
+    if job.acc.is_main_process:  # only the lock holder writes these: any left are a dead one's
+        for stale in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _put_in_place(work: Path, out: Path) -> None:
+    """The finished set in `work` becomes `out`; an earlier set there is swapped out (atomically
+    where the system can), then deleted."""
+    if not out.exists():
+        os.rename(work, out)
+    elif exchange(work, out):  # `work` now holds the earlier set
+        shutil.rmtree(work)
+    else:
+        aside = temp_name(out)
+        os.rename(out, aside)
+        os.rename(work, out)
+        shutil.rmtree(aside)
+    fsync_dir(out.parent)
 
 
 def _job(args) -> Job:
@@ -386,10 +448,9 @@ def _plan_steps(job: Job) -> None:
 
 def _write_labels(job: Job) -> None:
     args, split, steps = job.args, job.train_split, len(job.lrs)
-    job.out.mkdir(parents=True, exist_ok=True)
     how = (f"class-balanced draw of {job.fraction:g} of the labels" if job.fraction is not None
            else f"from {show_path(args.labels)}")
-    write_atomic(job.out / "labels.txt", labels_text(
+    write_atomic(job.work / "labels.txt", labels_text(
         job.labelled, f"labelled images of split '{split.name}' of '{job.ds.root}', {how}, "
         f"seed {job.seed}"))
     print(f"finetune: {args.mode} on {len(job.labelled)} labelled images of '{split.name}' "

@@ -47,10 +47,13 @@ from train.config import (
     load_config,
     save_config,
 )
+from train.lock import released_on_return
 from train.run import Run, RunLog
 from train.run_dir import (
     check_out_dir,
     delete_earlier_runs,
+    lock_run_dir,
+    mark_run_dir,
     set_aside_earlier_run,
     set_aside_later_checkpoints,
     unfit_checkpoint,
@@ -88,6 +91,7 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=0.0, momentum=cfg.optim.momentum, foreach=True)
 
 
+@released_on_return  # the run directory's lock, taken by set_up
 def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> dict:
     """Pretrain as `cfg` says; the run's summary (also written to summary.json)."""
     run = set_up(cfg, resume, overwrite)
@@ -172,6 +176,7 @@ def set_up(cfg: Config, resume: str | None, overwrite: bool) -> Run:
                           f"{world} processes: use a multiple of {world}")
     set_seed(cfg.train.seed)
     out = Path(cfg.train.out_dir)
+    lock_run_dir(acc, out)  # one run at a time: held by the main process until train() ends
     check_out_dir(out, resume, overwrite)
     acc.wait_for_everyone()  # every process has looked before the earlier run is moved away
 
@@ -286,6 +291,7 @@ def open_run_dir(run: Run) -> None:
         set_aside_earlier_run(out)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        mark_run_dir(out)  # the artefacts beside the marker are a run's (check_out_dir)
         save_config(run.cfg, out / "config.yaml")
     run.log = RunLog(out, acc.is_main_process)
     run.config_yaml = yaml.safe_dump(config_to_dict(run.cfg), sort_keys=False)

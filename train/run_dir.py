@@ -1,6 +1,8 @@
-"""The run directory (train.out_dir) before training begins: an earlier run in it is continued
-(--resume), set aside and later deleted (--overwrite), or the directory is refused; a resumed run
-sets its later checkpoints aside; a checkpoint that does not fit is explained by its config."""
+"""The run directory (train.out_dir) before training begins: one run at a time holds it (a lock
+taken by the main process); an earlier run in it is continued (--resume), set aside and later
+deleted (--overwrite), or the directory is refused; files of those names that no run wrote are
+never overwritten or deleted; a resumed run sets its later checkpoints aside; a checkpoint that
+does not fit is explained by its config."""
 
 from __future__ import annotations
 
@@ -13,10 +15,55 @@ import yaml
 
 from train.checkpoint import CheckpointError, step_dirs
 from train.config import ConfigError
+from train.lock import LOCK_NAME, DirLock, OutputBusy, acquire
 
 # what a pretraining run writes into train.out_dir
 RUN_ARTEFACTS = ("checkpoints", "summary.json", "log.jsonl", "config.yaml", "tb",
                  "linear_eval.json")
+# written first into train.out_dir by every run: the RUN_ARTEFACTS beside it are a run's
+MARKER = ".simclr-run"
+
+
+def lock_on_main(acc, path: Path, what: str, fix: str) -> DirLock | None:
+    """The main process holds the lock file `path` (train.lock), released when the innermost
+    `released_on_return` function ends; when another command holds it, every process raises
+    OutputBusy (the others hold nothing, and learn the outcome from the main one)."""
+    lock, busy = None, None
+    if acc.is_main_process:
+        try:
+            lock = acquire(path, what, fix).until_return()
+        except OutputBusy as e:
+            busy = str(e)
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        busy = broadcast_object_list([busy])[0]
+    if busy:
+        raise OutputBusy(busy)
+    return lock
+
+
+def lock_run_dir(acc, out: Path) -> DirLock | None:
+    """One run at a time in train.out_dir: the main process holds out/.lock for the run's life
+    (nothing where `out` is a file: `check_out_dir` refuses it)."""
+    if out.exists() and not out.is_dir():
+        return None
+    return lock_on_main(acc, out / LOCK_NAME, f"train.out_dir '{out}'",
+                        "wait for that run to end, or choose another --train.out_dir")
+
+
+def foreign_artefacts(out: Path) -> list[str]:
+    """The RUN_ARTEFACTS names in `out` that no run wrote: none where a run marked the directory
+    (or, from before the marker, left its checkpoints, log or summary)."""
+    if not out.is_dir() or (out / MARKER).exists() or earlier_run(out):
+        return []
+    return [n for n in RUN_ARTEFACTS if (out / n).exists() or (out / n).is_symlink()]
+
+
+def mark_run_dir(out: Path) -> None:
+    """Before the first artefact: the RUN_ARTEFACTS in `out` are a run's."""
+    (out / MARKER).write_text("written by train.pretrain: the run's files beside this one are "
+                              "replaced by --overwrite\n")
 
 
 def earlier_run(out: Path) -> str | None:
@@ -31,14 +78,18 @@ def earlier_run(out: Path) -> str | None:
 
 
 def check_out_dir(out: Path, resume: str | None, overwrite: bool) -> None:
-    """Refuse a file in the directory's place, both --resume and --overwrite, or an earlier run
-    with neither."""
+    """Refuse a file in the directory's place, both --resume and --overwrite, files of a run's
+    names that no run wrote, or an earlier run with neither."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"config: train.out_dir '{out}' is an existing file, not a directory: "
                           f"choose another --train.out_dir")
     if resume is not None and overwrite:
         raise ConfigError("--resume continues the run in train.out_dir, --overwrite deletes it: "
                           "pass one of them")
+    foreign = foreign_artefacts(out)
+    if foreign:
+        raise ConfigError(f"train.out_dir '{out}' holds {', '.join(foreign)}, not written by a "
+                          f"run: move it away or choose another --train.out_dir")
     earlier = earlier_run(out) if resume is None else None
     if earlier and not overwrite:
         raise CheckpointError(f"train.out_dir '{out}' already holds a run ({earlier}): continue it "
