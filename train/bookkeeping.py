@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model.flops import model_flops_utilisation
@@ -397,4 +398,7 @@ def knn_skip_reason(cfg: Config, ds, train_split) -> str | None:
     for split in (train_split, ds.split(cfg.data.eval_split)):
         if len(split) == 0 or (split.labels < 0).any():
             return f"split '{split.name}' is empty or unlabelled; kNN needs labels"
+    if len(np.unique(train_split.labels)) < 2:
+        return (f"split '{train_split.name}' holds a single class, so every kNN vote is right; "
+                f"the kNN figure needs two classes or more")
     return None

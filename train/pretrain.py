@@ -45,6 +45,7 @@ from train.config import (
     accelerate_precision,
     config_to_dict,
     load_config,
+    resume_differences,
     save_config,
 )
 from train.lock import released_on_return
@@ -260,6 +261,7 @@ def resume_from(run: Run, resume: str) -> None:
             acc.print(f"no checkpoint under {run.ckpt_root}: starting afresh")
         return
     state = read_trainer_state(ckpt)
+    run.resume_changes = _resume_changes(run, ckpt, state)  # names a changed key first
     if state.get("world") != run.world or state.get("steps_per_epoch") != run.steps_per_epoch:
         raise CheckpointError(f"checkpoint '{ckpt}' was written with {state.get('world')} "
                               f"processes and {state.get('steps_per_epoch')} steps/epoch, this "
@@ -279,8 +281,35 @@ def resume_from(run: Run, resume: str) -> None:
     acc.wait_for_everyone()
     if run.schedule.budget_s > 0 and state.get("planned_steps"):
         run.schedule.fix(state["planned_steps"])
+    if any(c.startswith("train.time_budget_s ") for c in run.resume_changes):
+        run.schedule.replan(run.clock.seconds_before, run.step)  # what is left, to the new one
     run.loader.load_state_dict(state["loader"])
     acc.print(f"resumed from {ckpt} at step {run.step}")
+    if run.resume_changes:
+        acc.print(f"pretrain: resumed with changed settings: {'; '.join(run.resume_changes)}",
+                  file=sys.stderr)
+
+
+def _resume_changes(run: Run, ckpt: Path, state: dict) -> list[str]:
+    """The settings this resume changes, as 'key A -> B', once the ones that would change what the
+    run trains (config.RESUMABLE says which may change) and another dataset are refused."""
+    try:
+        saved = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = {}  # verified checkpoints have it; a damaged one fails to load below
+    allowed, refused = resume_differences(saved if isinstance(saved, dict) else {},
+                                          config_to_dict(run.cfg))
+    split = run.cfg.data.train_split
+    was, now = state.get("dataset"), run.ds.fingerprint(split)
+    if was and now and was != now:
+        refused.insert(0, f"the dataset (split '{split}' of '{run.cfg.data.path}' holds other "
+                          f"images than the checkpoint's)")
+    if refused:
+        raise CheckpointError(
+            f"checkpoint '{ckpt}' was trained with other settings: {'; '.join(refused[:4])}"
+            f"{' ...' if len(refused) > 4 else ''}: resume with the checkpoint's settings, or "
+            f"start a new run with --overwrite or another --train.out_dir")
+    return allowed
 
 
 def open_run_dir(run: Run) -> None:
@@ -300,7 +329,8 @@ def open_run_dir(run: Run) -> None:
 def checkpoint(run: Run) -> Path:
     state = {"step": run.step, "loader": run.loader.state_dict(), "world": run.world,
              "steps_per_epoch": run.steps_per_epoch, "train_seconds": run.clock.seconds(),
-             "planned_steps": run.schedule.planned_steps, "knn_history": run.knn_history}
+             "planned_steps": run.schedule.planned_steps, "knn_history": run.knn_history,
+             "dataset": run.ds.fingerprint(run.cfg.data.train_split)}
     saved = save_checkpoint(run.acc, run.ckpt_root, run.step, state, run.config_yaml,
                             keep=run.cfg.train.keep_checkpoints)
     if run.overwrite and run.acc.is_main_process:  # the new run has a checkpoint: the old can go
@@ -317,6 +347,9 @@ def _announce(run: Run) -> None:
              "total_steps": sched.total_steps, "peak_lr": sched.peak_lr,
              "loss_scale": cfg.loss.scale,
              "dropped_per_epoch": dropped_per_epoch(len(run.train_split), run.world, local_batch)})
+    if run.resume_changes:
+        run.log({"event": "resume_changes", "step": run.step, "changes": run.resume_changes,
+                 "total_steps": sched.total_steps})
     run.acc.print(f"SimCLR {cfg.model.arch} x{cfg.model.width} | {run.world} process(es) on "
                   f"{run.device.type} | batch {cfg.data.batch_size} | loss {run.loss_impl} | "
                   f"{cfg.data.backend} loader | {run.steps_per_epoch} steps/epoch, steps "

@@ -42,6 +42,7 @@ class Run:
     step: int = 0
     clock: TrainClock = field(default_factory=TrainClock)  # carried over by a resume
     knn_history: list = field(default_factory=list)  # [step, kNN top-1] of every evaluation
+    resume_changes: list = field(default_factory=list)  # settings a resume changed, 'key A -> B'
     log: RunLog | None = None
     config_yaml: str = ""  # the resolved settings, written into every checkpoint
 

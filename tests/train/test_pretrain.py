@@ -582,3 +582,55 @@ def test_one_collective_per_logged_step_and_none_on_the_others(dataset, tmp_path
         assert not [c for c in calls if c[0] is not None and not 1 <= c[0] <= 33]
         # the wrappers do see Accelerate's own collectives (set-up, the final checkpoint)
         assert [name for step, name in calls if step is None], calls
+
+
+@TRAINS
+@pytest.mark.timeout(300)
+def test_knn_on_a_single_class_is_skipped_with_the_reason(tmp_path, capsys):
+    """Every kNN vote is right on one class: no 100% figure, a warning and the reason instead."""
+    from tests.fashion_mnist import make_subset
+
+    one = make_subset(tmp_path / "one", 64, 32, classes=(3,))
+    proc = run_here([*TINY, f"--data.path={one}", f"--train.out_dir={tmp_path / 'run'}",
+                     "--train.max_steps=2", "--train.knn_every=0"], capsys, check=True)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["knn_top1"] is None and "single class" in summary["knn_skipped"]
+    assert [ln for ln in proc.stderr.splitlines() if "single class" in ln]
+
+
+@TRAINS
+@pytest.mark.timeout(600)
+def test_resume_takes_changes_to_how_the_run_goes_on_and_refuses_changes_to_what_it_trains(
+        dataset, tmp_path, capsys):
+    """A resume may change the time budget (what is left is fitted to it at once, and the summary
+    and the log say so), the cadences and where the data lives; it may not change what the run
+    trains: another dataset of the same size, the loss, the batch. Each refusal is one line, before
+    any state is loaded."""
+    import shutil
+
+    from tests.fashion_mnist import make_subset
+
+    out = tmp_path / "run"
+    common = [*TINY, f"--train.out_dir={out}", "--train.max_steps=2"]
+    run_here([*common, f"--data.path={dataset}"], capsys, check=True)
+    other = make_subset(tmp_path / "other", 256, 128, classes=(1, 2, 3))  # the same sizes
+    for change, names in [([f"--data.path={other}"], ("dataset", str(other))),
+                          (["--loss.temperature=0.5"], ("loss.temperature", "0.1", "0.5")),
+                          (["--data.batch_size=64"], ("data.batch_size",))]:
+        proc = run_here([*common, f"--data.path={dataset}", *change, "--resume"], capsys)
+        _one_line_error(proc, *names, "--overwrite")
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2  # nothing trained
+
+    moved = tmp_path / "moved"
+    shutil.copytree(dataset, moved)
+    proc = run_here([*common, f"--data.path={moved}", "--train.max_steps=4",
+                     "--train.time_budget_s=3600", "--resume"], capsys, check=True)
+    assert "resumed with changed settings" in proc.stderr
+    changes = [r for r in records(out) if r.get("event") == "resume_changes"]
+    assert len(changes) == 1 and changes[0]["step"] == 2
+    assert sorted(c.split()[0] for c in changes[0]["changes"]) == [
+        "data.path", "train.max_steps", "train.time_budget_s"]
+    summary = json.loads((out / "summary.json").read_text())
+    # fitted at once to the new budget at the pace so far (capped by optim.epochs: 2 x 8 steps)
+    assert summary["steps"] == 4 and summary["time_budget_s"] == 3600
+    assert summary["planned_steps"] == summary["total_steps"] == 16
