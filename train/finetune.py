@@ -413,6 +413,14 @@ def _job(args) -> Job:
     eval_split = ds.split(args.eval_split or cfg.data.eval_split)
     classes = _check_splits(train_split, eval_split)
     labelled, fraction, tag = choose_labels(args.labels, train_split, seed)
+    present = len(np.unique(train_split.labels[labelled]))
+    if present < 2:
+        raise DatasetError(f"the labelled images of split '{train_split.name}' hold a single "
+                           f"class: every classifier scores 100% on it; label two classes or "
+                           f"more")
+    if classes <= 5:
+        print(f"finetune: warning: {classes} classes: top-5 counts every image as right",
+              file=sys.stderr)
     transfer = data.resolve() != Path(cfg.data.path).resolve()
     out = output_dir(ckpt, args.out, f"{args.mode}-{tag}" + (f"-{data.name}" if transfer else ""))
     if out.exists() and not out.is_dir():

@@ -285,7 +285,13 @@ def test_transfer_to_an_image_folder_with_other_classes(mode, run_dir, tmp_path)
 
 def test_bad_arguments_are_one_line_errors(tiny_run, tmp_path, capsys):
     """main() in this process for each, and the command itself once."""
-    from train.finetune import main
+    from pipelines.sources import open_dataset
+    from train.checkpoint import load_pretrained
+    from train.finetune import labels_text, main
+
+    labels = open_dataset(load_pretrained(tiny_run)[1].data.path).split("train").labels
+    one_class = tmp_path / "one-class.txt"
+    one_class.write_text(labels_text(np.flatnonzero(labels == labels[0])[:8], "one class"))
 
     for args, needle in [
         (["--labels", "1.5"], "--labels 1.5: a fraction must be in (0, 1]"),
@@ -293,6 +299,7 @@ def test_bad_arguments_are_one_line_errors(tiny_run, tmp_path, capsys):
         (["--batch-size", "33"], "--batch-size 33 views cannot be split"),
         (["--backend", "nope"], "unknown loader backend 'nope'"),
         (["--data", tmp_path / "nothing"], "no dataset at"),
+        (["--labels", one_class], "hold a single class"),  # every classifier scores 100%
     ]:
         code = main(["--checkpoint", str(tiny_run), *map(str, args)])
         err = capsys.readouterr().err
