@@ -41,7 +41,7 @@ from pipelines.sources import (
     open_dataset,
     show_path,
 )
-from train.atomic import fsync_dir, remove_stale_temps, temp_name, write_atomic
+from train.atomic import fsync_dir, remove_stale_temps, temp_name, unwritable, write_atomic
 from train.checkpoint import load_pretrained, read_trainer_state, run_output
 from train.cli import add_checkpoint, at_least
 from train.commands import print_report, run_command
@@ -276,8 +276,8 @@ def lines_at(path: Path, wanted) -> dict[int, str]:
     return found
 
 
-def query(args, ckpt: Path, cfg, encoder, source: Source, files: dict[str, Path]) -> dict:
-    x = query_view(args.query, source, cfg.augment)
+def query(args, ckpt: Path, encoder, x: torch.Tensor, files: dict[str, Path]) -> dict:
+    """The --k nearest rows to the query's view `x`, printed and written to the query JSON."""
     q = encode(encoder, x, args.device)[0]
     idx, sims = nearest(np.load(files["npy"], mmap_mode="r"), q, args.k)
     paths = lines_at(files["files.txt"], idx)
@@ -310,13 +310,20 @@ def run(args) -> dict:
     acquire(lock_beside(prefix), f"--out '{show_path(prefix)}'",
             "wait for that command to end, or pass another --out").until_return()
     ckpt = ckpt.resolve()  # PREFIX.json names it wherever the command runs from
+    query_x = None
+    if args.query:  # the query and its output checked before the split is embedded
+        query_x = query_view(args.query, source, cfg.augment)
+        problem = unwritable(args.query_json or files["query.json"])
+        if problem:
+            raise ConfigError(f"--query-json: the neighbours cannot be written: {problem}: "
+                              f"pass another --query-json")
     encoder = model.encoder.to(args.device).to(memory_format=torch.channels_last).eval()
     meta = reusable(files, ckpt, source) if args.query else None
     if meta is None:
         meta = embed(args, ckpt, cfg, encoder, source, files)
         _print_summary(meta, files)
     if args.query:
-        meta["query"] = query(args, ckpt, cfg, encoder, source, files)
+        meta["query"] = query(args, ckpt, encoder, query_x, files)
     return meta
 
 

@@ -203,3 +203,22 @@ def test_out_of_range_option_is_a_usage_error_naming_it(capsys, args):
         build_parser().parse_args(args)
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert info.value.code == 2 and f"argument {args[0]}" in last and args[1] in last, last
+
+
+def test_a_bad_query_is_refused_before_the_split_is_embedded(setup, tmp_path, capsys,
+                                                           monkeypatch):
+    """A missing query file, an index out of range or a --query-json that cannot be written: one
+    line before any row is computed (they used to come after the whole split was embedded)."""
+    import tools.embed as embed_tool
+
+    monkeypatch.setattr(embed_tool, "embed",
+                        lambda *a, **kw: pytest.fail("the split was embedded first"))
+    run, data = setup["run"], setup["data"]
+    base = ["--checkpoint", str(run), str(data), "--device", "cpu", "--out", str(tmp_path / "e")]
+    for extra, needle in [(["--query", str(tmp_path / "none.png")], "--query"),
+                          (["--query", "train/400"], "--query train/400"),
+                          (["--query", "train/7", "--query-json", str(tmp_path)], "--query-json")]:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"embed: error: {needle}") and len(err.splitlines()) == 1, err
+    assert not list(tmp_path.glob("e*.npy"))
