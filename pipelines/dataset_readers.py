@@ -16,6 +16,7 @@ is a one-line `ConvertError` "<problem>: <fix>"; an unreadable image is skipped 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import re
 import signal
 from collections import Counter
@@ -39,6 +40,7 @@ from pipelines.formats import (
     sha256_file,
 )
 from pipelines.sources import show_path
+from train.atomic import die_with_parent
 
 FORMATS = ("auto", "idx", "cifar", "folder")
 IDX_NAME = re.compile(r"^(train|t10k)-(images|labels)[-.]idx([13])-ubyte(\.gz)?$")
@@ -288,6 +290,7 @@ def _folder_layout(src: Path) -> tuple[list[str], dict[str, list[tuple[Path, int
 
 
 def _quiet_worker() -> None:
+    die_with_parent(os.getppid())  # a SIGKILLed conversion leaves no worker behind
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # how Pool.terminate() stops a worker
 

@@ -48,7 +48,7 @@ from pipelines.sources import (
     show_path,
     write_file_list,
 )
-from train.atomic import exchange
+from train.atomic import exchange, remove_dead_temp_dirs
 from train.lock import acquire, lock_beside, released_on_return
 
 # the manifest's "tool": the command that runs this writer; --overwrite replaces only what it wrote
@@ -243,6 +243,7 @@ def convert(src: str | Path, out: str | Path, *, fmt: str = "auto", name: str | 
         conv = read_folder_dataset(src, name, workers, progress)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temp_dirs(out.parent, f".{out.name}.tmp-")  # what a killed conversion left
     # mkdir (not mkdtemp) so OUT gets the usual umask permissions rather than 0700.
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from pipelines import formats
 from pipelines.sources import BetonWriteError, DatasetError, show_path
+from train.atomic import die_with_parent
 
 # Importing ffcv calls torch.set_num_threads(1) process-wide; keep the caller's setting.
 _TORCH_THREADS = torch.get_num_threads()
@@ -60,8 +61,10 @@ class _SplitItems:
         return img, int(self.split.labels[i]), int(i)
 
 
-def _guarded_worker(errors, work_fn, *args):
-    """A writer worker that reports its exception as one line on `errors`, then exits with 1."""
+def _guarded_worker(parent, errors, work_fn, *args):
+    """A writer worker that dies with `parent` (a SIGKILLed conversion leaves no worker holding
+    its memory) and reports its exception as one line on `errors`, then exits with 1."""
+    die_with_parent(parent)
     dataset = args[-1]
     try:
         work_fn(*args)
@@ -113,7 +116,7 @@ class GuardedWriter(DatasetWriter):
         worker_args = (errors, work_fn, workqueue, self.metadata_sm, self.metadata_type,
                        self.fields, allocator, done_number, allocations_queue,
                        *extra_worker_args)
-        processes = [Process(target=_guarded_worker, args=worker_args)
+        processes = [Process(target=_guarded_worker, args=(os.getpid(), *worker_args))
                      for _ in range(self.num_workers)]
         for p in processes:
             p.start()

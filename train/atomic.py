@@ -17,6 +17,7 @@ import ctypes.util
 import glob
 import os
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -135,3 +136,27 @@ def unwritable(path: str | Path) -> str | None:
     os.close(fd)
     os.unlink(probe)
     return None
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this (worker) process die when `parent` does: Linux delivers SIGKILL on the parent's
+    death (PR_SET_PDEATHSIG); a parent already gone is caught by checking it after. Elsewhere
+    nothing is done. A SIGKILLed command then leaves no worker behind holding memory."""
+    libc_name = ctypes.util.find_library("c")
+    if sys.platform.startswith("linux") and libc_name:
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def remove_dead_temp_dirs(folder: Path, prefix: str) -> list[Path]:
+    """Delete the directories `<prefix><pid>-*` in `folder` whose process no longer runs (what a
+    SIGKILL left behind); those of live processes are theirs. Returns what was deleted."""
+    gone = []
+    for tmp in Path(folder).glob(f"{glob.escape(prefix)}*"):
+        pid = tmp.name[len(prefix):].split("-", 1)[0]
+        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            gone.append(tmp)
+    return gone

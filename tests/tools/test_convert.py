@@ -499,3 +499,62 @@ def test_max_resolution_needs_ffcv(tmp_path, capsys):
 def test_convert_raises_typed_error(tmp_path):
     with pytest.raises(ConvertError, match="unknown format"):
         convert(tmp_path, tmp_path / "out", fmt="tfrecord")
+
+
+def _gone(pid: int) -> bool:
+    """Whether `pid` no longer runs (a zombie awaiting its reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state == "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_dies_with_its_killed_parent():
+    """The conversion's workers (the readers' pool, FFCV's writer) call die_with_parent: a
+    SIGKILLed conversion used to leave them running, holding their memory."""
+    import textwrap
+    import time
+
+    code = textwrap.dedent("""
+        import multiprocessing, os, time
+        from train.atomic import die_with_parent
+
+        def work(parent):
+            die_with_parent(parent)
+            time.sleep(120)
+
+        if __name__ == "__main__":
+            child = multiprocessing.get_context("fork").Process(target=work, args=(os.getpid(),))
+            child.start()
+            print(child.pid, flush=True)
+            time.sleep(1.0)
+            os.kill(os.getpid(), 9)
+    """)
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    child = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 15
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(child), f"worker {child} outlived its SIGKILLed parent"
+
+
+def test_convert_removes_the_temporaries_of_conversions_that_no_longer_run(tmp_path):
+    """A SIGKILLed conversion leaves `.OUT.tmp-<pid>-*` behind: the next conversion beside it
+    deletes those of dead processes and keeps those of live ones (another conversion's)."""
+    from tests.fashion_mnist import make_subset
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    stale = tmp_path / f".fashion-mnist.tmp-{ended.pid}-0badf00d"
+    live = tmp_path / f".fashion-mnist.tmp-{os.getpid()}-0badf00d"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "train_images.npy").write_bytes(b"\0" * 4096)
+    out = make_subset(tmp_path, 64, 32)
+    assert (out / "manifest.json").is_file()
+    assert not stale.exists() and live.exists()
