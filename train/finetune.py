@@ -243,6 +243,10 @@ def train_classifier(acc, model: Classifier, loader, lrs: torch.Tensor, bar) -> 
                 if step % 10 == 0 or step == len(lrs):
                     bar.set_postfix(loss=f"{loss.item():.3f}")
         mean = acc.reduce(total, "mean").item() / max(1, count)
+        if not math.isfinite(mean):  # every process reads the same reduced value
+            raise FloatingPointError(f"the loss became {mean} in epoch {epoch + 1} (by step "
+                                     f"{step}): no result was written; pass a lower --lr than "
+                                     f"{float(lrs.max()):g}")
         history.append({"epoch": epoch, "steps": step, "loss": mean})
         epoch += 1
     return history
@@ -551,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     with watch_launcher("finetune"):  # a launcher that dies ends it (SIGTERM) rather than orphan it
-        return run_command("finetune", lambda: finetune(args),
+        return run_command("finetune", lambda: finetune(args), errors=(FloatingPointError,),
                            oom_fix=f"pass a smaller --batch-size than {args.batch_size}")
 
 

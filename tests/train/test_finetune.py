@@ -306,6 +306,11 @@ def test_bad_arguments_are_one_line_errors(tiny_run, tmp_path, capsys):
         assert code == 2, err[-2000:]
         assert err.startswith("finetune: error: ") and needle in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    # a diverging fine-tuning ends in one line, not in an accuracy reported with loss nan
+    assert main(["--checkpoint", str(tiny_run), "--lr", "1e30", "--epochs", "1", "--min-steps",
+                 "4", "--no-scratch"]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "finetune: error: the loss became nan" in errors[0], errors
     assert not (tiny_run / "finetune").exists()  # nothing written before the errors
     proc = finetune("--checkpoint", tmp_path / "none", check=False)
     assert proc.returncode == 2 and "no readable checkpoint" in proc.stderr
