@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a fine-tuned network (train.finetune's output folder or its "
                    "model.safetensors): export its encoder and classifier (fc) instead")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing export in the --out folder")
+                   help="replace an existing export in the --out folder (refused while it holds "
+                   "files no export wrote)")
     return p
 
 
@@ -222,8 +223,8 @@ def export(args) -> tuple[Path, dict]:
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
-    """Refuse an existing --out, and with --overwrite anything but an export (never rmtree a
-    folder the user named by mistake)."""
+    """Refuse an existing --out, and with --overwrite anything but an export, or an export that
+    also holds files it did not write (never rmtree a folder or a file the user put there)."""
     if not out.exists() and not out.is_symlink():
         return
     if not overwrite:
@@ -232,6 +233,15 @@ def _check_target(out: Path, overwrite: bool) -> None:
     if out.is_symlink() or not (out / META).is_file():
         raise ConfigError(f"'{show_path(out)}' exists and is not an export (no {META}): pass "
                           f"another --out")
+    try:  # the files the earlier export wrote: its metadata and what it lists checksums of
+        written = {META, *json.loads((out / META).read_text())["sha256"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        written = {META, *WEIGHTS}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in written)
+    if foreign:
+        raise ConfigError(f"'{show_path(out)}' also holds files no export wrote "
+                          f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}), "
+                          f"which --overwrite would delete: move them out, or pass another --out")
 
 
 def _write_folder(out: Path, blobs: dict[str, bytes], overwrite: bool) -> None:

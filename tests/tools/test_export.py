@@ -173,8 +173,13 @@ def test_export_refuses_to_overwrite_and_replaces_only_an_export(runs, tmp_path,
     assert err.startswith("export: error: ") and "--overwrite" in err
     assert len(err.splitlines()) == 1 and (out / "note").is_file()
 
+    # --overwrite replaces an export, but never deletes a file the user put into it
+    assert export("--checkpoint", str(run), "--out", str(out), "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "files no export wrote (note)" in err and len(err.splitlines()) == 1
+    assert (out / "note").read_text() == "from the first export"
+    (out / "note").unlink()
     assert export("--checkpoint", str(run), "--out", str(out), "--overwrite") == 0
-    assert not (out / "note").exists()  # replaced as a whole, not merged
     assert (out / "encoder.safetensors").read_bytes() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # no temp folder left
 
