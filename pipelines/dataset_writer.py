@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from pipelines.sources import (
     show_path,
     write_file_list,
 )
-from train.atomic import exchange, remove_dead_temp_dirs
+from train.atomic import remove_dead_temp_dirs, replace_dir
 from train.lock import acquire, lock_beside, released_on_return
 
 # the manifest's "tool": the command that runs this writer; --overwrite replaces only what it wrote
@@ -164,20 +163,6 @@ def write_betons(root: Path, manifest: dict, max_resolution: int | None,
     return manifest
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`; an existing `out` is swapped out, then deleted."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if exchange(tmp, out):  # now `tmp` holds the old dataset
-        shutil.rmtree(tmp)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, old / out.name)
-    os.rename(tmp, out)
-    shutil.rmtree(old)
-
-
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:
     if out == src or src.is_relative_to(out):
         raise ConvertError(f"OUT '{out}' is SRC or contains it",
@@ -252,7 +237,7 @@ def convert(src: str | Path, out: str | Path, *, fmt: str = "auto", name: str | 
         if to == "ffcv":
             manifest = write_betons(tmp, manifest, max_resolution, progress)
         _check_out(src, out, overwrite)  # OUT may have appeared while we worked
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -34,7 +34,7 @@ from torch import nn
 from model.encoder import ResNetEncoder, set_stem
 from pipelines.eval_view import describe_eval_view
 from pipelines.sources import show_path
-from train.atomic import exchange, fsync_dir, temp_name, write_atomic
+from train.atomic import replace_dir, temp_name, write_atomic
 from train.checkpoint import CheckpointError, load_pretrained, read_trainer_state, run_output
 from train.cli import add_checkpoint
 from train.commands import print_report, run_command
@@ -254,19 +254,10 @@ def _write_folder(out: Path, blobs: dict[str, bytes], overwrite: bool) -> None:
         for name, data in blobs.items():
             write_atomic(tmp / name, data)
         _check_target(out, overwrite)  # again: another export may have finished meanwhile
-        if not out.exists():
-            os.rename(tmp, out)
-        elif exchange(tmp, out):  # `tmp` now holds the old export
-            shutil.rmtree(tmp)
-        else:
-            aside = temp_name(out)
-            os.rename(out, aside)
-            os.rename(tmp, out)
-            shutil.rmtree(aside)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(out.parent)
 
 
 def _print_summary(out: Path, blobs: dict[str, bytes], meta: dict) -> None:

@@ -160,3 +160,18 @@ def remove_dead_temp_dirs(folder: Path, prefix: str) -> list[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             gone.append(tmp)
     return gone
+
+
+def replace_dir(work: Path, out: Path) -> None:
+    """The finished folder `work` becomes `out`; an earlier `out` is swapped out (atomically where
+    the system can: readers see the old folder or the new one, never a mix), then deleted."""
+    if not out.exists():
+        os.rename(work, out)
+    elif exchange(work, out):  # `work` now holds the earlier folder
+        shutil.rmtree(work)
+    else:
+        aside = temp_name(out)
+        os.rename(out, aside)
+        os.rename(work, out)
+        shutil.rmtree(aside)
+    fsync_dir(out.parent)

@@ -38,7 +38,6 @@ import dataclasses
 import glob
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -52,7 +51,7 @@ from torch import nn
 
 from pipelines.loader import BACKENDS, build_loader
 from pipelines.sources import DatasetError, Split, open_dataset, show_path
-from train.atomic import exchange, fsync_dir, temp_name, write_atomic
+from train.atomic import replace_dir, temp_name, write_atomic
 from train.checkpoint import load_pretrained, run_output
 from train.cli import above, add_checkpoint, at_least
 from train.commands import print_report, run_command
@@ -352,7 +351,7 @@ def finetune(args) -> dict:
             _save_model(nets["pretrained"], job.work / "model.safetensors")
             result["model"] = str(job.out / "model.safetensors")
             write_atomic(job.work / "finetune.json", json.dumps(result, indent=1))
-            _put_in_place(job.work, job.out)
+            replace_dir(job.work, job.out)
             _print_table(result, job.out)
     finally:
         if job.work is not None:
@@ -382,21 +381,6 @@ def _hold_out(job: Job) -> None:
         for stale in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
-
-
-def _put_in_place(work: Path, out: Path) -> None:
-    """The finished set in `work` becomes `out`; an earlier set there is swapped out (atomically
-    where the system can), then deleted."""
-    if not out.exists():
-        os.rename(work, out)
-    elif exchange(work, out):  # `work` now holds the earlier set
-        shutil.rmtree(work)
-    else:
-        aside = temp_name(out)
-        os.rename(out, aside)
-        os.rename(work, out)
-        shutil.rmtree(aside)
-    fsync_dir(out.parent)
 
 
 def _job(args) -> Job:

@@ -272,7 +272,7 @@ def resume_from(run: Run, resume: str) -> None:
     try:
         acc.load_state(str(ckpt))
     except Exception as e:
-        raise unfit_checkpoint(ckpt, config_to_dict(run.cfg), e) from None
+        raise unfit_checkpoint(ckpt, e) from None
     run.step = state["step"]
     run.clock = TrainClock(state.get("train_seconds", 0.0))
     run.knn_history = [list(h) for h in state.get("knn_history", [])]

@@ -2,7 +2,7 @@
 taken by the main process); an earlier run in it is continued (--resume), set aside and later
 deleted (--overwrite), or the directory is refused; files of those names that no run wrote are
 never overwritten or deleted; a resumed run sets its later checkpoints aside; a checkpoint that
-does not fit is explained by its config."""
+does not load is named in one line."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-
-import yaml
 
 from train.checkpoint import CheckpointError, step_dirs
 from train.config import ConfigError
@@ -133,38 +131,9 @@ def set_aside_later_checkpoints(ckpt_root: Path, ckpt: Path, step: int) -> None:
               f"({', '.join(d.name for d in later)}) were moved to {aside}", file=sys.stderr)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            flat.update(_flat(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
-def config_diff(ckpt: Path, current: dict) -> list[str]:
-    """'key (checkpoint A, now B)' for the settings that shape the saved state (model.*,
-    optim.name) and differ between the checkpoint's config.yaml and `current`."""
-    try:
-        saved = _flat(yaml.safe_load((ckpt / "config.yaml").read_text()) or {})
-    except (OSError, yaml.YAMLError, AttributeError):
-        return []
-    now = _flat(current)
-    diff = [k for k in now if (k.startswith("model.") or k == "optim.name")
-            and k in saved and saved[k] != now[k]]
-    return [f"{k} (checkpoint {saved[k]!r}, now {now[k]!r})" for k in diff[:6]]
-
-
-def unfit_checkpoint(ckpt: Path, current: dict, error: Exception) -> CheckpointError:
-    """The error for a checkpoint whose state did not load: the config keys that differ, or the
-    loader's first line."""
-    diff = config_diff(ckpt, current)
-    if diff:
-        return CheckpointError(
-            f"checkpoint '{ckpt}' does not fit this run: its config differs in {'; '.join(diff)}: "
-            f"resume with the checkpoint's settings, or start a new run with --overwrite or "
-            f"another --train.out_dir")
+def unfit_checkpoint(ckpt: Path, error: Exception) -> CheckpointError:
+    """The error for a checkpoint whose state did not load (a changed setting is refused before
+    loading: pretrain's resume checks the config first), with the loader's first line."""
     first = (str(error).splitlines() or [""])[0][:200]
     return CheckpointError(
         f"checkpoint '{ckpt}' is unreadable ({type(error).__name__}: {first}): pass another with "

@@ -62,6 +62,23 @@ def _wait(what, timeout: float) -> bool:
     return False
 
 
+def _logged_step_3(out: Path) -> bool:
+    return (out / "log.jsonl").is_file() and any(r.get("step", 0) >= 3 and "loss" in r
+                                                 for r in records(out))
+
+
+def _kill(launcher: subprocess.Popen, workers: list) -> None:
+    """Whatever of the launch is left after a test (nothing, when it passed)."""
+    for w in workers:
+        try:
+            w.kill()
+        except psutil.Error:
+            pass
+    if launcher.poll() is None:
+        launcher.kill()
+        launcher.wait()
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGHUP, False),
                                         (signal.SIGINT, True)],
@@ -80,9 +97,7 @@ def test_signal_to_one_process_launcher_checkpoints_and_leaves_no_worker(dataset
                                     env=env, stdout=so, stderr=se, start_new_session=True)
     workers = []
     try:
-        assert _wait(lambda: launcher.poll() is not None or (
-            (out / "log.jsonl").is_file()
-            and any(r.get("step", 0) >= 3 and "loss" in r for r in records(out))), 300), \
+        assert _wait(lambda: launcher.poll() is not None or _logged_step_3(out), 300), \
             "training did not log step 3 in time"
         workers = _workers(launcher.pid)
         assert launcher.poll() is None and len(workers) == 1, (launcher.poll(), workers)
@@ -93,14 +108,7 @@ def test_signal_to_one_process_launcher_checkpoints_and_leaves_no_worker(dataset
         launcher.wait(timeout=120)
         assert _wait(lambda: _gone(workers[0]), 180), "the worker outlived its launcher"
     finally:
-        for w in workers:
-            try:
-                w.kill()
-            except psutil.Error:
-                pass
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
+        _kill(launcher, workers)
     err = (tmp_path / "stderr").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] and 3 <= summary["steps"] < STEPS, (summary, err[-3000:])
@@ -148,9 +156,7 @@ def test_closing_the_terminal_checkpoints_and_leaves_no_worker(dataset, tmp_path
     window.start()
     workers = []
     try:
-        assert _wait(lambda: launcher.poll() is not None or (
-            (out / "log.jsonl").is_file()
-            and any(r.get("step", 0) >= 3 and "loss" in r for r in records(out))), 300), \
+        assert _wait(lambda: launcher.poll() is not None or _logged_step_3(out), 300), \
             "training did not log step 3 in time"
         workers = _workers(launcher.pid)
         assert launcher.poll() is None and len(workers) == 1, (launcher.poll(), workers)
@@ -160,14 +166,7 @@ def test_closing_the_terminal_checkpoints_and_leaves_no_worker(dataset, tmp_path
         assert _wait(lambda: _gone(workers[0]), 180), "the worker outlived its terminal"
     finally:
         hang_up.set()
-        for w in workers:
-            try:
-                w.kill()
-            except psutil.Error:
-                pass
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
+        _kill(launcher, workers)
     summary = json.loads((out / "summary.json").read_text())
     shown = b"".join(shown).decode(errors="replace")[-3000:]
     assert summary["interrupted"] and 3 <= summary["steps"] < STEPS, (summary, shown)
@@ -197,13 +196,6 @@ def test_sigterm_to_one_process_launcher_ends_finetuning(tiny_run, tmp_path):
         launcher.wait(timeout=120)
         assert _wait(lambda: _gone(workers[0]), 120), "the worker outlived its launcher"
     finally:
-        for w in workers:
-            try:
-                w.kill()
-            except psutil.Error:
-                pass
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
+        _kill(launcher, workers)
     assert not (out / "finetune.json").exists()
     assert "the launcher" in (tmp_path / "stderr").read_text()
