@@ -93,6 +93,11 @@ class TrainConfig:
     # seconds of training (0 = no limit): the first steps are timed, then the warmup+cosine
     # schedule is fitted to end within the budget (optim.epochs stays the upper bound)
     time_budget_s: float = 0.0
+    # images per process per forward chunk (0 = the whole per-process batch in one forward): with
+    # a smaller value each step forwards the batch in chunks twice (gradient caching), so memory
+    # holds one chunk's activations while the loss, its negatives and the update stay the whole
+    # batch's; BatchNorm normalises each chunk on its own (README: "Large batches")
+    micro_batch: int = 0
     knn_every: int = 0  # epochs between kNN-monitor evaluations (0 = only at the end, -1 = never)
     knn_every_s: float = 0.0  # also every this many seconds of training (0 = off); kNN time is
     # kept off the training clock, so throughput and the time budget are unaffected
@@ -186,6 +191,7 @@ RANGES = {
     "train.log_every": Range(1),
     "train.max_steps": Range(0),  # 0 = the whole schedule
     "train.time_budget_s": Range(0),  # 0 = no limit
+    "train.micro_batch": Range(0),  # 0 = no chunks
     "train.knn_every": Range(-1),  # -1 = never, 0 = only at the end
     "train.knn_every_s": Range(0),  # 0 = off
     "train.knn_k": Range(1),
@@ -382,6 +388,7 @@ RESUMABLE = (
     "data.path",  # the same dataset moved: its identity is checked apart (its fingerprint)
     "data.num_workers", "train.out_dir", "train.checkpoint_every", "train.keep_checkpoints",
     "train.log_every", "train.max_steps", "train.time_budget_s", "train.knn_every",
+    "train.micro_batch",  # the loss and update are the batch's: e.g. a run that ran out of memory
     "train.knn_every_s", "train.knn_k", "train.knn_train_samples", "eval.",
 )
 

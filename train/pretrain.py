@@ -60,7 +60,7 @@ from train.run_dir import (
     unfit_checkpoint,
 )
 from train.schedule import Schedule, TrainClock, base_lr, scaled_lr
-from train.step import optimizer_step, set_lr, step_finite, two_view_loss
+from train.step import chunks, set_lr, step_finite, two_view_step
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,13 +128,15 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
 
 def train_one_epoch(run: Run, book: Bookkeeper) -> None:
     """Train from run.step until its epoch's batches end, the schedule ends or a stop is asked:
-    the learning rate, both views forward, NT-Xent, backward and the optimizer step. All the rest
+    the learning rate, both views forward, NT-Xent, backward and the optimizer step (in chunks of
+    train.micro_batch images when set: `train.step.micro_batched_step`). All the rest
     (meters, budget, log, stop signals, kNN points, checkpoints) is `book.after_step`."""
     model, optimizer, acc, cfg = run.model, run.optimizer, run.acc, run.cfg
     for batch, wait_s in _batches(run, book.stop):
         lr = set_lr(optimizer, run.schedule.lrs[run.step])
-        loss = two_view_loss(model, batch, cfg.loss.temperature, run.loss_impl, acc.autocast)
-        loss = optimizer_step(optimizer, loss, acc.backward, cfg.loss.scale)
+        loss = two_view_step(model, optimizer, batch, cfg.loss.temperature, run.loss_impl,
+                             acc.autocast, acc.backward, cfg.loss.scale, cfg.train.micro_batch,
+                             lambda: acc.no_sync(model))
         finite = step_finite(optimizer, loss)  # on the device: read at logged steps only
         run.step += 1
         book.after_step(StepRecord(run.step, loss, lr, len(batch.index) * run.world, wait_s,
@@ -345,15 +347,24 @@ def _announce(run: Run) -> None:
              "precision": run.precision, "loss_impl": run.loss_impl, "backend": cfg.data.backend,
              "global_batch": cfg.data.batch_size, "steps_per_epoch": run.steps_per_epoch,
              "total_steps": sched.total_steps, "peak_lr": sched.peak_lr,
-             "loss_scale": cfg.loss.scale,
+             "loss_scale": cfg.loss.scale, "micro_batch": _micro_batch(run),
              "dropped_per_epoch": dropped_per_epoch(len(run.train_split), run.world, local_batch)})
     if run.resume_changes:
         run.log({"event": "resume_changes", "step": run.step, "changes": run.resume_changes,
                  "total_steps": sched.total_steps})
+    micro = _micro_batch(run)
+    chunked = f" in chunks of {micro}" if micro else ""
     run.acc.print(f"SimCLR {cfg.model.arch} x{cfg.model.width} | {run.world} process(es) on "
-                  f"{run.device.type} | batch {cfg.data.batch_size} | loss {run.loss_impl} | "
+                  f"{run.device.type} | batch {cfg.data.batch_size}{chunked} | loss "
+                  f"{run.loss_impl} | "
                   f"{cfg.data.backend} loader | {run.steps_per_epoch} steps/epoch, steps "
                   f"{run.step}->{sched.last_step}")
+
+
+def _micro_batch(run: Run) -> int:
+    """The images per forward chunk this run's steps use (0: the plain step, one forward)."""
+    local = run.cfg.data.batch_size // run.world
+    return run.cfg.train.micro_batch if len(chunks(local, run.cfg.train.micro_batch)) > 1 else 0
 
 
 def _summary(run: Run, book: Bookkeeper, totals: dict, final: Path) -> dict:
@@ -362,7 +373,8 @@ def _summary(run: Run, book: Bookkeeper, totals: dict, final: Path) -> dict:
     return {"steps": run.step, "total_steps": sched.total_steps,
             "epochs": run.step / run.steps_per_epoch, "world": run.world,
             "device": str(run.device), "loss_impl": run.loss_impl,
-            "backend": run.cfg.data.backend, "images_per_s": totals["images_per_s"],
+            "backend": run.cfg.data.backend, "micro_batch": _micro_batch(run),
+            "images_per_s": totals["images_per_s"],
             "wall_s": totals["wall_s"], "data_wait_frac": totals["data_wait_frac"],
             "knn_top1": knn.result, "knn_best": best, "knn_best_step": best_step,
             "knn_skipped": knn.skipped if knn.result is None else None,
@@ -400,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             errors=(FloatingPointError,),
             write_fix="free disk space or fix the path (train.out_dir, data.path), then "
                       "continue with --resume",
-            oom_fix="lower data.batch_size or use loss.impl=chunked",
+            oom_fix="set train.micro_batch (images per forward chunk, e.g. 64: the same batch in "
+                    "less memory), lower data.batch_size or use loss.impl=chunked",
             interrupted="aborted (Ctrl-C): the steps since the last checkpoint are lost; "
                         "continue with --resume")
 
