@@ -634,3 +634,50 @@ def test_resume_takes_changes_to_how_the_run_goes_on_and_refuses_changes_to_what
     # fitted at once to the new budget at the pace so far (capped by optim.epochs: 2 x 8 steps)
     assert summary["steps"] == 4 and summary["time_budget_s"] == 3600
     assert summary["planned_steps"] == summary["total_steps"] == 16
+
+
+@TRAINS
+@pytest.mark.timeout(600)
+def test_a_micro_batched_run_resumes_bit_exactly(dataset, tmp_path, capsys):
+    """train.micro_batch (here 12 of 32: chunks of 12, 12 and 8) through the whole trainer: six
+    steps at once equal three, then a resume to six, bit for bit; the start record and the
+    summary name the chunk size, and it differs from the plain run (BatchNorm sees chunks)."""
+    common = [*TINY, f"--data.path={dataset}", "--train.micro_batch=12"]
+    whole, cut, plain = tmp_path / "whole", tmp_path / "cut", tmp_path / "plain"
+    run_here([*common, f"--train.out_dir={whole}", "--train.max_steps=6"], capsys, check=True)
+    run_here([*common, f"--train.out_dir={cut}", "--train.max_steps=3"], capsys, check=True)
+    run_here([*common, f"--train.out_dir={cut}", "--train.max_steps=6", "--resume"], capsys,
+             check=True)
+    a, b = weights(whole), weights(cut)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    start = next(r for r in records(whole) if r.get("event") == "start")
+    assert start["micro_batch"] == 12
+    assert json.loads((whole / "summary.json").read_text())["micro_batch"] == 12
+
+    run_here([*TINY, f"--data.path={dataset}", f"--train.out_dir={plain}",
+              "--train.max_steps=6"], capsys, check=True)
+    assert json.loads((plain / "summary.json").read_text())["micro_batch"] == 0
+    assert not all(torch.equal(a[k], v) for k, v in weights(plain).items())
+
+
+@multi
+@pytest.mark.timeout(600)
+def test_two_processes_take_micro_batched_steps_under_accelerate_launch(dataset, tmp_path):
+    """Two gloo processes launched as users do, each forwarding its 16 images in chunks of 8
+    (DDP's gradient all-reduce held back by the accelerator's no_sync until the last chunk):
+    the run ends, both processes agree, and its first loss, which depends on the chunks only
+    through BatchNorm, is close to the plain two-process run's. (The exact equality of the step
+    across processes is tests/train/test_micro_batch.py's, in float64.)"""
+    common = [*TINY, f"--data.path={dataset}", "--train.max_steps=3"]
+    micro, plain = tmp_path / "micro", tmp_path / "plain"
+    run([*common, f"--train.out_dir={micro}", "--train.micro_batch=8"],
+        launcher=accelerate_launch("train.pretrain"))
+    run([*common, f"--train.out_dir={plain}"], launcher=accelerate_launch("train.pretrain"))
+    summary = json.loads((micro / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["micro_batch"] == 8 and summary["steps"] == 3
+    got = [r["loss"] for r in records(micro) if "loss" in r]
+    want = [r["loss"] for r in records(plain) if "loss" in r]
+    assert len(got) == 3 and all(math.isfinite(x) for x in got)
+    assert got[0] == pytest.approx(want[0], rel=0.05) and got[0] != want[0]
