@@ -2,7 +2,7 @@
 fine-tuning loop (train/finetune.py) and the benchmark (tools/bench_train.py). A loop reads
 
     lr = set_lr(optimizer, lrs[step])
-    loss = two_view_step(model, optimizer, batch, temperature, loss_impl, ...)  # fwd, loss, bwd, step
+    loss = two_view_step(model, optimizer, batch, temperature, loss_impl, ...)  # fwd..step
     finite = step_finite(optimizer, loss)   # the step's health, a flag left on the device
 
 where `two_view_step` is either the plain step
