@@ -21,6 +21,7 @@ import yaml
 
 from model.encoder import ARCHS
 from model.nt_xent import IMPLS
+from model.simclr import head_problem
 from pipelines.loader import BACKENDS
 from pipelines.spec import AugmentSpec
 from train.atomic import write_atomic
@@ -48,13 +49,20 @@ class ModelConfig:
     small_stem: bool = False  # 3x3 stride-1 stem without max-pool, for 32x32-class images
     stem_pool: bool = False  # keep the max-pool after the small stem: 4x cheaper, for CPU runs
     head_hidden: int = 0  # 0 = the encoder's feature width (2048 for ResNet-50)
-    head_out: int = 128  # projection dimension
-    head_layers: int = 2  # 2 (SimCLR v1) or 3 (v2)
+    head_out: int = 128  # projection dimension (unused with head_layers 0)
+    # the paper's heads (Sec. 4.2): 0 = none (the loss sees h), 1 = linear, 2 (SimCLR v1) or 3 (v2)
+    # = non-linear
+    head_layers: int = 2
     # last head layer: Linear without bias + BatchNorm with scale, no shift, as the official code
     # (true in the recipes that copy the paper's settings); false: Linear with bias (v1's text)
     head_out_bn: bool = False
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
+
+    def __post_init__(self):  # settings that contradict each other (one line, via _build)
+        problem = head_problem(self.head_layers, self.head_hidden, self.head_out_bn)
+        if problem:
+            raise ValueError(problem)
 
 
 @dataclass
@@ -176,7 +184,7 @@ RANGES = {
     "model.width": Range(0, lo_open=True),
     "model.head_hidden": Range(0),  # 0 = the encoder's feature width
     "model.head_out": Range(1),
-    "model.head_layers": Range(1),
+    "model.head_layers": Range(0),  # 0 = no head
     "loss.temperature": Range(0, lo_open=True),
     "loss.scale": Range(0, lo_open=True),
     "optim.lr": Range(0),  # 0 = the paper's base LR for the scaling rule

@@ -240,7 +240,7 @@ OUT_OF_RANGE = [
     ("--model.width=-1", "model.width", "> 0"),
     ("--model.head_out=0", "model.head_out", ">= 1"),
     ("--model.head_hidden=-1", "model.head_hidden", ">= 0"),
-    ("--model.head_layers=0", "model.head_layers", ">= 1"),
+    ("--model.head_layers=-1", "model.head_layers", ">= 0"),
     ("--loss.temperature=0", "loss.temperature", "> 0"),
     ("--loss.temperature=-0.5", "loss.temperature", "> 0"),
     ("--loss.temperature=.inf", "loss.temperature", "finite"),
@@ -281,7 +281,7 @@ def test_out_of_range_value_is_a_one_line_error_naming_key_and_range(arg, key, w
 
 IN_RANGE = [  # the edges each meaning allows, and the documented sentinels
     "--data.batch_size=2", "--data.num_workers=0", "--model.width=0.01", "--model.head_hidden=0",
-    "--model.head_layers=1", "--loss.temperature=0.001", "--optim.lr=0", "--optim.momentum=0",
+    "--model.head_layers=0", "--loss.temperature=0.001", "--optim.lr=0", "--optim.momentum=0",
     "--optim.weight_decay=0", "--optim.warmup_epochs=0", "--optim.epochs=1", "--train.seed=0",
     "--train.seed=4294967295", "--train.checkpoint_every=0", "--train.keep_checkpoints=0",
     "--train.max_steps=0", "--train.time_budget_s=0", "--train.knn_every=-1", "--train.knn_k=1",
