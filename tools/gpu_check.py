@@ -19,6 +19,9 @@ with the last lines of its log, and the next step runs:
     optim          tools.bench_optim: the LARS step against its per-parameter form and foreach SGD
     train          tools.bench_train: ResNet-50 at 224, bf16, channels_last, synthetic views:
                    images/s, TFLOP/s, MFU
+    train-micro    tools.bench_train --micro-batch 512: the same at batches 1024, 2048 and 4096,
+                   the micro-batched step beside the plain one where that fits: peak memory and
+                   images/s of each
     loader         tools.bench_loader on --images: two-view images/s of each importable loader
     train-loaders  tools.bench_train with each importable loader on --images against synthetic views
     quality        tools.quality_check: Fashion-MNIST (--data, the four .gz files) pretrained for
@@ -57,8 +60,16 @@ from train.cli import above, at_least, writable_file
 
 ROOT = Path(__file__).resolve().parent.parent
 STATUSES = ("pass", "fail", "timeout", "skip")
-STEP_NAMES = ("env", "tests", "loss-fp32", "loss-bf16", "optim", "train", "loader", "train-loaders",
-              "quality")
+STEP_NAMES = ("env", "tests", "loss-fp32", "loss-bf16", "optim", "train", "train-micro", "loader",
+              "train-loaders", "quality")
+# train-micro on a GPU: ResNet-50 at 224 (bf16) at these batches, micro-batch 512 (~25-30 MB of
+# activations per view: ~30 GB per chunk), 1 warm-up + 2 timed steps per cell (estimated, not yet
+# measured: ~30 s on an H100; its 40 s weight is taken from the quality step's). --quick: a
+# quarter-width ResNet-18 at 16x16, batch 8, micro-batch 4, one step per cell (each CPU cell is a
+# fresh process: its imports are most of the step's seconds)
+MICRO_BATCHES, MICRO_BATCH = "1024,2048,4096", "512"
+MICRO_QUICK = ["--width", "0.25", "--sizes", "16", "--steps", "1", "--warmup", "0",
+               "--micro-batch", "4"]
 TAIL_LINES = 40
 KILL_GRACE_S = 5.0
 
@@ -197,6 +208,13 @@ def plan_steps(args, out: Path) -> list[Step]:
         Step("train", ("" if quick else "ResNet-50 ") + "training step, synthetic views", w(35, 40),
              bench("bench_train", "train", *(q or real), "--backends", "synthetic"),
              headline="tools.bench_train"),
+        Step("train-micro", ("" if quick else "ResNet-50 ") + "micro-batched step beside the plain "
+             "one: peak memory, images/s", w(40, 30),
+             bench("bench_train", "train-micro", "--backends", "synthetic",
+                   *([*q, *MICRO_QUICK] if quick else
+                     [*real, "--batch-size", MICRO_BATCHES, "--micro-batch", MICRO_BATCH,
+                      "--steps", "2", "--warmup", "1"])),
+             headline="tools.bench_train"),
         Step("loader", "two-view " + ("" if quick else "JPEG ") + "loader images/s", w(25, 80),
              None if no_images else bench("bench_loader", "loader", *q, *workers, *images),
              skip=no_images, note=_loader_note, headline="tools.bench_loader"),
@@ -205,7 +223,7 @@ def plan_steps(args, out: Path) -> list[Step]:
                  "bench_train", "train-loaders", *(q or real), *workers, *([] if quick else images),
                  "--backends", ",".join(["synthetic", *_importable(env, ffcv=not quick)])),
              skip=no_images, note=_loader_note, headline="tools.bench_train"),
-        Step("quality", "Fashion-MNIST: timed pretraining, then linear evaluation", w(205, 120),
+        Step("quality", "Fashion-MNIST: timed pretraining, then linear evaluation", w(165, 120),
              None if no_data else tool("quality_check", "quality", "--device", args.device,
                                        "--out", str(out), *workers, *q, "--data", str(args.data)),
              skip=no_data, budget_args=lambda limit: ["--time-limit", f"{limit:.0f}"],

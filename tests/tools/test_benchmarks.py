@@ -97,6 +97,8 @@ def expected_figures(name: str, report: dict) -> list[str]:
         return _loss_figures(rows)
     value = {(r["case"], r["impl"], r["metric"]): r["value"] for r in rows}
     figures = [f"{k} skipped" for k in report["settings"].get("skipped", {})]
+    figures += [f"{group} micro-batch {t['micro_batch']} targets: "  # bench_train --micro-batch
+                for group, t in report["settings"].get("micro", {}).get("targets", {}).items()]
     for r in rows:
         case, impl, metric, base = r["case"], r["impl"], r["metric"], r["baseline"]
         if name == "bench_optim" and (impl, metric, base) == ("lars", "step_ms", "sgd_foreach"):
@@ -109,6 +111,8 @@ def expected_figures(name: str, report: dict) -> list[str]:
                 figures.append(f", {value[(case, impl, 'achieved_tflops')]:.1f} TFLOP/s")
             elif impl != base:
                 figures.append(f" ({r['ratio']:.2f}x {base})")
+            if name == "bench_train" and (case, impl, "peak_mem_mb") in value:
+                figures.append(f", peak {value[(case, impl, 'peak_mem_mb')]:.0f} MB")
             cold, warm = (value.get((case, impl, f"first_batch_s_{t}")) for t in ("cold", "warm"))
             if name == "bench_loader" and cold is not None:
                 figures.append(f"first batch {cold:.1f} s cold / {warm:.1f} s warm")
@@ -180,6 +184,38 @@ def test_headline_of_a_small_report_and_a_loud_failure_without_a_key(name):
     check_contract(report | {"versions": {"python": "3", "torch": "2", "cpu": "x",
                                           **dict.fromkeys(benchmark.PACKAGES)}}, "cpu")
     assert check_headline(name, report) == line
+
+
+def test_bench_train_headline_names_the_micro_figures():
+    """bench_train --micro-batch: the plain (synthetic) and micro-batched rows with their peak
+    memory over the smallest batch's plain step; a micro row whose plain step did not fit is its
+    own baseline (its TFLOP/s shown, no ratio); the targets' verdicts."""
+    micro = "synthetic-micro"
+    rows = []
+    for case, values in (("r-28-b256", {"synthetic": (300.0, 0.12, 400.0)}),
+                         ("r-28-b4096", {"synthetic": (280.0, 0.11, 5000.0),
+                                         micro: (240.0, 0.09, 480.0)}),
+                         ("r-28-b8192", {micro: (230.0, 0.04, 560.0)})):
+        base = "synthetic" if "synthetic" in values else micro
+        for i, metric in enumerate(("images_per_s", "achieved_tflops", "peak_mem_mb")):
+            rows.append(benchmark.rows(case, metric, {k: v[i] for k, v in values.items()}, base))
+        rows.append(benchmark.rows(case, "peak_mem_vs_smallest_plain",
+                                   {k: v[2] / 400.0 for k, v in values.items()}, base))
+    report = _report(rows, skipped={"r-28-b8192/synthetic": "does not fit: estimated ..."},
+                     micro={"targets": {"r-28": {"micro_batch": 256, "memory": {"met": True},
+                                                 "speed": {"met": False}}}})
+    check_contract(report | {"versions": {"python": "3", "torch": "2", "cpu": "x",
+                                          **dict.fromkeys(benchmark.PACKAGES)}}, "cpu")
+    assert check_headline("bench_train", report) == (
+        "r-28-b256 synthetic: 300 img/s, 0.1 TFLOP/s, peak 400 MB; "
+        "r-28-b4096 synthetic: 280 img/s, 0.1 TFLOP/s, peak 5000 MB (12.50x the smallest "
+        "batch's plain); "
+        "r-28-b4096 synthetic-micro: 240 img/s (0.86x synthetic), peak 480 MB (1.20x the "
+        "smallest batch's plain); "
+        "r-28-b8192 synthetic-micro: 230 img/s, 0.0 TFLOP/s, peak 560 MB (1.40x the smallest "
+        "batch's plain); "
+        "r-28 micro-batch 256 targets: peak <= 1.5x met, img/s >= 0.70x MISSED; "
+        "r-28-b8192/synthetic skipped")
 
 
 def test_ratio_is_nan_without_a_baseline_value_and_survives_the_json(tmp_path, capsys):

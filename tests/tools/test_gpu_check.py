@@ -172,6 +172,21 @@ def test_budget_shares_pass_unused_time_forward():
     assert gc.share_of_budget([1, 2], 90.0) == 30.0
 
 
+def test_the_gpu_plan_times_the_micro_batched_step_within_the_budget(tmp_path):
+    """On a GPU, train-micro runs ResNet-50 at 224 at batches up to 4096 with micro-batch 512,
+    and the steps' weights still add up to the default budget."""
+    args = gc.build_parser().parse_args(["--device", "cuda", "--out", str(tmp_path)])
+    steps = {s.name: s for s in gc.plan_steps(args, tmp_path)}
+    assert list(steps) == list(gc.STEP_NAMES)
+    assert sum(s.weight for s in steps.values()) == args.budget_s == 480
+    argv = steps["train-micro"].command({}, 40.0)
+    assert argv[1:3] == ["-m", "tools.bench_train"]
+    for flag, value in (("--device", "cuda"), ("--archs", "resnet50"), ("--sizes", "224"),
+                        ("--batch-size", "1024,2048,4096"), ("--micro-batch", "512"),
+                        ("--backends", "synthetic")):
+        assert argv[argv.index(flag) + 1] == value, (flag, argv)
+
+
 def test_pytest_junit_summary_against_a_real_pytest_run(tmp_path):
     """Counts and failure messages read back from what pytest itself wrote."""
     (tmp_path / "test_sample.py").write_text(textwrap.dedent("""
@@ -257,7 +272,8 @@ def test_cpu_quick_run_covers_every_step_and_writes_the_report(gpu_check_quick):
     assert (tests["status"] == "skip" and tests["results"]["passed"] == 0
             and tests["results"]["tests"] >= 10)
     assert "needs a CUDA device" in tests["headline"]
-    for name in ("loss-fp32", "loss-bf16", "optim", "train", "loader", "train-loaders"):
+    for name in ("loss-fp32", "loss-bf16", "optim", "train", "train-micro", "loader",
+                 "train-loaders"):
         assert steps[name]["status"] == "pass", steps[name]
         assert gc.contract_problems(steps[name]["results"]) == [], name
         assert Path(steps[name]["log"]).is_file() and steps[name]["limit_s"] > 0
@@ -267,6 +283,12 @@ def test_cpu_quick_run_covers_every_step_and_writes_the_report(gpu_check_quick):
         note = f" [{steps[name]['note']}]" if "note" in steps[name] else ""
         assert steps[name]["headline"] == importlib.import_module(argv[2]).headline(own) + note
     assert steps["loss-bf16"]["results"]["settings"]["dtype"] == "bfloat16"
+    # the micro-batched step beside the plain one, each with its peak memory, and the verdicts
+    micro = steps["train-micro"]["results"]
+    peaks = {r["impl"]: r["value"] for r in micro["results"] if r["metric"] == "peak_mem_mb"}
+    assert set(peaks) == {"synthetic", "synthetic-micro"} and min(peaks.values()) > 0, micro
+    assert micro["settings"]["micro"]["targets"]["resnet18-16"]["verdicts"]
+    assert "targets: peak <= 1.5x" in steps["train-micro"]["headline"]
     # each loader's time to first batch, cold and warm, in the headline
     ran = [r for r in steps["loader"]["results"]["results"] if r["metric"] == "images_per_s"]
     assert steps["loader"]["headline"].count("s cold /") == len(ran) >= 1, steps["loader"]
