@@ -125,8 +125,12 @@ def _check_inputs(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> flo
 # are the 2N rows z[row_start : row_start + 2N], and anchor j's positive is row
 # row_start + (j + N) mod 2N. S = z_a z^T / tau with the anchor's own column masked.
 
-def _chunked_forward(z: torch.Tensor, row_start: int, n: int, inv_tau: float,
-                     block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunked_forward(z: torch.Tensor, row_start: int, n: int, inv_tau: float, block: int,
+                     correct: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-anchor logsumexp and positive logit. With `correct` (bool [2N]) also writes whether
+    each anchor's positive is strictly more similar than its most similar negative (the
+    contrastive accuracy's tie rule), from the same blocks: the positive column is masked for the
+    row max of the negatives, then put back, so lse is bit-identical either way."""
     a = 2 * n
     lse = z.new_empty(a)  # [2N]
     pos = z.new_empty(a)  # [2N]
@@ -137,7 +141,15 @@ def _chunked_forward(z: torch.Tensor, row_start: int, n: int, inv_tau: float,
         cols = row_start + (torch.arange(r0, r1, device=z.device) + n) % a  # [b]
         pos[r0:r1] = s.gather(1, cols[:, None]).squeeze(1)
         s.diagonal(row_start + r0).fill_(float("-inf"))
-        mx = s.amax(dim=1, keepdim=True)  # [b, 1]; finite: every row has its positive
+        if correct is None:
+            mx = s.amax(dim=1, keepdim=True)  # [b, 1]; finite: every row has its positive
+        else:
+            p = pos[r0:r1, None]  # [b, 1]
+            s.scatter_(1, cols[:, None], float("-inf"))
+            neg_max = s.amax(dim=1, keepdim=True)  # [b, 1]; -inf when there is no negative
+            correct[r0:r1] = (p > neg_max).squeeze(1)
+            s.scatter_(1, cols[:, None], p)
+            mx = torch.maximum(neg_max, p)  # the row max, exactly
         lse[r0:r1] = s.sub_(mx).exp_().sum(dim=1).log_().add_(mx.squeeze(1))
     return lse, pos
 
@@ -169,27 +181,46 @@ def _chunked_backward(z: torch.Tensor, row_start: int, n: int, inv_tau: float, l
 # ---------------------------------------------------------------- autograd
 
 class _NTXentRows(torch.autograd.Function):
-    """Mean NT-Xent over the 2N anchors z[row_start : row_start + 2N] against all rows of z."""
+    """Mean NT-Xent over the 2N anchors z[row_start : row_start + 2N] against all rows of z.
+
+    With with_accuracy=True it returns (loss, accuracy): accuracy is the share of these anchors
+    whose positive is strictly the most similar of their candidates, from the same forward pass
+    (a 0-dim tensor, not differentiable).
+    """
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, row_start: int, n: int, temperature: float, impl: str,
-                block: int | None, operand_dtype: torch.dtype) -> torch.Tensor:
+                block: int | None, operand_dtype: torch.dtype, with_accuracy: bool = False):
         inv_tau = 1.0 / temperature
+        correct = None
         if impl == "triton":
             from model import nt_xent_triton
 
-            lse, pos = nt_xent_triton.forward(z.to(operand_dtype), row_start, n, inv_tau,
-                                              block=block, acc_dtype=z.dtype)
+            if with_accuracy:
+                lse, pos, neg_max = nt_xent_triton.forward(
+                    z.to(operand_dtype), row_start, n, inv_tau, block=block, acc_dtype=z.dtype,
+                    with_neg_max=True)
+                correct = pos > neg_max
+            else:
+                lse, pos = nt_xent_triton.forward(z.to(operand_dtype), row_start, n, inv_tau,
+                                                  block=block, acc_dtype=z.dtype)
         else:
-            lse, pos = _chunked_forward(z, row_start, n, inv_tau, block)
+            if with_accuracy:
+                correct = torch.empty(2 * n, dtype=torch.bool, device=z.device)
+            lse, pos = _chunked_forward(z, row_start, n, inv_tau, block, correct)
         ctx.save_for_backward(z, lse)
         ctx.row_start, ctx.n, ctx.inv_tau = row_start, n, inv_tau
         ctx.impl, ctx.block, ctx.operand_dtype = impl, block, operand_dtype
-        return (lse - pos).mean()
+        loss = (lse - pos).mean()
+        if not with_accuracy:
+            return loss
+        accuracy = correct.to(z.dtype).mean()
+        ctx.mark_non_differentiable(accuracy)
+        return loss, accuracy
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, *unused):
         z, lse = ctx.saved_tensors
         # Mean over 2N anchors, and S carries 1/tau: both scale every entry of G.
         scale = grad.to(z.dtype) * (ctx.inv_tau / (2 * ctx.n))  # 0-dim, stays on device
@@ -200,7 +231,7 @@ class _NTXentRows(torch.autograd.Function):
                                          lse, scale, block=ctx.block, acc_dtype=z.dtype)
         else:
             dz = _chunked_backward(z, ctx.row_start, ctx.n, ctx.inv_tau, lse, scale, ctx.block)
-        return dz, None, None, None, None, None, None
+        return dz, None, None, None, None, None, None, None
 
 
 class _AllGatherRows(torch.autograd.Function):
@@ -228,21 +259,33 @@ class _AllGatherRows(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
-def _reference_rows(z: torch.Tensor, row_start: int, n: int, temperature: float) -> torch.Tensor:
-    """The naive form for the anchors z[row_start : row_start + 2N] against all rows of z."""
+def _reference_rows(z: torch.Tensor, row_start: int, n: int, temperature: float,
+                    with_accuracy: bool = False):
+    """The naive form for the anchors z[row_start : row_start + 2N] against all rows of z
+    (and, with with_accuracy, the share of anchors whose positive logit is strictly above every
+    negative's, from the same [2N, M] logits)."""
     a = 2 * n
     logits = z[row_start:row_start + a] @ z.T / temperature  # [2N, M]
     self_mask = torch.zeros_like(logits, dtype=torch.bool)
     self_mask.diagonal(row_start).fill_(True)
     logits = logits.masked_fill(self_mask, float("-inf"))
     positive = row_start + (torch.arange(a, device=z.device) + n) % a  # [2N]
-    return F.cross_entropy(logits, positive)
+    loss = F.cross_entropy(logits, positive)
+    if not with_accuracy:
+        return loss
+    with torch.no_grad():
+        rows = torch.arange(a, device=z.device)
+        pos = logits[rows, positive]
+        negatives = logits.index_put((rows, positive), torch.tensor(float("-inf"), dtype=z.dtype,
+                                                                    device=z.device))
+        accuracy = (pos > negatives.amax(dim=1)).to(z.dtype).mean()
+    return loss, accuracy
 
 
 # ---------------------------------------------------------------- public API
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, impl: str = "auto",
-            block: int | None = None, gather: bool = True) -> torch.Tensor:
+            block: int | None = None, gather: bool = True, with_accuracy: bool = False):
     """NT-Xent loss of SimCLR (Chen et al., 2020, Eq. 1), averaged over the 2N anchors.
 
     z1, z2: [N, D] projections of the two views (any scale: the loss L2-normalises them, and the
@@ -254,6 +297,15 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, impl: str
     impl: "auto" | "reference" | "chunked" | "triton" (see `resolve_impl`). block: rows per block
     for "chunked" (default `default_block`), tile size (power of 2, >= 16) for "triton".
 
+    with_accuracy=True returns ``(loss, accuracy)``: the contrastive accuracy of the paper's
+    Table 5, the share of this process's 2N anchors whose positive is the most similar of all its
+    2N-1 candidates (2NW-1 when gathered). Ties count as wrong: an anchor is correct only when its
+    positive is strictly more similar than every negative (so collapsed projections score 0, not
+    1). It comes from the loss's own forward pass (each row's max over the negatives, kept beside
+    its logsumexp), as a 0-dim tensor on the device in the loss's dtype, without gradient and
+    without a host sync; the mean over processes is the global share (every process has 2N
+    anchors).
+
     Distributed convention (torch.distributed initialised, world W > 1, gather=True; every process
     passes the same N): the projections of all processes are all-gathered with gradient, and each
     process returns the mean over its OWN 2N anchors against all 2NW candidates. So the mean of the
@@ -263,31 +315,47 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, impl: str
     owners, which DDP/Accelerate's gradient averaging over W processes then cancels exactly.
     With gather=False each process uses only its own negatives.
     """
-    tau = _check_inputs(z1, z2, temperature)
-    n, dim = z1.shape
-    impl = resolve_impl(impl, z1.device, dim, z1.dtype)
+    return _nt_xent(z1, z2, temperature, impl=impl, block=block, gather=gather,
+                    with_accuracy=with_accuracy, normalize=True)
+
+
+def _gathered_rows(z: torch.Tensor, n: int, gather: bool) -> tuple[torch.Tensor, int]:
+    """All rows of every process (with gradient) and where this process's 2N anchors start."""
+    if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _AllGatherRows.apply(z), dist.get_rank() * 2 * n  # [2NW, D]
+    return z, 0
+
+
+def _check_block(block, impl: str) -> None:
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
         raise ValueError(f"block must be a positive int, got {block!r}")
     if impl == "triton" and block is not None and (block < 16 or block & (block - 1)):
         raise ValueError(f"triton block must be a power of 2 >= 16, got {block}")
 
+
+def _nt_xent(z1, z2, temperature, *, impl, block, gather, with_accuracy, normalize):
+    """`nt_xent`, with `normalize=False` for the plain dot product u^T v (paper, Table 5's rows
+    without l2 norm): every impl takes it, since none normalises inside."""
+    tau = _check_inputs(z1, z2, temperature)
+    n, dim = z1.shape
+    impl = resolve_impl(impl, z1.device, dim, z1.dtype)
+    _check_block(block, impl)
+
     half = z1.dtype in (torch.float16, torch.bfloat16)
     compute_dtype = torch.float32 if half else z1.dtype
     # Normalise in >= fp32 (and differentiably) before any gather: it is per row, so local.
-    z = F.normalize(torch.cat([z1, z2]).to(compute_dtype), dim=1)  # [2N, D]
-
-    distributed = (gather and dist.is_available() and dist.is_initialized()
-                   and dist.get_world_size() > 1)
-    row_start = 0
-    if distributed:
-        row_start = dist.get_rank() * 2 * n
-        z = _AllGatherRows.apply(z)  # [2NW, D]
+    z = torch.cat([z1, z2]).to(compute_dtype)  # [2N, D]
+    if normalize:
+        z = F.normalize(z, dim=1)
+    z, row_start = _gathered_rows(z, n, gather)
 
     if impl == "reference":
-        return _reference_rows(z, row_start, n, tau)
+        return _reference_rows(z, row_start, n, tau, with_accuracy)
     if impl == "chunked":
         block = block or default_block(z.shape[0], z.device)
     operand_dtype = z1.dtype if impl == "triton" else compute_dtype
+    if with_accuracy:
+        return _NTXentRows.apply(z, row_start, n, tau, impl, block, operand_dtype, True)
     return _NTXentRows.apply(z, row_start, n, tau, impl, block, operand_dtype)
 
 

@@ -24,9 +24,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _nt_xent_fwd_kernel(Z, LSE, POS, INV_TAU, M, D, stride_z, row_start, n_half, n_anchor,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PRECISION: tl.constexpr):
+def _nt_xent_fwd_kernel(Z, LSE, POS, NEG_MAX, INV_TAU, M, D, stride_z, row_start, n_half,
+                        n_anchor, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, WITH_NEG_MAX: tl.constexpr):
     inv_tau = tl.load(INV_TAU)  # fp32 or fp64: fixes the accumulation dtype
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # anchor index in [0, 2N)
     row_ok = rows < n_anchor
@@ -40,6 +40,8 @@ def _nt_xent_fwd_kernel(Z, LSE, POS, INV_TAU, M, D, stride_z, row_start, n_half,
     m_i = tl.full([BLOCK_M], float("-inf"), inv_tau.dtype)
     l_i = tl.zeros([BLOCK_M], inv_tau.dtype)
     pos = tl.zeros([BLOCK_M], inv_tau.dtype)
+    if WITH_NEG_MAX:  # running max over the negatives alone (the positive's column left out)
+        neg_max = tl.full([BLOCK_M], float("-inf"), inv_tau.dtype)
     for c0 in range(0, M, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < M
@@ -49,12 +51,17 @@ def _nt_xent_fwd_kernel(Z, LSE, POS, INV_TAU, M, D, stride_z, row_start, n_half,
              * inv_tau)  # [BM, BN]
         pos += tl.sum(tl.where(cols[None, :] == pcol[:, None], s, 0.0), axis=1)
         s = tl.where(col_ok[None, :] & (cols[None, :] != grow[:, None]), s, float("-inf"))
+        if WITH_NEG_MAX:
+            neg_max = tl.maximum(neg_max, tl.max(
+                tl.where(cols[None, :] == pcol[:, None], float("-inf"), s), axis=1))
         # The first tile holds >= 2 valid columns, at most one masked: m_new is finite from then on.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
         m_i = m_new
     tl.store(LSE + rows, m_i + tl.log(l_i), mask=row_ok)
     tl.store(POS + rows, pos, mask=row_ok)
+    if WITH_NEG_MAX:
+        tl.store(NEG_MAX + rows, neg_max, mask=row_ok)
 
 
 @triton.jit
@@ -135,18 +142,23 @@ def _config(z: torch.Tensor, block: int | None) -> dict:
 
 
 def forward(z: torch.Tensor, row_start: int, n: int, inv_tau: float, *, block: int | None = None,
-            acc_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-anchor logsumexp and positive logit, each [2N] in acc_dtype. z: [M, D] normalised."""
+            acc_dtype: torch.dtype = torch.float32, with_neg_max: bool = False) -> tuple:
+    """Per-anchor logsumexp and positive logit, each [2N] in acc_dtype. z: [M, D] (normalised
+    for cosine similarity, raw for the dot product). with_neg_max=True also returns each anchor's
+    largest negative logit (-inf when it has none), kept beside the online max: the contrastive
+    accuracy's input. Without it the kernel compiles exactly as before (a constexpr switch)."""
     z = z.contiguous()
     m, d = z.shape
     a = 2 * n
     lse = torch.empty(a, dtype=acc_dtype, device=z.device)
     pos = torch.empty(a, dtype=acc_dtype, device=z.device)
     inv = torch.full((1,), inv_tau, dtype=acc_dtype, device=z.device)  # a fill kernel, no host copy
+    neg_max = torch.empty(a, dtype=acc_dtype, device=z.device) if with_neg_max else lse
     cfg = _config(z, block)
     grid = (triton.cdiv(a, cfg["BLOCK_M"]),)
-    _nt_xent_fwd_kernel[grid](z, lse, pos, inv, m, d, z.stride(0), row_start, n, a, **cfg)
-    return lse, pos
+    _nt_xent_fwd_kernel[grid](z, lse, pos, neg_max, inv, m, d, z.stride(0), row_start, n, a,
+                              WITH_NEG_MAX=with_neg_max, **cfg)
+    return (lse, pos, neg_max) if with_neg_max else (lse, pos)
 
 
 def backward(z: torch.Tensor, row_start: int, n: int, inv_tau: float, lse: torch.Tensor,

@@ -186,6 +186,115 @@ def test_default_block_bounds_memory():
         assert block * m <= max(ntx._BLOCK_ELEMENTS["cpu"], 32 * m)
 
 
+# ---------------------------------------------------------------- contrastive accuracy
+
+def brute_force_accuracy(z1: torch.Tensor, z2: torch.Tensor, normalize: bool = True) -> float:
+    """Share of the 2N anchors whose positive is strictly more similar than every other candidate,
+    counted over the explicit similarity matrix with python floats (a tie counts as wrong)."""
+    views = z1.tolist() + z2.tolist()
+    if normalize:
+        views = [[x / math.sqrt(sum(y * y for y in v)) for x in v] for v in views]
+    m, n = len(views), len(views) // 2
+    s = [[sum(x * y for x, y in zip(u, v, strict=True)) for v in views] for u in views]
+    hits = 0
+    for i in range(m):
+        p = (i + n) % m
+        hits += all(s[i][p] > s[i][k] for k in range(m) if k not in (i, p))
+    return hits / m
+
+
+def accuracy_cases():
+    """(name, z1, z2, accuracy known by construction or None) in float64."""
+    eye = torch.eye(8, dtype=torch.float64)
+    half = eye.clone()
+    half[4:] *= -1
+    tie1 = torch.stack([eye[0], eye[0], eye[1]])  # anchors 0 and 1 tie their positive with a
+    g = torch.Generator().manual_seed(7)  # negative: only the third pair is right (2 of 6)
+    noisy = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    return [
+        ("all_right", eye, eye.clone(), 1.0),  # positives 1, negatives 0
+        ("all_wrong", eye, -eye, 0.0),  # positives -1, negatives 0
+        ("collapsed_ties", torch.ones(6, 3, dtype=torch.float64),
+         torch.ones(6, 3, dtype=torch.float64), 0.0),  # everything ties: never right
+        ("half", eye, half, 0.5),
+        ("ties", tie1, tie1.clone(), 2 / 6),
+        ("one_pair", eye[:1], eye[1:2], 1.0),  # 2N = 2: the positive is the only candidate
+        ("noisy", noisy, noisy + 0.8 * torch.randn(40, 6, generator=g, dtype=torch.float64),
+         None),
+    ]
+
+
+@pytest.mark.parametrize("impl,block", [("reference", None), ("chunked", 1), ("chunked", 3),
+                                        ("chunked", 64)])
+@pytest.mark.parametrize("case", accuracy_cases(), ids=lambda c: c[0])
+def test_accuracy_matches_brute_force_count(case, impl, block):
+    name, z1, z2, known = case
+    want = brute_force_accuracy(z1, z2)
+    if known is not None:
+        assert want == known, (name, want)
+    loss, acc = nt_xent(z1, z2, 0.5, impl=impl, block=block, with_accuracy=True)
+    assert acc.dim() == 0 and acc.dtype == torch.float64 and not acc.requires_grad
+    assert acc.item() == pytest.approx(want, abs=1e-12), name
+    assert 0.0 < want < 1.0 or name != "noisy"
+
+
+def test_accuracy_leaves_loss_and_gradient_bit_identical():
+    """Asking for the accuracy changes nothing in the loss or its gradient, to the bit."""
+    for dtype, block in ((torch.float32, 5), (torch.float64, 7)):
+        z1, z2 = make_views(37, 8, dtype, seed=8)
+        plain_l, plain_g = loss_and_grads(
+            lambda a, b, blk=block: nt_xent(a, b, 0.2, impl="chunked", block=blk), z1, z2)
+        with_l, with_g = loss_and_grads(
+            lambda a, b, blk=block: nt_xent(a, b, 0.2, impl="chunked", block=blk,
+                                            with_accuracy=True)[0], z1, z2)
+        assert torch.equal(plain_l, with_l) and torch.equal(plain_g, with_g)
+
+
+def test_accuracy_is_the_same_for_every_block_and_the_reference():
+    z1, z2 = make_views(50, 4, torch.float32, seed=9)
+    want = nt_xent(z1, z2, 0.5, impl="reference", with_accuracy=True)[1]
+    for block in (1, 7, 100):
+        got = nt_xent(z1, z2, 0.5, impl="chunked", block=block, with_accuracy=True)[1]
+        assert got.item() == want.item() == pytest.approx(brute_force_accuracy(z1, z2))
+
+
+_INTERPRET_ACCURACY_SCRIPT = textwrap.dedent("""
+    import json, torch
+    from model import nt_xent as ntx
+    from tests.model.test_nt_xent import accuracy_cases, brute_force_accuracy
+
+    def forbid(*a, **k):
+        raise AssertionError("chunked path ran instead of triton")
+    ntx._chunked_forward = ntx._chunked_backward = forbid
+    out = []
+    for name, z1, z2, known in accuracy_cases():
+        for dtype in (torch.float64, torch.float32):
+            a, b = z1.to(dtype), z2.to(dtype)
+            plain = ntx.nt_xent(a, b, 0.5, impl="triton", block=16)
+            loss, acc = ntx.nt_xent(a, b, 0.5, impl="triton", block=16, with_accuracy=True)
+            out.append(dict(case=f"{name}-{dtype}", got=acc.item(),
+                            want=brute_force_accuracy(z1, z2), same_loss=bool(loss == plain)))
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_triton_accuracy_in_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _INTERPRET_ACCURACY_SCRIPT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if (proc.returncode != 0
+            and "only 0-dimensional arrays can be converted to Python scalars" in proc.stderr):
+        pytest.skip("triton's interpreter cannot run loops with runtime bounds under this numpy")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    results = json.loads(line[len("RESULT "):])
+    assert len(results) == 2 * len(accuracy_cases())
+    for r in results:
+        assert r["got"] == pytest.approx(r["want"], abs=1e-6), r
+        assert r["same_loss"], r
+
+
 # ---------------------------------------------------------------- triton, via its CPU interpreter
 
 _INTERPRET_SCRIPT = textwrap.dedent("""
