@@ -655,3 +655,22 @@ def test_cuda_triton_step_never_syncs_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
+
+
+@pytest.mark.gpu
+def test_cuda_triton_accuracy_matches_chunked_and_leaves_the_loss_alone():
+    """The compiled kernel's negative running max (WITH_NEG_MAX): the same accuracy as chunked,
+    the loss bit-identical to the plain call, ties counted wrong."""
+    pytest.importorskip("triton")
+    old = _cuda_fp32_exact()
+    try:
+        for name, z1, z2, _ in accuracy_cases():
+            z1, z2 = z1.float().cuda(), z2.float().cuda()
+            plain = nt_xent(z1, z2, 0.5, impl="triton")
+            loss, acc = nt_xent(z1, z2, 0.5, impl="triton", with_accuracy=True)
+            want = nt_xent(z1, z2, 0.5, impl="chunked", with_accuracy=True)[1]
+            assert torch.equal(loss, plain), name
+            assert acc.item() == want.item() == pytest.approx(
+                brute_force_accuracy(z1.cpu().double(), z2.cpu().double())), name
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
