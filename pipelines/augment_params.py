@@ -6,12 +6,14 @@ random number comes from a hash of the key. `view_key(seed, epoch, view)` fixes 
 view, `stream(key, index)` a sample's stream, and `uniform(stream, k)` its k-th draw. Any sample
 can be drawn alone, in any batch and on any thread, and gets the same numbers.
 
-A view's draws are laid out once (`DRAW_*`): 40 for the crop box (torchvision's ten tries),
-then flip, jitter, the jitter order, the four jitter factors, grayscale, blur, and the blur's
-sigma. `view_params` turns them into the packed per-sample vector (`P_*`) that every renderer
-reads: torchvision's functional ops (the reference), the numba kernels (CPU: FFCV, DALI) and the
-batched torch ops (GPU). `sample_views` is the batched form for host code. Everything here is
-compiled with numba, so FFCV's compiled operations call the same functions per sample.
+A view's draws are laid out once (`DRAW_*`): 40 for the crop box (torchvision's ten tries), then
+flip, jitter, the jitter order, the four jitter factors, grayscale, blur, and the blur's sigma;
+after them the paper's study operations (rotation, Sobel, noise, cutout), so adding them moved no
+earlier draw; the Gaussian noise field draws from the same stream, from `NOISE_FIRST` on.
+`view_params` turns them into the packed per-sample vector (`P_*`) that every renderer reads:
+torchvision's functional ops (the reference), the numba kernels (CPU: FFCV, DALI) and the batched
+torch ops (GPU). `sample_views` is the batched form for host code. Everything here is compiled with
+numba, so FFCV's compiled operations call the same functions per sample.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import numpy as np
 import pipelines.kernel_cache  # noqa: F401  before the kernels: their cache covers every file they use
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
+MIX_M1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX_M2 = np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31, _S11, _S56 = (np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11),
                                 np.uint64(56))
 _TWO_POW_53 = 9007199254740992.0
@@ -43,6 +45,17 @@ DRAW_FACTORS = DRAW_ORDER + 4  # brightness, contrast, saturation, hue
 DRAW_GRAY = DRAW_FACTORS + 4
 DRAW_BLUR = DRAW_GRAY + 1
 DRAW_SIGMA = DRAW_BLUR + 1  # 53
+# the study's operations (spec.py), after every earlier draw
+DRAW_ROTATE = DRAW_SIGMA + 1  # whether to rotate
+DRAW_QUARTERS = DRAW_ROTATE + 1  # 1, 2 or 3 quarter turns
+DRAW_SOBEL = DRAW_QUARTERS + 1
+DRAW_NOISE = DRAW_SOBEL + 1
+DRAW_NOISE_STD = DRAW_NOISE + 1
+DRAW_CUTOUT = DRAW_NOISE_STD + 1
+DRAW_CUTOUT_BOX = DRAW_CUTOUT + 1  # 3 draws: side, top, left; 62 is the last
+# The noise of element e = (y * W + x) * 3 + c (HWC order) takes draws NOISE_FIRST + 2e and + 2e + 1
+# (Box-Muller), far past the layout above.
+NOISE_FIRST = 1 << 32
 
 # The packed parameters of one view's colour/blur tail, float64 [N_P]: what every renderer reads.
 P_FLIP = 0  # 1.0: mirror horizontally
@@ -53,15 +66,27 @@ P_GRAY = 10  # 1.0: luma to all three channels
 P_BLUR = 11  # 1.0: Gaussian blur
 P_SIGMA = 12  # the blur's sigma
 P_WINDOW = 13  # the blur's odd window side (`blur_window`)
-N_P = 14
+P_ROTATE = 14  # quarter turns counter-clockwise: 0 (no rotation), 1, 2 or 3
+P_SOBEL = 15  # 1.0: Sobel gradient magnitude
+P_NOISE = 16  # 1.0: additive Gaussian noise
+P_NOISE_STD = 17  # its sigma in levels (0..255 scale)
+P_NOISE_STREAM = 18  # 2 slots: the view stream's high and low 32 bits, which key the noise field
+P_CUTOUT = 20  # 1.0: a black square
+P_CUTOUT_BOX = 21  # 3 slots: its top, left and side in pixels
+N_P = 24
+
+# The study's constants from the spec (`study_constants`), float64 [N_STUDY], in this order.
+S_ROTATE_P, S_SOBEL_P, S_NOISE_P, S_NOISE_LO, S_NOISE_HI, S_CUTOUT_P, S_CUTOUT_LO, S_CUTOUT_HI, \
+    S_SIZE = range(9)
+N_STUDY = 9
 
 
 @numba.njit(inline="always")
 def mix(x):
     """SplitMix64 finaliser (Steele et al., 2014): a bijective 64-bit mixer on a uint64."""
     x = x + GOLDEN
-    x = (x ^ (x >> _S30)) * _M1
-    x = (x ^ (x >> _S27)) * _M2
+    x = (x ^ (x >> _S30)) * MIX_M1
+    x = (x ^ (x >> _S27)) * MIX_M2
     return x ^ (x >> _S31)
 
 
@@ -200,13 +225,13 @@ def blur_windows(sigma: np.ndarray, kernel_size: int) -> np.ndarray:
 
 
 @numba.njit(inline="always")
-def tail_params(s, flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo, s_hi, kernel_size, out):
+def tail_params(s, flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo, s_hi, kernel_size, study, out):
     """The packed tail parameters (`P_*`) of one view from its stream s, written to out [N_P].
 
     torchvision's semantics: RandomHorizontalFlip(flip_p), RandomApply(ColorJitter) with p =
     jitter_p (factors uniform in [lo, hi], a uniform random order of the four adjustments),
     RandomGrayscale(gray_p), RandomApply(GaussianBlur) with p = blur_p (sigma uniform in
-    [s_lo, s_hi]).
+    [s_lo, s_hi]); then the study's operations with the constants `study` [N_STUDY] (spec.py).
     """
     out[P_FLIP] = 1.0 if uniform(s, DRAW_FLIP) < flip_p else 0.0
     out[P_JITTER] = 1.0 if uniform(s, DRAW_JITTER) < jitter_p else 0.0
@@ -222,11 +247,64 @@ def tail_params(s, flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo, s_hi, kernel_
     sigma = s_lo + (s_hi - s_lo) * uniform(s, DRAW_SIGMA)
     out[P_SIGMA] = sigma
     out[P_WINDOW] = blur_window(sigma, kernel_size)
+    study_params(s, study, out)
+
+
+@numba.njit(inline="always")
+def study_params(s, study, out):
+    """Rotation, Sobel, noise and cutout parameters of one view (`P_ROTATE` on) into out."""
+    rotate = uniform(s, DRAW_ROTATE) < study[S_ROTATE_P]
+    out[P_ROTATE] = 1.0 + math.floor(3.0 * uniform(s, DRAW_QUARTERS)) if rotate else 0.0
+    out[P_SOBEL] = 1.0 if uniform(s, DRAW_SOBEL) < study[S_SOBEL_P] else 0.0
+    out[P_NOISE] = 1.0 if uniform(s, DRAW_NOISE) < study[S_NOISE_P] else 0.0
+    n_lo, n_hi = study[S_NOISE_LO], study[S_NOISE_HI]
+    out[P_NOISE_STD] = 255.0 * (n_lo + (n_hi - n_lo) * uniform(s, DRAW_NOISE_STD))
+    out[P_NOISE_STREAM] = np.float64(np.uint64(s) >> np.uint64(32))
+    out[P_NOISE_STREAM + 1] = np.float64(np.uint64(s) & np.uint64(0xFFFFFFFF))
+    out[P_CUTOUT] = 1.0 if uniform(s, DRAW_CUTOUT) < study[S_CUTOUT_P] else 0.0
+    size = np.int64(study[S_SIZE])
+    c_lo, c_hi = study[S_CUTOUT_LO], study[S_CUTOUT_HI]
+    frac = c_lo + (c_hi - c_lo) * uniform(s, DRAW_CUTOUT_BOX)
+    side = min(size, max(np.int64(1), np.int64(np.rint(frac * size))))
+    out[P_CUTOUT_BOX] = math.floor(uniform(s, DRAW_CUTOUT_BOX + 1) * (size - side + 1))
+    out[P_CUTOUT_BOX + 1] = math.floor(uniform(s, DRAW_CUTOUT_BOX + 2) * (size - side + 1))
+    out[P_CUTOUT_BOX + 2] = side
+
+
+@numba.njit(inline="always")
+def noise_stream(p):
+    """The stream that keys a view's noise field, from its packed parameters p [N_P]."""
+    return ((np.uint64(p[P_NOISE_STREAM]) << np.uint64(32))
+            | np.uint64(p[P_NOISE_STREAM + 1]))
+
+
+@numba.njit(inline="always")
+def noise_normal(s, e):
+    """The standard normal of element e of the noise field of stream s (Box-Muller, float64)."""
+    u1 = uniform(s, NOISE_FIRST + 2 * e)
+    u2 = uniform(s, NOISE_FIRST + 2 * e + 1)
+    return math.sqrt(-2.0 * math.log(1.0 - u1)) * math.cos(2.0 * math.pi * u2)
+
+
+@numba.njit(cache=True)
+def _noise_uniforms(p, n):
+    s = noise_stream(p)
+    out = np.empty((n, 2))
+    for e in range(n):
+        out[e, 0] = uniform(s, NOISE_FIRST + 2 * e)
+        out[e, 1] = uniform(s, NOISE_FIRST + 2 * e + 1)
+    return out
+
+
+def noise_uniforms(params: np.ndarray, n: int) -> np.ndarray:
+    """float64 [n, 2]: the two uniforms of each of the first n elements of the noise field of one
+    view's packed parameters (what `noise_normal` turns into a normal)."""
+    return _noise_uniforms(np.ascontiguousarray(params, dtype=np.float64), n)
 
 
 @numba.njit(cache=True)
 def _sample(key, index, heights, widths, c_lo, c_hi, r_lo, r_hi, flip_p, jitter_p, lo, hi,
-            gray_p, blur_p, s_lo, s_hi, kernel_size):
+            gray_p, blur_p, s_lo, s_hi, kernel_size, study):
     b = index.shape[0]
     boxes = np.empty((b, 4), dtype=np.int64)
     params = np.empty((b, N_P))
@@ -235,19 +313,28 @@ def _sample(key, index, heights, widths, c_lo, c_hi, r_lo, r_hi, flip_p, jitter_
         top, left, h, w = crop_box(s, DRAW_CROP, np.int64(heights[i]), np.int64(widths[i]),
                                    c_lo, c_hi, r_lo, r_hi)
         boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3] = top, left, h, w
-        tail_params(s, flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo, s_hi, kernel_size, params[i])
+        tail_params(s, flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo, s_hi, kernel_size, study,
+                    params[i])
     return boxes, params
 
 
+def study_constants(spec) -> np.ndarray:
+    """The study operations' constants of an `AugmentSpec`: float64 [N_STUDY] (`S_*`)."""
+    return np.array([spec.rotate_p, spec.sobel_p, spec.noise_p, spec.noise_std[0],
+                     spec.noise_std[1], spec.cutout_p, spec.cutout_size[0], spec.cutout_size[1],
+                     spec.size], dtype=np.float64)
+
+
 def spec_constants(spec) -> tuple:
-    """The sampler's arguments that come from an `AugmentSpec`, in `_sample`'s order after the
-    sizes."""
+    """The sampler's arguments that come from an `AugmentSpec` (one view's: `spec.for_view`), in
+    `_sample`'s order after the sizes."""
     lo, hi = jitter_ranges(spec.brightness, spec.contrast, spec.saturation, spec.hue)
     return (float(spec.crop_area[0]), float(spec.crop_area[1]),
             float(spec.crop_ratio[0]), float(spec.crop_ratio[1]),
             float(spec.flip_p), float(spec.jitter_p), lo, hi,
             float(spec.grayscale_p), float(spec.blur_p),
-            float(spec.blur_sigma[0]), float(spec.blur_sigma[1]), int(spec.blur_kernel))
+            float(spec.blur_sigma[0]), float(spec.blur_sigma[1]), int(spec.blur_kernel),
+            study_constants(spec))
 
 
 def sample_views(spec, seed: int, epoch: int, index: np.ndarray, view: int, heights, widths
@@ -256,12 +343,13 @@ def sample_views(spec, seed: int, epoch: int, index: np.ndarray, view: int, heig
 
     Returns (boxes, params): boxes int64 [B, 4] (top, left, height, width) of the random resized
     crop in each image of `heights` x `widths`; params float64 [B, N_P], the packed flip, jitter,
-    grayscale and blur parameters (`P_*`). The same numbers for the same (seed, epoch, index,
-    view), whatever the batch, in every backend.
+    grayscale, blur, rotation, Sobel, noise and cutout parameters (`P_*`). The view's own spec
+    (`spec.for_view(view)`: its `view1`/`view2` overrides) decides them. The same numbers for the
+    same (seed, epoch, index, view), whatever the batch, in every backend.
     """
     index = np.asarray(index, dtype=np.int64)
     shape = index.shape
     return _sample(view_key(seed, epoch, view), index,
                    np.broadcast_to(np.asarray(heights, dtype=np.int64), shape),
                    np.broadcast_to(np.asarray(widths, dtype=np.int64), shape),
-                   *spec_constants(spec))
+                   *spec_constants(spec.for_view(view)))

@@ -99,8 +99,9 @@ class FfcvTwoViewLoader(TwoViewLoader):
 
         self._keys = (EpochKey(), EpochKey())
         threads = torch.get_num_threads()
-        views = [view_pipeline(self.spec, key, self.device, self.colour_on_device)
-                 for key in self._keys]
+        # each view with its own spec (`view1`/`view2` overrides)
+        views = [view_pipeline(self.spec.for_view(v), key, self.device, self.colour_on_device)
+                 for v, key in enumerate(self._keys)]
         self._ffcv = Loader(
             str(self.path), batch_size=self.batch_size, num_workers=self.num_workers,
             order=ShardOrder(),

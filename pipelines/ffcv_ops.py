@@ -8,7 +8,8 @@ reads through its address (`EpochKey`): the loader writes the key before each ep
 recompiling anything.
 
 Two operations: the decoder's random resized crop (`SeededRandomResizedCrop`) and, on the CPU,
-the tail (`SimCLRTail`: flip, colour jitter in random order, grayscale, blur), drawn and rendered
+the tail (`SimCLRTail`: flip, colour jitter in random order, grayscale, blur and the study's
+rotation, Sobel, noise and cutout), drawn and rendered
 by `pipelines.render_cpu.tail_batch`. A CUDA loader stops after the crop and renders the tail on
 the GPU (`pipelines.render_gpu`). Writing .beton files is `pipelines.ffcv_writer`.
 """
@@ -111,8 +112,9 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
 # ---- the tail: flip, colour jitter, grayscale, blur (`pipelines.render_cpu.tail_batch`) ------
 
 class SimCLRTail(Operation):
-    """Flip, colour jitter in random order, grayscale and blur of uint8 NHWC batches (CPU), keyed
-    by (epoch key, sample index) through the one sampler."""
+    """Flip, colour jitter in random order, grayscale, blur, rotation, Sobel, noise and cutout of
+    uint8 NHWC batches (CPU), keyed by (epoch key, sample index) through the one sampler. `spec`
+    is the view's own (`AugmentSpec.for_view`)."""
 
     def __init__(self, spec, key: EpochKey):
         super().__init__()
@@ -125,11 +127,11 @@ class SimCLRTail(Operation):
 
     def generate_code(self):
         read_key = self.key.reader()
-        flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo, s_hi, kernel_size = self.consts
+        flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo, s_hi, kernel_size, study = self.consts
 
         def tail(images, _dst, indices):
             tail_batch(images, indices, read_key(), flip_p, jitter_p, lo, hi, gray_p, blur_p,
-                       s_lo, s_hi, kernel_size)
+                       s_lo, s_hi, kernel_size, study)
             return images
 
         tail.with_indices = True

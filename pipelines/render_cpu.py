@@ -1,4 +1,5 @@
-"""The CPU renderer of a view's tail: flip, colour jitter in random order, grayscale, blur.
+"""The CPU renderer of a view's tail: flip, colour jitter in random order, grayscale, blur, then
+the study's rotation, Sobel, noise and cutout (pipelines/spec.py defines them).
 
 numba kernels on one uint8 HWC image, reading the packed parameters (`augment_params.P_*`) that
 the one sampler drew. They follow torchvision's functional ops on uint8 tensors, the reference,
@@ -10,7 +11,13 @@ step by step and in float32 like torchvision:
 * hue: to float (``x / 255``), HSV, hue shifted by ``f`` turns, back to RGB, ``trunc(y * 255.999)``;
 * grayscale: ``trunc(luma)`` in all three channels;
 * blur: Gaussian of odd window ``P_WINDOW`` (the sampler's +-4 sigma cut), reflect-101 borders,
-  rounded half to even.
+  rounded half to even;
+* rotation: ``P_ROTATE`` quarter turns counter-clockwise (torchvision's rotate by 90 k), exact;
+* Sobel: ``min(255, floor(sqrt(gx^2 + gy^2) / 4))`` of the truncated luma, reflect-101 borders
+  (integer gradients: the same bits in every backend);
+* noise: ``rint(x + sigma * z)`` clipped, z of element (y, x, c) from the view's noise stream
+  (`augment_params.noise_normal`), in float64;
+* cutout: the square ``P_CUTOUT_BOX`` set to 0.
 
 FFCV's compiled pipeline (`ffcv_ops.SimCLRTail`) calls `tail_batch`, which also draws each sample's
 parameters; DALI runs `render_tail` per sample inside its CPU graph (`pipelines.dali_tail`);
@@ -31,13 +38,21 @@ from numba.extending import intrinsic
 from pipelines.augment_params import (
     N_P,
     P_BLUR,
+    P_CUTOUT,
+    P_CUTOUT_BOX,
     P_FACTOR,
     P_FLIP,
     P_GRAY,
     P_JITTER,
+    P_NOISE,
+    P_NOISE_STD,
     P_ORDER,
+    P_ROTATE,
     P_SIGMA,
+    P_SOBEL,
     P_WINDOW,
+    noise_normal,
+    noise_stream,
     stream,
     tail_params,
 )
@@ -241,6 +256,61 @@ def _flip(img):
 
 
 @numba.njit(cache=True)
+def _rotate(img, quarters):
+    """`quarters` turns counter-clockwise of a square image (torch.rot90 over (H, W))."""
+    n = img.shape[0]
+    src = img.copy()
+    for y in range(n):
+        for x in range(n):
+            if quarters == 1:
+                sy, sx = x, n - 1 - y
+            elif quarters == 2:
+                sy, sx = n - 1 - y, n - 1 - x
+            else:
+                sy, sx = n - 1 - x, y
+            for c in range(3):
+                img[y, x, c] = src[sy, sx, c]
+
+
+@numba.njit(cache=True)
+def _sobel(img):
+    """The Sobel gradient magnitude of the truncated luma, in all three channels."""
+    h, w = img.shape[0], img.shape[1]
+    gray = np.empty((h, w), dtype=np.int64)
+    for y in range(h):
+        for x in range(w):
+            gray[y, x] = np.int64(_trunc_u8(_luma(img[y, x, 0], img[y, x, 1], img[y, x, 2])))
+    for y in range(h):
+        ym, yp = _reflect(y - 1, h), _reflect(y + 1, h)
+        for x in range(w):
+            xm, xp = _reflect(x - 1, w), _reflect(x + 1, w)
+            gx = (gray[ym, xp] + 2 * gray[y, xp] + gray[yp, xp]
+                  - gray[ym, xm] - 2 * gray[y, xm] - gray[yp, xm])
+            gy = (gray[yp, xm] + 2 * gray[yp, x] + gray[yp, xp]
+                  - gray[ym, xm] - 2 * gray[ym, x] - gray[ym, xp])
+            m = np.floor(math.sqrt(np.float64(gx * gx + gy * gy)) / 4.0)
+            v = np.uint8(min(m, 255.0))
+            img[y, x, 0], img[y, x, 1], img[y, x, 2] = v, v, v
+
+
+@numba.njit(cache=True)
+def _noise(img, sigma, s):
+    """x + sigma * z, rounded half to even and clipped; z from stream s, element (y * W + x) * 3
+    + c."""
+    h, w = img.shape[0], img.shape[1]
+    for y in range(h):
+        for x in range(w):
+            for c in range(3):
+                v = np.rint(np.float64(img[y, x, c]) + sigma * noise_normal(s, (y * w + x) * 3 + c))
+                img[y, x, c] = np.uint8(0.0 if v < 0.0 else (255.0 if v > 255.0 else v))
+
+
+@numba.njit(cache=True)
+def _cutout(img, top, left, side):
+    img[top:top + side, left:left + side, :] = 0
+
+
+@numba.njit(cache=True)
 def adjust(img, op, factor):
     """One of torchvision's colour adjustments, in place: op 0 brightness, 1 contrast,
     2 saturation, 3 hue (factor in turns)."""
@@ -267,6 +337,14 @@ def render_tail(img, p):
         _grayscale(img)
     if p[P_BLUR] > 0.5:
         _blur(img, int(p[P_WINDOW]), _F32(p[P_SIGMA]))
+    if p[P_ROTATE] > 0.5:
+        _rotate(img, int(p[P_ROTATE]))
+    if p[P_SOBEL] > 0.5:
+        _sobel(img)
+    if p[P_NOISE] > 0.5:
+        _noise(img, p[P_NOISE_STD], noise_stream(p))
+    if p[P_CUTOUT] > 0.5:
+        _cutout(img, int(p[P_CUTOUT_BOX]), int(p[P_CUTOUT_BOX + 1]), int(p[P_CUTOUT_BOX + 2]))
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -278,12 +356,12 @@ def render_batch(images, params):
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def tail_batch(images, indices, key, flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo, s_hi,
-               kernel_size):
+               kernel_size, study):
     """`render_batch` with each sample's parameters drawn here, from the one sampler under `key`:
     FFCV's compiled code calls it with the epoch's key (no host round trip). From Python: uint8
-    [B, H, W, 3], int64 [B] indices and `spec_constants(spec)[4:]`."""
+    [B, H, W, 3], int64 [B] indices and `spec_constants(spec.for_view(view))[4:]`."""
     for i in numba.prange(images.shape[0]):
         p = np.empty(N_P)
         tail_params(stream(key, indices[i]), flip_p, jitter_p, lo, hi, gray_p, blur_p, s_lo,
-                    s_hi, kernel_size, p)
+                    s_hi, kernel_size, study, p)
         render_tail(images[i], p)

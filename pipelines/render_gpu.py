@@ -1,12 +1,14 @@
 """The GPU renderer of a view's tail: `pipelines.render_cpu`'s maths as batched torch ops.
 
-The same packed parameters (`augment_params.P_*`) and the same torchvision uint8 semantics:
-flip, colour jitter in each sample's random order, grayscale, blur, on pixel values 0..255 held
-in float32 (every intermediate is truncated or rounded to an integer, as torchvision's uint8 path
-does). The DALI and FFCV loaders run it on the GPU after their crop; it runs on CPU tensors too,
-which is how the tests hold it to torchvision's functional ops. Samples are grouped by what they
-apply from the parameters on the host, and every host array reaches the GPU through pinned memory
-without blocking, so the loader never waits for the training step queued before it.
+The same packed parameters (`augment_params.P_*`) and the same torchvision uint8 semantics: flip,
+colour jitter in each sample's random order, grayscale, blur, then the study's rotation, Sobel,
+noise (its field drawn on the device: the sampler's SplitMix64 in int64 arithmetic) and cutout, on
+pixel values 0..255 held in float32 (every intermediate is truncated or rounded to an integer, as
+torchvision's uint8 path does). The DALI and FFCV loaders run it on the GPU after their crop; it
+runs on CPU tensors too, which is how the tests hold it to torchvision's functional ops. Samples
+are grouped by what they apply from the parameters on the host, and every host array reaches the
+GPU through pinned memory without blocking, so the loader never waits for the training step queued
+before it.
 """
 
 from __future__ import annotations
@@ -18,13 +20,24 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.augment_params import (
+    GOLDEN,
+    MIX_M1,
+    MIX_M2,
+    NOISE_FIRST,
     P_BLUR,
+    P_CUTOUT,
+    P_CUTOUT_BOX,
     P_FACTOR,
     P_FLIP,
     P_GRAY,
     P_JITTER,
+    P_NOISE,
+    P_NOISE_STD,
+    P_NOISE_STREAM,
     P_ORDER,
+    P_ROTATE,
     P_SIGMA,
+    P_SOBEL,
     P_WINDOW,
 )
 
@@ -134,6 +147,57 @@ def _blur(x: torch.Tensor, sigma: np.ndarray, windows: np.ndarray) -> torch.Tens
     return y.view(b, c, h, w).round_().clamp_(0.0, 255.0)
 
 
+def _sobel(x: torch.Tensor) -> torch.Tensor:
+    """min(255, floor(sqrt(gx^2 + gy^2) / 4)) of the truncated luma, reflect-101 borders, in all
+    three channels; the gradients are integers, so float32 holds them exactly."""
+    gray = _trunc(_luma(x))  # [B, 1, H, W]
+    gx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=torch.float32)
+    kernels = torch.stack([gx, gx.T]).unsqueeze(1)  # [2, 1, 3, 3]
+    if x.device.type == "cuda":
+        kernels = kernels.pin_memory().to(x.device, non_blocking=True)
+    g = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="reflect"), kernels)  # [B, 2, H, W]
+    return g.square().sum(1, keepdim=True).sqrt_().div_(4.0).floor_().clamp_(max=255.0).expand(
+        -1, 3, -1, -1)
+
+
+def _signed(v) -> int:
+    """A uint64 constant as the int64 of the same bits."""
+    v = int(v)
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+_GOLDEN, _MUL1, _MUL2 = _signed(GOLDEN), _signed(MIX_M1), _signed(MIX_M2)
+
+
+def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 bits."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def _uniform(s: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`augment_params.uniform(s, k)` on int64 tensors (wrapping arithmetic = uint64's): float64."""
+    x = s + k * _GOLDEN + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _MUL1
+    x = (x ^ _shr(x, 27)) * _MUL2
+    x = x ^ _shr(x, 31)
+    return _shr(x, 11).double() * (1.0 / 9007199254740992.0)
+
+
+def _noise(x: torch.Tensor, sigma: np.ndarray, streams: np.ndarray) -> torch.Tensor:
+    """x + sigma * z, rounded half to even and clipped; z of element (y * W + x) * 3 + c by
+    Box-Muller from each sample's noise stream (`augment_params.noise_normal`), in float64."""
+    b, c, h, w = x.shape
+    hi, lo = streams[:, 0].astype(np.int64), streams[:, 1].astype(np.int64)
+    s = _to((hi << 32) | lo, torch.int64, x.device).view(b, 1, 1, 1)  # the uint64 bits
+    e = torch.arange(h * w * c, dtype=torch.int64, device=x.device).view(1, h, w, c)
+    e = e.permute(0, 3, 1, 2)  # [1, 3, H, W]: element (y * W + x) * 3 + c
+    k = NOISE_FIRST + 2 * e
+    z = torch.sqrt(-2.0 * torch.log(1.0 - _uniform(s, k))) * torch.cos(
+        2.0 * math.pi * _uniform(s, k + 1))  # [B, 3, H, W]
+    y = x.double() + _to(sigma, torch.float64, x.device).view(-1, 1, 1, 1) * z
+    return y.round_().clamp_(0.0, 255.0).float()
+
+
 def render_batch(images: torch.Tensor, params: np.ndarray) -> torch.Tensor:
     """The tail of every view of a batch on the batch's device.
 
@@ -164,4 +228,24 @@ def render_batch(images: torch.Tensor, params: np.ndarray) -> torch.Tensor:
     sel, idx = rows(params[:, P_BLUR] > 0.5)
     if len(sel):
         x[idx] = _blur(x[idx], params[sel, P_SIGMA], params[sel, P_WINDOW].astype(np.int64))
+    for quarters in (1, 2, 3):  # counter-clockwise
+        sel, idx = rows(params[:, P_ROTATE] == quarters)
+        if len(sel):
+            x[idx] = x[idx].rot90(quarters, dims=(2, 3))
+    sel, idx = rows(params[:, P_SOBEL] > 0.5)
+    if len(sel):
+        x[idx] = _sobel(x[idx])
+    sel, idx = rows(params[:, P_NOISE] > 0.5)
+    if len(sel):
+        streams = params[sel, P_NOISE_STREAM:P_NOISE_STREAM + 2]
+        x[idx] = _noise(x[idx], params[sel, P_NOISE_STD], streams)
+    sel, idx = rows(params[:, P_CUTOUT] > 0.5)
+    if len(sel):
+        # one mask for the whole group: rows and columns inside each sample's square
+        box = _to(params[sel, P_CUTOUT_BOX:P_CUTOUT_BOX + 3].astype(np.int64), torch.int64, dev)
+        top, left, side = (box[:, j].view(-1, 1, 1, 1) for j in range(3))
+        ys = torch.arange(x.shape[2], device=dev).view(1, 1, -1, 1)
+        xs = torch.arange(x.shape[3], device=dev).view(1, 1, 1, -1)
+        inside = (ys >= top) & (ys < top + side) & (xs >= left) & (xs < left + side)
+        x[idx] = x[idx].masked_fill(inside, 0.0)
     return x

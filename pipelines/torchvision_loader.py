@@ -3,25 +3,36 @@
 It is the baseline the fast backends are measured against and their pixel oracle, so it stays a
 plain, readable rendering: every random parameter comes from the one sampler
 (`pipelines.augment_params.sample_views`, the same draws as DALI and FFCV), and each operation is
-torchvision's own functional op on the uint8 image.
+torchvision's own functional op on the uint8 image, or plain torch where torchvision has none
+(Sobel, Gaussian noise), written out as spec.py defines them.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as tnf
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from pipelines.augment_params import (
     P_BLUR,
+    P_CUTOUT,
+    P_CUTOUT_BOX,
     P_FACTOR,
     P_FLIP,
     P_GRAY,
     P_JITTER,
+    P_NOISE,
+    P_NOISE_STD,
     P_ORDER,
+    P_ROTATE,
     P_SIGMA,
+    P_SOBEL,
+    noise_uniforms,
     sample_views,
 )
 from pipelines.eval_view import load_image
@@ -35,15 +46,38 @@ ADJUST = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_
 
 def render_view(img: torch.Tensor, box, params, spec: AugmentSpec) -> torch.Tensor:
     """One SimCLR view of uint8 [3, H, W] in the paper's order, from the sampler's crop box
-    (top, left, height, width) and packed parameters [N_P]: uint8 [3, S, S], before normalising."""
+    (top, left, height, width) and packed parameters [N_P]: uint8 [3, S, S], before normalising.
+    `spec` is the view's own (`AugmentSpec.for_view`)."""
     top, left, h, w = (int(v) for v in box)
     x = F.resized_crop(img, top, left, h, w, [spec.size, spec.size], antialias=True)  # bilinear
     return reference_tail(x, params, spec)
 
 
+def sobel(x: torch.Tensor) -> torch.Tensor:
+    """Sobel filtering of uint8 [3, H, W] (spec.py): the gradient magnitude of the truncated luma,
+    reflect-101 borders, min(255, floor(sqrt(gx^2 + gy^2) / 4)) in all three channels."""
+    gray = F.rgb_to_grayscale(x, num_output_channels=1).double().unsqueeze(0)  # [1, 1, H, W]
+    gx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=torch.float64)
+    kernels = torch.stack([gx, gx.T]).unsqueeze(1)  # [2, 1, 3, 3]: Gx, Gy
+    g = tnf.conv2d(tnf.pad(gray, (1, 1, 1, 1), mode="reflect"), kernels)[0]  # [2, H, W]
+    magnitude = g.pow(2).sum(0).sqrt().div(4.0).floor().clamp(max=255.0)
+    return magnitude.to(torch.uint8).expand(3, -1, -1)
+
+
+def gaussian_noise(x: torch.Tensor, sigma: float, params) -> torch.Tensor:
+    """x + sigma * z of uint8 [3, H, W], rounded half to even, clipped: z by Box-Muller from the
+    view's noise field (`augment_params.noise_uniforms`), element (y * W + x) * 3 + c."""
+    _, h, w = x.shape
+    u = torch.from_numpy(noise_uniforms(params, h * w * 3))  # [H*W*3, 2]
+    z = torch.sqrt(-2.0 * torch.log(1.0 - u[:, 0])) * torch.cos(2.0 * math.pi * u[:, 1])
+    z = z.view(h, w, 3).permute(2, 0, 1)  # [3, H, W]
+    return (x.double() + sigma * z).round().clamp(0, 255).to(torch.uint8)
+
+
 def reference_tail(x: torch.Tensor, params, spec: AugmentSpec) -> torch.Tensor:
-    """Flip, colour jitter in the drawn order, grayscale and blur of uint8 [3, H, W]: torchvision's
-    functional ops, the oracle of `pipelines.render_cpu` and `pipelines.render_gpu`."""
+    """Flip, colour jitter in the drawn order, grayscale, blur, rotation, Sobel, noise and cutout of
+    uint8 [3, H, W] (spec.py): torchvision's functional ops where it has them, the oracle of
+    `pipelines.render_cpu` and `pipelines.render_gpu`. `spec` is the view's own."""
     if params[P_FLIP] > 0.5:
         x = F.horizontal_flip(x)
     if params[P_JITTER] > 0.5:  # ColorJitter: the four adjustments in the drawn order
@@ -55,6 +89,15 @@ def reference_tail(x: torch.Tensor, params, spec: AugmentSpec) -> torch.Tensor:
     if params[P_BLUR] > 0.5:  # GaussianBlur with the spec's full kernel
         sigma = float(params[P_SIGMA])
         x = F.gaussian_blur(x, [spec.blur_kernel, spec.blur_kernel], [sigma, sigma])
+    if params[P_ROTATE] > 0.5:  # counter-clockwise
+        x = F.rotate(x, 90.0 * int(params[P_ROTATE]))
+    if params[P_SOBEL] > 0.5:
+        x = sobel(x)
+    if params[P_NOISE] > 0.5:
+        x = gaussian_noise(x, float(params[P_NOISE_STD]), params)
+    if params[P_CUTOUT] > 0.5:
+        top, left, side = (int(v) for v in params[P_CUTOUT_BOX:P_CUTOUT_BOX + 3])
+        x = F.erase(x, top, left, side, side, torch.zeros(1, 1, 1, dtype=torch.uint8))
     return x
 
 
@@ -76,7 +119,8 @@ class TwoViewDataset(Dataset):
         for view in (0, 1):
             boxes, params = sample_views(self.spec, self.seed, epoch, [index], view,
                                          img.shape[1], img.shape[2])
-            views.append(self.normalize(render_view(img, boxes[0], params[0], self.spec)))
+            views.append(self.normalize(render_view(img, boxes[0], params[0],
+                                                    self.spec.for_view(view))))
         return views[0], views[1], int(self.split.labels[index]), index
 
 

@@ -264,6 +264,9 @@ def _coerce(key: str, value, tp):
             raise ConfigError(
                 f"config: '{key}' expects {len(args)} values, got {len(value)}: {value!r}")
     elif origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:  # X | None: a per-view override
+            return None if value is None else _coerce(key, value, args[0])
         raise ConfigError(f"config: '{key}' has an unsupported type {tp}")
     name = getattr(tp, "__name__", str(tp))
     raise ConfigError(f"config: '{key}' expects {name}, got {value!r} ({type(value).__name__})")

@@ -4,7 +4,9 @@ parameters against the draw layout and the spec's probabilities."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 
 import numpy as np
 import pytest
@@ -12,29 +14,45 @@ import pytest
 from pipelines.augment_params import (
     DRAW_BLUR,
     DRAW_CROP,
+    DRAW_CUTOUT,
+    DRAW_CUTOUT_BOX,
     DRAW_FACTORS,
     DRAW_FLIP,
     DRAW_GRAY,
     DRAW_JITTER,
+    DRAW_NOISE,
+    DRAW_NOISE_STD,
     DRAW_ORDER,
+    DRAW_QUARTERS,
+    DRAW_ROTATE,
     DRAW_SIGMA,
+    DRAW_SOBEL,
+    N_P,
+    NOISE_FIRST,
     P_BLUR,
+    P_CUTOUT,
+    P_CUTOUT_BOX,
     P_FACTOR,
     P_FLIP,
     P_GRAY,
     P_JITTER,
+    P_NOISE,
+    P_NOISE_STD,
     P_ORDER,
+    P_ROTATE,
     P_SIGMA,
+    P_SOBEL,
     P_WINDOW,
     SALT_VIEW,
     blur_windows,
     crop_boxes,
     jitter_ranges,
+    noise_uniforms,
     sample_views,
     uniform_table,
     view_key,
 )
-from pipelines.spec import AugmentSpec
+from pipelines.spec import SHARED, AugmentSpec, ViewOverrides
 from tests.pipelines.augment_stats import binomial_ok
 
 MASK = (1 << 64) - 1
@@ -191,3 +209,93 @@ def test_key_type_does_not_change_the_streams():
         want = [(py_mix((s + k * GOLDEN) & MASK) >> 11) / 2.0**53 for k in range(3)]
         for typed in ((key, np.int64(key), np.uint64(key)) if key < 2**63 else (np.uint64(key),)):
             assert [draw(typed, np.int64(3), 5, k) for k in range(3)] == want
+
+
+# ---- the study's operations and per-view overrides -----------------------------------------------
+
+def test_study_params_follow_the_draw_layout_and_the_spec():
+    """Rotation, Sobel, noise and cutout: drawn after every earlier draw, at the spec's rates."""
+    spec = AugmentSpec(size=64, rotate_p=0.4, sobel_p=0.3, noise_p=0.6, noise_std=(0.02, 0.2),
+                       cutout_p=0.5, cutout_size=(0.1, 0.5))
+    seed, epoch, view, n = 4, 3, 1, 4000
+    idx = np.arange(n)
+    _, p = sample_views(spec, seed, epoch, idx, view, 100, 80)
+    assert DRAW_ROTATE == DRAW_SIGMA + 1 and DRAW_CUTOUT_BOX + 2 < NOISE_FIRST
+    assert P_ROTATE == P_WINDOW + 1 and N_P == P_CUTOUT_BOX + 3
+    for i in (0, 1, 2, 999, n - 1):
+        u = lambda k, i=i: py_uniform(seed, epoch, view, i, SALT_VIEW, k)  # noqa: E731
+        rotate = u(DRAW_ROTATE) < spec.rotate_p
+        assert p[i, P_ROTATE] == (1 + int(3 * u(DRAW_QUARTERS)) if rotate else 0)
+        assert p[i, P_SOBEL] == (u(DRAW_SOBEL) < spec.sobel_p)
+        assert p[i, P_NOISE] == (u(DRAW_NOISE) < spec.noise_p)
+        lo, hi = spec.noise_std
+        assert p[i, P_NOISE_STD] == 255.0 * (lo + (hi - lo) * u(DRAW_NOISE_STD))
+        assert p[i, P_CUTOUT] == (u(DRAW_CUTOUT) < spec.cutout_p)
+        lo, hi = spec.cutout_size
+        side = max(1, round(64 * (lo + (hi - lo) * u(DRAW_CUTOUT_BOX))))
+        assert list(p[i, P_CUTOUT_BOX:P_CUTOUT_BOX + 3]) == [
+            int(u(DRAW_CUTOUT_BOX + 1) * (65 - side)), int(u(DRAW_CUTOUT_BOX + 2) * (65 - side)),
+            side]
+        # the noise field is keyed by the view's stream
+        e = [0, 1, 7, 5000]
+        table = noise_uniforms(p[i], 5001)[e]
+        assert np.array_equal(table, [[u(NOISE_FIRST + 2 * k), u(NOISE_FIRST + 2 * k + 1)]
+                                      for k in e])
+    for col, prob in ((P_SOBEL, spec.sobel_p), (P_NOISE, spec.noise_p), (P_CUTOUT, spec.cutout_p)):
+        assert binomial_ok(int(p[:, col].sum()), n, prob), col
+    quarters = np.bincount(p[:, P_ROTATE].astype(np.int64), minlength=4)
+    assert binomial_ok(int(quarters[1:].sum()), n, spec.rotate_p)
+    assert all(binomial_ok(int(q), int(quarters[1:].sum()), 1 / 3) for q in quarters[1:])
+    box = p[:, P_CUTOUT_BOX:P_CUTOUT_BOX + 3]
+    assert (box[:, :2] >= 0).all() and (box[:, :2] + box[:, 2:] <= 64).all()
+    assert box[:, 2].min() == round(0.1 * 64) and box[:, 2].max() == round(0.5 * 64)
+
+
+def test_the_study_operations_are_off_by_default_and_move_no_earlier_draw():
+    base = AugmentSpec()
+    assert (base.rotate_p, base.sobel_p, base.noise_p, base.cutout_p) == (0, 0, 0, 0)
+    idx = np.arange(300)
+    boxes, p = sample_views(base, 1, 0, idx, 0, 90, 70)
+    assert not p[:, [P_ROTATE, P_SOBEL, P_NOISE, P_CUTOUT]].any()
+    b2, p2 = sample_views(AugmentSpec(rotate_p=1, sobel_p=1, noise_p=1, cutout_p=1), 1, 0, idx, 0,
+                          90, 70)
+    assert np.array_equal(b2, boxes) and np.array_equal(p2[:, :P_ROTATE], p[:, :P_ROTATE])
+
+
+def test_view_overrides_are_the_spec_less_its_shared_settings():
+    hints, over = typing.get_type_hints(AugmentSpec), typing.get_type_hints(ViewOverrides)
+    assert list(over) == [f.name for f in dataclasses.fields(AugmentSpec) if f.name not in SHARED]
+    for name, tp in over.items():
+        assert tp == hints[name] | None, name
+        assert getattr(ViewOverrides(), name) is None
+
+
+def test_each_view_is_drawn_with_its_own_spec():
+    """view2's overrides decide view 2's draws, view1's view 1's; the rest stays the base spec's."""
+    base = dict(size=32, crop_area=(0.3, 1.0), jitter_p=0.8, blur_p=0.5)
+    spec = AugmentSpec(**base, view2={"jitter_p": 0.0, "cutout_p": 1.0, "crop_area": (0.9, 1.0)})
+    idx = np.arange(200)
+    for view, want in ((0, AugmentSpec(**base)),
+                       (1, AugmentSpec(**{**base, "crop_area": (0.9, 1.0), "jitter_p": 0.0},
+                                       cutout_p=1.0))):
+        assert spec.for_view(view) == want
+        got = sample_views(spec, 3, 1, idx, view, 50, 60)
+        ref = sample_views(want, 3, 1, idx, view, 50, 60)
+        assert all(np.array_equal(a, b) for a, b in zip(got, ref)), view
+    _, p2 = sample_views(spec, 3, 1, idx, 1, 50, 60)
+    assert not p2[:, P_JITTER].any() and p2[:, P_CUTOUT].all()
+    one = AugmentSpec(view1=ViewOverrides(flip_p=0.0))
+    assert one.for_view(0) == AugmentSpec(flip_p=0.0) and one.for_view(1) == AugmentSpec()
+    assert AugmentSpec().for_view(1) is not None and AugmentSpec().for_view(0) == AugmentSpec()
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(rotate_p=1.5), "rotate_p must be a probability"),
+    (dict(noise_std=(0.2, 0.1)), "noise_std"),
+    (dict(cutout_size=(0.0, 0.5)), "cutout_size"),
+    (dict(view2={"cutout_p": -1.0}), "view2.cutout_p must be a probability"),
+    (dict(view1={"size": 8}), "view1 cannot set size"),
+])
+def test_invalid_study_settings_are_refused(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        AugmentSpec(**kw)

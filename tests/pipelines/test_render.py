@@ -22,12 +22,19 @@ from pipelines.augment_params import (
     DRAW_CROP,
     N_P,
     P_BLUR,
+    P_CUTOUT,
+    P_CUTOUT_BOX,
     P_FACTOR,
     P_FLIP,
     P_GRAY,
     P_JITTER,
+    P_NOISE,
+    P_NOISE_STD,
+    P_NOISE_STREAM,
     P_ORDER,
+    P_ROTATE,
     P_SIGMA,
+    P_SOBEL,
     P_WINDOW,
     SALT_VIEW,
     blur_window,
@@ -38,7 +45,13 @@ from pipelines.augment_params import (
 )
 from pipelines.sources import Split, beton_file
 from pipelines.spec import AugmentSpec
-from pipelines.torchvision_loader import ADJUST, TorchvisionTwoViewLoader, reference_tail
+from pipelines.torchvision_loader import (
+    ADJUST,
+    TorchvisionTwoViewLoader,
+    gaussian_noise,
+    reference_tail,
+    sobel,
+)
 from tests.marks import backends
 from tests.pipelines.augment_stats import to_uint8
 
@@ -99,17 +112,33 @@ def images(request) -> np.ndarray:
 
 # ---- one operation at a time ---------------------------------------------------------------------
 
+# the study's operations alone: a fixed noise stream (its two 32-bit halves) and cutout position
+NOISE_STREAM = (0x9E3779B9, 0x7F4A7C15)
+CUTOUT_AT = (9, 4)  # top, left
+
+
 def _params(op: str, factor: float, n: int) -> np.ndarray:
-    """Packed parameters that apply `op` alone with `factor` (sigma for blur)."""
+    """Packed parameters that apply `op` alone with `factor` (sigma for blur and noise, quarter
+    turns for rotate, the side for cutout)."""
     p = np.zeros((n, N_P))
     p[:, P_ORDER:P_ORDER + 4] = [0, 1, 2, 3]
     p[:, P_FACTOR:P_FACTOR + 3] = 1.0  # identity brightness, contrast, saturation; hue 0
+    p[:, P_NOISE_STREAM:P_NOISE_STREAM + 2] = NOISE_STREAM
     if op == "flip":
         p[:, P_FLIP] = 1
     elif op == "grayscale":
         p[:, P_GRAY] = 1
     elif op == "blur":
         p[:, P_BLUR], p[:, P_SIGMA], p[:, P_WINDOW] = 1, factor, blur_window(factor, 23)
+    elif op == "rotate":
+        p[:, P_ROTATE] = factor
+    elif op == "sobel":
+        p[:, P_SOBEL] = 1
+    elif op == "noise":
+        p[:, P_NOISE], p[:, P_NOISE_STD] = 1, factor
+    elif op == "cutout":
+        p[:, P_CUTOUT] = 1
+        p[:, P_CUTOUT_BOX:P_CUTOUT_BOX + 3] = (*CUTOUT_AT, factor)
     else:
         j = ("brightness", "contrast", "saturation", "hue").index(op)
         p[:, P_JITTER] = 1
@@ -125,6 +154,15 @@ def _torchvision_op(op: str, factor: float):
     if op == "blur":
         k = blur_window(factor, 23)
         return lambda x: tvf.gaussian_blur(x, [k, k], [factor, factor])
+    if op == "rotate":
+        return lambda x: tvf.rotate(x, 90.0 * factor)
+    if op == "sobel":
+        return sobel
+    if op == "noise":
+        return lambda x: gaussian_noise(x, factor, _params("noise", factor, 1)[0])
+    if op == "cutout":
+        side = int(factor)
+        return lambda x: tvf.erase(x, *CUTOUT_AT, side, side, torch.zeros(1, 1, 1, dtype=x.dtype))
     adjust = ADJUST[("brightness", "contrast", "saturation", "hue").index(op)]
     return lambda x: adjust(x, factor)
 
@@ -144,12 +182,23 @@ OPS = [("flip", 0.0), ("brightness", 0.6), ("brightness", 1.37),
        ("contrast", 0.55), ("contrast", 1.42),
        ("saturation", 0.0), ("saturation", 0.61), ("saturation", 1.5),
        ("hue", -0.2), ("hue", 0.047), ("hue", 0.5),
-       ("grayscale", 0.0), ("blur", 0.4), ("blur", 1.3), ("blur", 2.0)]
+       ("grayscale", 0.0), ("blur", 0.4), ("blur", 1.3), ("blur", 2.0),
+       ("rotate", 1), ("rotate", 2), ("rotate", 3), ("sobel", 0.0), ("noise", 3.0),
+       ("noise", 25.5), ("cutout", 1), ("cutout", 20)]
+STUDY = ("rotate", "sobel", "noise", "cutout")
+
+
+def square(images: np.ndarray) -> np.ndarray:
+    """The top-left square of each image: views are square, and rotation keeps them so."""
+    m = min(images.shape[1:3])
+    return np.ascontiguousarray(images[:, :m, :m])
 
 
 @pytest.mark.parametrize("renderer", list(RENDERERS))
 @pytest.mark.parametrize("op,factor", OPS)
 def test_each_operation_is_torchvisions(op, factor, renderer, images):
+    if op in STUDY:
+        images = square(images)
     want = torch.stack([_torchvision_op(op, factor)(torch.from_numpy(im).permute(2, 0, 1))
                         for im in images])
     got = RENDERERS[renderer](images, _params(op, factor, len(images)))
@@ -181,13 +230,30 @@ WRONG = {
     "contrast about mid-gray":
         ("contrast", 1.4, lambda x: ((x.double() - 127.5) * 1.4 + 127.5).clamp(0, 255).floor()),
     "blur with 1.2x the sigma": ("blur", 1.0, lambda x: tvf.gaussian_blur(x, [9, 9], [1.2, 1.2])),
+    "rotation clockwise": ("rotate", 1, lambda x: torch.rot90(x, -1, dims=(1, 2))),
+    "Sobel without the square root (|gx| + |gy|)": ("sobel", 0.0, lambda x: _sobel_l1(x)),
+    "noise with 1.2x the sigma":
+        ("noise", 10.0, lambda x: gaussian_noise(x, 12.0, _params("noise", 10.0, 1)[0])),
+    "cutout one pixel lower": ("cutout", 20, lambda x: tvf.erase(
+        x, CUTOUT_AT[0] + 1, CUTOUT_AT[1], 20, 20, torch.zeros(1, 1, 1, dtype=x.dtype))),
 }
+
+
+def _sobel_l1(x: torch.Tensor) -> torch.Tensor:
+    """The Sobel magnitude as |gx| + |gy|, the same scaling and clipping."""
+    gray = tvf.rgb_to_grayscale(x).double().unsqueeze(0)
+    gx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=torch.float64)
+    g = torch.nn.functional.conv2d(torch.nn.functional.pad(gray, (1, 1, 1, 1), mode="reflect"),
+                                   torch.stack([gx, gx.T]).unsqueeze(1))[0]
+    return g.abs().sum(0).div(4).floor().clamp(max=255).expand(3, -1, -1)
 
 
 @pytest.mark.parametrize("name", list(WRONG))
 def test_the_bound_rejects_wrong_operators(name, images):
     """The per-operation bound is tight enough to fail on each of these plausible mistakes."""
     op, factor, wrong = WRONG[name]
+    if op in STUDY:
+        images = square(images)
     want = torch.stack([_torchvision_op(op, factor)(torch.from_numpy(im).permute(2, 0, 1))
                         for im in images])
     got = torch.stack([wrong(torch.from_numpy(im).permute(2, 0, 1)) for im in images])
@@ -233,11 +299,32 @@ def test_whole_tail_is_torchvisions_chain(renderer, images):
     assert_close_levels(got, want, 0.02, 1.0, what=f"{renderer} chain")
 
 
-def test_ffcv_compiled_tail_draws_and_renders_what_the_sampler_drew():
+@pytest.mark.parametrize("renderer", list(RENDERERS))
+def test_whole_tail_with_the_study_operations_is_the_references_chain(renderer, images):
+    """Every operation at once as drawn (rotation, Sobel, noise and cutout after the colour tail),
+    against the reference's chain."""
+    images = square(images)
+    side = images.shape[1]
+    spec = AugmentSpec(size=side, blur_p=0.5, grayscale_p=0.3, rotate_p=0.5, sobel_p=0.3,
+                       noise_p=0.5, cutout_p=0.5)
+    n = len(images)
+    got, want = [], []
+    for epoch in range(3):
+        _, params = sample_views(spec, 5, epoch, np.arange(n), 1, side, side)
+        got.append(RENDERERS[renderer](images, params))
+        want += [reference_tail(torch.from_numpy(images[i]).permute(2, 0, 1), params[i], spec)
+                 for i in range(n)]
+    got, want = torch.cat(got), torch.stack(want)
+    assert_close_levels(got, want, *EXACT, what=f"{renderer} chain with the study's operations")
+
+
+@pytest.mark.parametrize("study", [False, True])
+def test_ffcv_compiled_tail_draws_and_renders_what_the_sampler_drew(study):
     """FFCV's operation draws each sample's parameters inside numba: the same as `sample_views`,
     so its output is the numba renderer's on the sampler's parameters, bit for bit."""
     pytest.importorskip("ffcv")
-    spec = AugmentSpec(size=48, blur_p=0.5)
+    spec = AugmentSpec(size=48, blur_p=0.5, **(dict(rotate_p=0.5, sobel_p=0.3, noise_p=0.5,
+                                                    cutout_p=0.5) if study else {}))
     images = photo_like(40, 48, 48, seed=3)
     idx = np.arange(40, dtype=np.int64) * 3 + 1
     out = images.copy()
