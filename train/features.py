@@ -1,4 +1,5 @@
-"""Frozen-encoder features for evaluation (kNN monitor, linear evaluation)."""
+"""Frozen-network features for evaluation (kNN monitor, linear evaluation): the encoder's,
+h = f(x), or those of encoder and head, g(h) (`SimCLR.features`)."""
 
 from __future__ import annotations
 
@@ -61,19 +62,20 @@ def forward_eval(net: torch.nn.Module, x: torch.Tensor, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(encoder: torch.nn.Module, split: Split, spec: AugmentSpec, *, indices=None,
+def extract_features(net: torch.nn.Module, split: Split, spec: AugmentSpec, *, indices=None,
                      batch_size: int = 512, device="cpu", num_workers: int = 2,
                      normalize: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features h = f(x) of the frozen encoder (eval mode) and labels, on CPU, float32."""
+    """Features of the frozen network `net` (eval mode) and labels, on CPU, float32: h = f(x)
+    when `net` is the encoder, g(h) when it is `SimCLR.features("g")`."""
     indices = np.arange(len(split)) if indices is None else np.asarray(indices)
-    was_training = encoder.training
-    encoder.eval()
+    was_training = net.training
+    net.eval()
     feats = []
     for x in eval_views(split, spec, indices, batch_size, num_workers):
-        feats.append(forward_eval(encoder, x, device))
+        feats.append(forward_eval(net, x, device))
         if progress is not None:
             progress(len(x))
-    encoder.train(was_training)
+    net.train(was_training)
     h = torch.cat(feats)
     if normalize:
         h = F.normalize(h, dim=1)

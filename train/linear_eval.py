@@ -1,13 +1,16 @@
 """Linear evaluation of a pretrained encoder (Chen et al., 2020, Sec. 4: linear evaluation
 protocol).
 
-    python -m train.linear_eval --checkpoint runs/fashion-mnist-demo [--json PATH]
+    python -m train.linear_eval --checkpoint runs/fashion-mnist-demo [--features h|g] [--json PATH]
 
-Features h = f(x) of the frozen encoder (before the projection head) are extracted once from
-the evaluation view of each image (above 32 px the official centre crop of 0.875, bicubic); a
-multinomial logistic regression is fitted by L-BFGS, its L2 penalty picked on a held-out part of
-the train split from a log-spaced grid, each fit warm-started from the previous one. The same
-classifier on raw pixels and on a randomly initialised encoder of the same architecture is fitted
+Features of the frozen network are extracted once from the evaluation view of each image (above
+32 px the official centre crop of 0.875, bicubic): h = f(x), the encoder's output before the
+projection head (the default: the representation the paper keeps), or with --features g the head's
+output g(h), the paper's comparison (Sec. 4.2, Table 3; a model trained without a head,
+model.head_layers 0, has g(h) = h, so g evaluates h and warns). A multinomial logistic regression
+is fitted by L-BFGS, its L2 penalty picked on a held-out part of the train split from a log-spaced
+grid, each fit warm-started from the previous one. The same
+classifier on raw pixels and on a randomly initialised network of the same architecture is fitted
 beside it, so the reader sees what pretraining bought. Top-1/top-5 go to JSON: --json, else
 linear_eval.json in the run directory that owns the checkpoint (with the run's summary.json
 when that describes this checkpoint), else <step dir>.linear_eval.json beside a checkpoint that
@@ -47,8 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None,
                    help="where to write the results (default: <run dir>/linear_eval.json, or "
                    "<step dir>.linear_eval.json for a checkpoint outside a run directory)")
+    p.add_argument("--features", choices=("h", "g"), default="h",
+                   help="h: the encoder's output, before the projection head (default); g: the "
+                   "head's output g(h) (with model.head_layers 0 there is no head and g = h, "
+                   "evaluated with a warning); the random-init baseline takes the same features "
+                   "of the untrained network")
     p.add_argument("--no-baseline", action="store_true",
-                   help="skip the baselines (raw pixels and a randomly initialised encoder)")
+                   help="skip the baselines (raw pixels and a randomly initialised network)")
     p.add_argument("--train-samples", type=at_least(1), default=None, metavar="N",
                    help="fit on a seeded random subset of N train images (default: all), for a "
                    "quick estimate")
@@ -193,6 +201,9 @@ def evaluate(args) -> dict:
     if problem:  # before the features and fits, not after them
         raise ConfigError(f"--json: the results cannot be written: {problem}: pass another "
                           f"--json path")
+    if args.features == "g" and cfg.model.head_layers == 0:
+        print("linear_eval: warning: the model has no projection head (model.head_layers 0), so "
+              "g(h) = h: --features g evaluates h", file=sys.stderr)
     train_idx = subset(len(train_split), args.train_samples, cfg.train.seed)
     test_idx = subset(len(test_split), args.eval_samples, cfg.train.seed + 1)
     feats = _features(args, cfg, model, (train_split, train_idx), (test_split, test_idx))
@@ -200,7 +211,9 @@ def evaluate(args) -> dict:
                  max_iter=cfg.eval.max_iter, seed=cfg.train.seed, device=args.device)
     fits = (len(cfg.eval.l2_grid) + 1) * (1 if args.no_baseline else 3)
     result = {"checkpoint": str(ckpt), "dataset": str(ds.root), "train_split": train_split.name,
-              "eval_split": test_split.name, "train_count": len(train_idx),
+              "eval_split": test_split.name, "features": args.features,
+              "head": model.head_kind, "head_layers": cfg.model.head_layers,
+              "train_count": len(train_idx),
               "eval_count": len(test_idx), "device": str(args.device)}
     from tqdm import tqdm
 
@@ -231,18 +244,19 @@ def evaluate(args) -> dict:
 
 
 def _features(args, cfg, model, train: tuple, test: tuple) -> dict:
-    """{name: ((train features, labels), (test features, labels))} of the pretrained encoder and,
-    unless --no-baseline, of the same network randomly initialised; `train` and `test` are
-    (split, indices)."""
+    """{name: ((train features, labels), (test features, labels))} of the pretrained network
+    (the encoder, or encoder and head for --features g) and, unless --no-baseline, of the same
+    network randomly initialised; `train` and `test` are (split, indices)."""
     from tqdm import tqdm
 
     from model.simclr import build_simclr
 
     torch.manual_seed(cfg.train.seed)
-    random_encoder = build_simclr(cfg.model).encoder  # the baseline: same network, no training
-    encoders = {"encoder": model.encoder}
+    # the baseline: the same network, no training
+    random_net = build_simclr(cfg.model).features(args.features)
+    encoders = {"encoder": model.features(args.features)}
     if not args.no_baseline:
-        encoders["random_init"] = random_encoder
+        encoders["random_init"] = random_net
     kw = dict(batch_size=cfg.eval.batch_size, device=args.device,
               num_workers=cfg.data.num_workers)
     feats = {}
@@ -268,12 +282,17 @@ def _warn_at_edge(result: dict, grid) -> None:
 def _print_table(r: dict, out: Path | None) -> None:
     from rich.table import Table
 
-    t = Table(title=f"Linear evaluation on '{r['eval_split']}' ({r['eval_count']} images)")
+    g = r.get("features") == "g"
+    what = ("g(h) = h (no projection head)" if g and r.get("head") == "none"
+            else "g(h), the projection head's output" if g else "h, the encoder's output")
+    t = Table(title=f"Linear evaluation of {what} on '{r['eval_split']}' "
+              f"({r['eval_count']} images)")
     for col in ("features", "dim", "top-1", "top-5", "L2"):
         t.add_column(col, justify="right")
-    rows = [("SimCLR encoder (frozen)", r["encoder"])]
+    net = "encoder + head" if g else "encoder"
+    rows = [(f"SimCLR {net} (frozen)", r["encoder"])]
     if "random_init" in r:
-        rows.append(("random-init encoder (baseline)", r["random_init"]))
+        rows.append((f"random-init {net} (baseline)", r["random_init"]))
     if "raw_pixels" in r:
         rows.append(("raw pixels (baseline)", r["raw_pixels"]))
     for name, m in rows:

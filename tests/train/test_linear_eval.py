@@ -251,3 +251,71 @@ def test_a_single_class_is_refused_and_few_classes_warn(tiny_run, tmp_path, caps
     err = capsys.readouterr().err
     assert "warning: split 'train' has 3 classes: top-5 counts every image" in err
     assert json.loads((tmp_path / "few.json").read_text())["encoder"]["top5"] == 1.0  # the oracle
+
+
+def test_features_g_feeds_the_probe_the_heads_output_and_h_the_encoders(tiny_run, tmp_path,
+                                                                          capsys, monkeypatch):
+    """--features g: the rows the probe is fitted on are head(encoder(x)) computed directly for the
+    same images, and differ from h (the default); the JSON and the table say which. A model with
+    no head evaluates g(h) = h with a one-line warning."""
+    import dataclasses
+
+    import numpy as np
+
+    import train.linear_eval as le
+    from model.simclr import build_simclr
+    from pipelines.sources import open_dataset
+    from train.checkpoint import load_pretrained
+    from train.features import eval_views
+
+    seen = {}
+    real_probe = le.linear_probe
+
+    def spy(train_x, *a, **kw):
+        seen["train_x"] = train_x
+        return real_probe(train_x, *a, **kw)
+
+    monkeypatch.setattr(le, "linear_probe", spy)
+    ckpt, cfg, model = load_pretrained(tiny_run)
+    quick = ["--checkpoint", str(tiny_run), "--train-samples", "64", "--eval-samples", "32",
+             "--no-baseline", "--device", "cpu"]
+    # the first images the probe fits on, and their features computed by hand
+    idx = le.subset(len(open_dataset(cfg.data.path).split("train")), 64, cfg.train.seed)[:5]
+    x = next(eval_views(open_dataset(cfg.data.path).split("train"), cfg.augment, idx, 5))
+    model.eval()
+    with torch.no_grad():
+        h = model.encoder(x)
+        g = model.head(h)
+
+    results = {}
+    for which in ("h", "g"):
+        out = tmp_path / f"{which}.json"
+        assert main([*quick, "--features", which, "--json", str(out)]) == 0
+        results[which] = json.loads(out.read_text()), capsys.readouterr().out
+        torch.testing.assert_close(seen["train_x"][:5], {"h": h, "g": g}[which],
+                                   rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(g, h, atol=1e-2)  # g(h) is not h: the two runs saw different rows
+    (rh, th), (rg, tg) = results["h"], results["g"]
+    assert (rh["features"], rg["features"]) == ("h", "g")
+    assert rh["head"] == rg["head"] == "non-linear" and rg["head_layers"] == 2
+    assert rg["encoder"]["feature_dim"] == cfg.model.head_out
+    assert "h, the encoder's output" in th and "SimCLR encoder (frozen)" in th
+    assert "g(h), the projection head's output" in tg and "SimCLR encoder + head (frozen)" in tg
+
+    # no head: g = h, said in one warning line; the probe sees the encoder's output
+    bare_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, head_layers=0))
+    bare = build_simclr(bare_cfg.model)
+    bare.encoder.load_state_dict(model.encoder.state_dict())
+    monkeypatch.setattr(le, "load_pretrained", lambda path: (ckpt, bare_cfg, bare))
+    out = tmp_path / "none.json"
+    assert main([*quick, "--features", "g", "--json", str(out)]) == 0
+    stdout, err = capsys.readouterr()
+    warning = [ln for ln in err.splitlines() if "warning" in ln]
+    assert warning == ["linear_eval: warning: the model has no projection head (model.head_layers "
+                       "0), so g(h) = h: --features g evaluates h"]
+    torch.testing.assert_close(seen["train_x"][:5], h, rtol=1e-4, atol=1e-4)
+    r = json.loads(out.read_text())
+    assert (r["features"], r["head"], r["head_layers"]) == ("g", "none", 0)
+    assert r["encoder"]["feature_dim"] == model.encoder.feat_dim
+    assert "g(h) = h (no projection head)" in stdout
+    assert np.isfinite(r["encoder"]["top1"])
