@@ -50,6 +50,7 @@ from pipelines.torchvision_loader import (
     TorchvisionTwoViewLoader,
     gaussian_noise,
     reference_tail,
+    render_view,
     sobel,
 )
 from tests.marks import backends
@@ -393,6 +394,65 @@ def test_backend_renders_each_operation_as_the_reference(backend, op, tmp_path):
     d = _compare(backend, split, spec)
     # views: float round trip
     assert d.mean() <= 0.02 and d.max() <= 1.01, f"{backend} {op}: {_stats(d)}"
+
+
+@pytest.mark.parametrize("backend", backends(["dali", "ffcv"]))
+def test_backend_renders_the_study_operations_as_the_reference_on_real_images(backend, tmp_path):
+    """Rotation, Sobel, noise and cutout (each at p = 0.5, so alone and combined) on ImageNet
+    photos, identity crop: a backend's views are the reference loader's for the same keys."""
+    pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[backend])
+    images = real_photos(64, size=(48, 48))
+    if images is None:
+        images = photo_like(64, 48, 48, seed=4)
+    spec = AugmentSpec(size=48, **IDENTITY_CROP, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
+                       blur_p=0.0, rotate_p=0.5, sobel_p=0.5, noise_p=0.5, cutout_p=0.5)
+    for col in (P_ROTATE, P_SOBEL, P_NOISE, P_CUTOUT):  # each operation acts on some views
+        assert sample_views(spec, 7, 0, np.arange(64), 1, 48, 48)[1][:, col].sum() >= 16
+    d = _compare(backend, Split("train", np.arange(64) % 10, images=images, root=tmp_path), spec)
+    assert d.mean() <= 0.02 and d.max() <= 1.01, f"{backend} study operations: {_stats(d)}"
+
+
+# The study's protocol (Sec. 3): crop alone on one branch, the targeted operations on the other;
+# and view1's overrides too (a flip).
+ASYMMETRIC = dict(size=32, **IDENTITY_CROP, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+VIEW1 = dict(flip_p=1.0)
+VIEW2 = dict(jitter_p=1.0, rotate_p=1.0, cutout_p=1.0)
+
+
+@pytest.mark.parametrize("backend,settings", [
+    pytest.param("torchvision", {}, id="torchvision"), pytest.param("dali", {}, id="dali"),
+    *[pytest.param("ffcv", kw, marks=backends(["ffcv"])[0].marks, id=f"ffcv-{name}")
+      for name, kw in (("cpu", {}), ("torch-renderer", {"colour_on_device": True}))]])
+def test_each_view_is_rendered_with_its_own_overrides(backend, settings, tmp_path):
+    """With view1/view2 overrides, view 1 is the reference rendered with the base spec plus view1's
+    settings and view 2 with view2's, in every backend (FFCV also through the torch renderer)."""
+    pytest.importorskip({"torchvision": "torchvision", "dali": "nvidia.dali",
+                         "ffcv": "ffcv"}[backend])
+    from pipelines.loader import build_loader
+
+    spec = AugmentSpec(**ASYMMETRIC, view1=VIEW1, view2=VIEW2)
+    views = (AugmentSpec(**{**ASYMMETRIC, **VIEW1}), AugmentSpec(**{**ASYMMETRIC, **VIEW2}))
+    images = photo_like(48, 32, 32, seed=5)
+    split = Split("train", np.arange(48) % 10, images=images, root=tmp_path)
+    if backend == "ffcv":
+        from pipelines.ffcv_writer import write_beton
+
+        write_beton(split, beton_file(split.root, split.name))
+    ld = build_loader(backend, split, spec, batch_size=16, seed=7, num_workers=1, shuffle=True,
+                      drop_last=False, **settings)
+    ld.set_epoch(1)
+    n = 0
+    for batch in ld:
+        idx = batch.index.cpu().numpy()
+        for v, name in enumerate(("view1", "view2")):
+            boxes, params = sample_views(views[v], 7, 1, idx, v, 32, 32)
+            want = torch.stack([render_view(torch.from_numpy(images[i]).permute(2, 0, 1), boxes[j],
+                                            params[j], views[v]) for j, i in enumerate(idx)])
+            got = to_uint8(getattr(batch, name), spec.mean, spec.std)
+            d = (got - want.float()).abs()
+            assert d.mean() <= 0.02 and d.max() <= 1.01, f"{backend} {name}: {_stats(d)}"
+        n += len(idx)
+    assert n == 48
 
 
 @pytest.mark.parametrize("backend", backends(["dali", "ffcv"]))
