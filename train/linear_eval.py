@@ -282,14 +282,14 @@ def _warn_at_edge(result: dict, grid) -> None:
 def _print_table(r: dict, out: Path | None) -> None:
     from rich.table import Table
 
-    g = r.get("features") == "g"
-    what = ("g(h) = h (no projection head)" if g and r.get("head") == "none"
+    g, headless = r.get("features") == "g", r.get("head") == "none"
+    what = ("g(h) = h (no projection head)" if g and headless
             else "g(h), the projection head's output" if g else "h, the encoder's output")
     t = Table(title=f"Linear evaluation of {what} on '{r['eval_split']}' "
               f"({r['eval_count']} images)")
     for col in ("features", "dim", "top-1", "top-5", "L2"):
         t.add_column(col, justify="right")
-    net = "encoder + head" if g else "encoder"
+    net = "encoder + head" if g and not headless else "encoder"
     rows = [(f"SimCLR {net} (frozen)", r["encoder"])]
     if "random_init" in r:
         rows.append((f"random-init {net} (baseline)", r["random_init"]))

@@ -271,9 +271,9 @@ def test_features_g_feeds_the_probe_the_heads_output_and_h_the_encoders(tiny_run
     seen = {}
     real_probe = le.linear_probe
 
-    def spy(train_x, *a, **kw):
+    def spy(train_x, *a, **kw):  # the real probe, on one penalty: the rows are what is tested
         seen["train_x"] = train_x
-        return real_probe(train_x, *a, **kw)
+        return real_probe(train_x, *a, **{**kw, "l2_grid": (1e-2,)})
 
     monkeypatch.setattr(le, "linear_probe", spy)
     ckpt, cfg, model = load_pretrained(tiny_run)
@@ -317,5 +317,5 @@ def test_features_g_feeds_the_probe_the_heads_output_and_h_the_encoders(tiny_run
     r = json.loads(out.read_text())
     assert (r["features"], r["head"], r["head_layers"]) == ("g", "none", 0)
     assert r["encoder"]["feature_dim"] == model.encoder.feat_dim
-    assert "g(h) = h (no projection head)" in stdout
+    assert "g(h) = h (no projection head)" in stdout and "SimCLR encoder (frozen)" in stdout
     assert np.isfinite(r["encoder"]["top1"])
