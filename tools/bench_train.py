@@ -101,7 +101,7 @@ from tools import benchmark
 from train.cli import above, at_least
 from train.lars import LARS, lars_param_groups
 from train.schedule import lr_schedule, scaled_lr
-from train.step import training_step
+from train.step import Criterion, training_step
 
 BASELINE = "synthetic"
 MICRO = "synthetic-micro"  # the synthetic views through the micro-batched step
@@ -336,8 +336,9 @@ def _time_run(source, t: Trainer, cell: Cell, device: torch.device) -> dict:
             if len(batch.index) != batch_size:
                 raise RuntimeError(f"batch {i} holds {len(batch.index)} images, "
                                    f"expected {batch_size}")
-            loss = training_step(t.model, t.optimizer, batch, t.lrs[i], t.temperature,
-                                 t.loss_impl, t.autocast, micro_batch=cell.micro_batch)
+            loss = training_step(t.model, t.optimizer, batch, t.lrs[i],
+                                 Criterion(t.temperature, t.loss_impl), t.autocast,
+                                 micro_batch=cell.micro_batch)
             if cuda:
                 torch.cuda.synchronize(device)
             t2 = time.perf_counter()

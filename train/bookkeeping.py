@@ -41,6 +41,8 @@ class StepRecord:
     images: int  # images (each two views) of the global batch
     wait_s: float  # seconds this process waited for the batch
     finite: torch.Tensor | None = None  # 0-dim bool on the device: loss and gradients finite
+    # 0-dim on the device: the share of anchors whose positive was the most similar candidate
+    accuracy: torch.Tensor | None = None
 
 
 @dataclass
@@ -52,30 +54,37 @@ class Agreed:
     clock_s: float  # the slowest process's training seconds
     step_s: float  # the slowest process's seconds per timed step (0 outside the budget's fit)
     diverged_at: int = 0  # the first unsound step any process saw (0: none)
+    accuracy: float | None = None  # the contrastive accuracy, the mean over the processes
 
 
 def agree(loss: torch.Tensor, signalled: bool, clock_s: float, step_s: float, *, world: int,
-          rank: int, bad_step: torch.Tensor | float = 0.0) -> Agreed:
+          rank: int, bad_step: torch.Tensor | float = 0.0,
+          accuracy: torch.Tensor | None = None) -> Agreed:
     """The one collective of a logged step. Each process writes its row (loss, signal, clock, step
-    time, its first unsound step or 0) into a [world, 5] table of zeros that one all-reduce (sum)
-    completes; the table is read back once. One process: no collective, the same one read."""
-    row = torch.tensor([0.0, float(signalled), clock_s, step_s, 0.0], dtype=torch.float64,
-                       device=loss.device)
+    time, its first unsound step or 0, its contrastive accuracy or NaN) into a [world, 6] table of
+    zeros that one all-reduce (sum) completes; the table is read back once. One process: no
+    collective, the same one read."""
+    row = torch.tensor([0.0, float(signalled), clock_s, step_s, 0.0, math.nan],
+                       dtype=torch.float64, device=loss.device)
     row[0] = loss
     row[4] = bad_step
+    if accuracy is not None:
+        row[5] = accuracy
     if world > 1:
         import torch.distributed as dist
 
-        table = torch.zeros(world, 5, dtype=torch.float64, device=loss.device)
+        table = torch.zeros(world, 6, dtype=torch.float64, device=loss.device)
         table[rank] = row
         dist.all_reduce(table)
     else:
         table = row[None]
     rows = table.tolist()
     losses = torch.tensor([r[0] for r in rows], dtype=torch.float32)  # each process's float32
+    accuracy = sum(r[5] for r in rows) / world  # NaN when no process measured it
     return Agreed(loss=(losses.sum() / world).item(), stop=max(r[1] for r in rows) > 0,
                   clock_s=max(r[2] for r in rows), step_s=max(r[3] for r in rows),
-                  diverged_at=int(min((r[4] for r in rows if r[4] > 0), default=0)))
+                  diverged_at=int(min((r[4] for r in rows if r[4] > 0), default=0)),
+                  accuracy=None if math.isnan(accuracy) else accuracy)
 
 
 def _sync(device: torch.device) -> None:
@@ -103,6 +112,7 @@ class Bookkeeper:
         # found sound (a resumed checkpoint was verified when it was loaded).
         self._bad_step = torch.zeros((), dtype=torch.float64, device=run.device)
         self._sound_at, self._lr = run.step, 0.0
+        self.accuracy: float | None = None  # the contrastive accuracy at the last logged step
 
     def logged(self, step: int) -> bool:
         return step % self.run.cfg.train.log_every == 0 or step == self.run.schedule.last_step
@@ -186,13 +196,16 @@ class Bookkeeper:
         clock_s = run.clock.seconds(now)
         step_s = (clock_s - self._timed_s) / (sched.timed_to - sched.timed_from) if fit else 0.0
         agreed = agree(rec.loss, self.stop.signal is not None, clock_s, step_s, world=run.world,
-                       rank=run.acc.process_index, bad_step=self._bad_so_far(rec.step))
+                       rank=run.acc.process_index, bad_step=self._bad_so_far(rec.step),
+                       accuracy=rec.accuracy)
         self.stop.now = self.stop.now or agreed.stop
         self._stop_if_diverged(agreed.diverged_at, rec.step, agreed.loss)
         if fit:
             self._fit_budget(rec.step, agreed)
         record = {"step": rec.step, "epoch": rec.step / run.steps_per_epoch, "loss": agreed.loss,
                   "lr": rec.lr, **self.meter.interval(now)}
+        if agreed.accuracy is not None:  # the logged step's own batch, not a running mean
+            record["contrastive_acc"] = self.accuracy = agreed.accuracy
         run.log(record)
         overrun = sched.overrun(rec.step, agreed.clock_s)
         if overrun:

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from model.encoder import ARCHS
+from model.losses import LOSSES, SIMILARITIES
 from model.nt_xent import IMPLS
 from model.simclr import head_problem
 from pipelines.loader import BACKENDS
@@ -73,6 +74,17 @@ class LossConfig:
     # sums the two directions' means, i.e. scale 2: with LARS this doubles the effective weight
     # decay and halves BatchNorm/bias steps, so recipes that copy its settings use 2.0
     scale: float = 1.0
+    # the paper's table of losses (model/losses.py): nt_xent | nt_logistic | margin_triplet
+    name: str = "nt_xent"
+    similarity: str = "cosine"  # cosine (l2-normalised projections, the paper's) | dot
+    semi_hard: bool = False  # semi-hard negative mining, for nt_logistic and margin_triplet
+    margin: float = 0.5  # m of margin_triplet (the paper tuned it without giving the value)
+
+    def __post_init__(self):  # settings that contradict each other (one line, via _build)
+        if self.semi_hard and self.name == "nt_xent":
+            raise ValueError("'loss.semi_hard' applies to loss.name nt_logistic or "
+                             "margin_triplet (NT-Xent weighs its negatives by hardness itself): "
+                             "set loss.semi_hard=false or choose one of those losses")
 
 
 @dataclass
@@ -142,6 +154,8 @@ CHOICES = {
     "data.backend": BACKENDS,
     "model.arch": tuple(ARCHS),
     "loss.impl": IMPLS,
+    "loss.name": LOSSES,
+    "loss.similarity": SIMILARITIES,
     "optim.lr_scaling": SCALING_RULES,
     "optim.name": ("lars", "sgd"),
     "train.mixed_precision": ("auto", "fp32", "bf16"),
@@ -187,6 +201,7 @@ RANGES = {
     "model.head_layers": Range(0),  # 0 = no head
     "loss.temperature": Range(0, lo_open=True),
     "loss.scale": Range(0, lo_open=True),
+    "loss.margin": Range(0),
     "optim.lr": Range(0),  # 0 = the paper's base LR for the scaling rule
     "optim.momentum": Range(0, 1, hi_open=True),
     "optim.weight_decay": Range(0),

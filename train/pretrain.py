@@ -60,7 +60,7 @@ from train.run_dir import (
     unfit_checkpoint,
 )
 from train.schedule import Schedule, TrainClock, base_lr, scaled_lr
-from train.step import chunks, set_lr, step_finite, two_view_step
+from train.step import Criterion, chunks, set_lr, step_finite, two_view_step
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,19 +128,21 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> di
 
 def train_one_epoch(run: Run, book: Bookkeeper) -> None:
     """Train from run.step until its epoch's batches end, the schedule ends or a stop is asked:
-    the learning rate, both views forward, NT-Xent, backward and the optimizer step (in chunks of
+    the learning rate, both views forward, the loss (NT-Xent unless loss.name says otherwise),
+    backward and the optimizer step (in chunks of
     train.micro_batch images when set: `train.step.micro_batched_step`). All the rest
     (meters, budget, log, stop signals, kNN points, checkpoints) is `book.after_step`."""
     model, optimizer, acc, cfg = run.model, run.optimizer, run.acc, run.cfg
+    criterion = Criterion.of(cfg.loss, run.loss_impl)
     for batch, wait_s in _batches(run, book.stop):
         lr = set_lr(optimizer, run.schedule.lrs[run.step])
-        loss = two_view_step(model, optimizer, batch, cfg.loss.temperature, run.loss_impl,
-                             acc.autocast, acc.backward, cfg.loss.scale, cfg.train.micro_batch,
-                             lambda: acc.no_sync(model))
+        loss, accuracy = two_view_step(model, optimizer, batch, criterion, acc.autocast,
+                                       acc.backward, cfg.loss.scale, cfg.train.micro_batch,
+                                       lambda: acc.no_sync(model))
         finite = step_finite(optimizer, loss)  # on the device: read at logged steps only
         run.step += 1
         book.after_step(StepRecord(run.step, loss, lr, len(batch.index) * run.world, wait_s,
-                                   finite))
+                                   finite, accuracy))
         if run.step >= run.schedule.last_step or book.stop.now:
             break
 
@@ -209,11 +211,12 @@ def _model(cfg: Config, acc, precision: str) -> tuple[torch.nn.Module, torch.opt
     its optimizer, prepared by Accelerate; the loss implementation and FLOP figures."""
     from model.flops import peak_flops, training_flops_per_image
     from model.global_batchnorm import convert_to_global_bn
-    from model.nt_xent import resolve_impl
+    from model.losses import resolve_loss_impl
     from model.simclr import build_simclr
 
     device = acc.device
     model = build_simclr(cfg.model)
+    proj_dim = model.proj_dim  # the loss's input width (the encoder's without a head)
     if acc.num_processes > 1 and cfg.train.sync_bn:
         model = convert_to_global_bn(model, device)
     if cfg.model.channels_last:
@@ -225,7 +228,7 @@ def _model(cfg: Config, acc, precision: str) -> tuple[torch.nn.Module, torch.opt
     if cfg.model.compile:
         model = torch.compile(model)
     try:
-        extra["loss_impl"] = resolve_impl(cfg.loss.impl, device, cfg.model.head_out)
+        extra["loss_impl"] = resolve_loss_impl(cfg.loss.impl, cfg.loss.name, device, proj_dim)
     except ValueError as e:
         raise ConfigError(f"config: 'loss.impl': {e}") from None
     return model, optimizer, extra
@@ -376,6 +379,7 @@ def _summary(run: Run, book: Bookkeeper, totals: dict, final: Path) -> dict:
             "backend": run.cfg.data.backend, "micro_batch": _micro_batch(run),
             "images_per_s": totals["images_per_s"],
             "wall_s": totals["wall_s"], "data_wait_frac": totals["data_wait_frac"],
+            "contrastive_acc": book.accuracy, "loss_name": run.cfg.loss.name,
             "knn_top1": knn.result, "knn_best": best, "knn_best_step": best_step,
             "knn_skipped": knn.skipped if knn.result is None else None,
             "tflops": totals["tflops"], "mfu": totals["mfu"], "checkpoint": str(final),

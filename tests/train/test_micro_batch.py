@@ -22,9 +22,10 @@ from model.simclr import SimCLR
 from pipelines.spec import TwoViewBatch
 from tests.marks import multi
 from tests.processes import free_port
-from train.step import chunks, micro_batched_step, two_view_step
+from train.step import Criterion, chunks, micro_batched_step, two_view_step
 
 B = 10  # images per batch (each two views)
+NTX, REF = Criterion(0.5, "chunked"), Criterion(0.5, "reference")  # NT-Xent at temperature 0.5
 
 
 def _model() -> torch.nn.Module:
@@ -72,6 +73,19 @@ def _chunkwise_reference(model, batch: TwoViewBatch, micro: int, temperature: fl
     return loss.detach()
 
 
+def _brute_force_accuracy(model, batch: TwoViewBatch) -> float:
+    """The share of the 2N anchors whose positive is strictly the most cosine-similar of the
+    other 2N-1 views, counted one anchor at a time (the model in eval mode)."""
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(model(torch.cat([batch.view1, batch.view2]))[1], dim=1)
+    n, hits = len(batch.index), 0
+    for i in range(2 * n):
+        sims = [(z[i] @ z[k]).item() for k in range(2 * n) if k != i]
+        pos = (z[i] @ z[(i + n) % (2 * n)]).item()
+        hits += sum(s >= pos for s in sims) == 1  # only the positive itself reaches it
+    return hits / (2 * n)
+
+
 def test_chunks_cover_the_batch_in_order():
     assert chunks(10, 0) == [slice(0, 10)]
     assert chunks(10, 10) == chunks(10, 12) == [slice(0, 10)]
@@ -88,10 +102,10 @@ def test_chunks_cover_the_batch_in_order():
 def test_frozen_batchnorm_gives_the_plain_steps_gradients(micro):
     plain, chunked = _model().eval(), _model().eval()
     batch = _batch()
-    want = two_view_step(plain, _sgd(plain), batch, 0.5, "reference", loss_scale=2.0)
-    got = micro_batched_step(chunked, _sgd(chunked), batch, 0.5, "chunked", micro,
-                             loss_scale=2.0)
+    want, want_acc = two_view_step(plain, _sgd(plain), batch, REF, loss_scale=2.0)
+    got, got_acc = micro_batched_step(chunked, _sgd(chunked), batch, NTX, micro, loss_scale=2.0)
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    assert got_acc.item() == want_acc.item() == _brute_force_accuracy(plain, batch)
     _assert_same(_grads(chunked), _grads(plain))
     _assert_same(_stats(chunked), _stats(plain), rtol=0, atol=0)  # eval mode: untouched
 
@@ -99,12 +113,12 @@ def test_frozen_batchnorm_gives_the_plain_steps_gradients(micro):
 def test_without_chunks_the_step_is_the_plain_one_bit_for_bit():
     a, b = _model(), _model()
     batch = _batch()
-    two_view_step(a, _sgd(a), batch, 0.5, "chunked")
+    two_view_step(a, _sgd(a), batch, NTX)
     for micro in (0, B, B + 3):
         c = _model()
-        two_view_step(c, _sgd(c), batch, 0.5, "chunked", micro_batch=micro)
+        two_view_step(c, _sgd(c), batch, NTX, micro_batch=micro)
         _assert_same(_grads(c), _grads(a), rtol=0, atol=0)
-    two_view_step(b, _sgd(b), batch, 0.5, "chunked", micro_batch=3)
+    two_view_step(b, _sgd(b), batch, NTX, micro_batch=3)
     assert any(not torch.equal(g, _grads(a)[k]) for k, g in _grads(b).items()), \
         "train-mode chunks must change BatchNorm's statistics, hence the gradients"
 
@@ -114,8 +128,7 @@ def test_train_mode_equals_a_step_whose_batchnorm_sees_each_chunk(micro):
     ref, chunked = _model().train(), _model().train()
     batch = _batch()
     want = _chunkwise_reference(ref, batch, micro, 0.5, scale=2.0)
-    got = micro_batched_step(chunked, _sgd(chunked), batch, 0.5, "chunked", micro,
-                             loss_scale=2.0)
+    got, _ = micro_batched_step(chunked, _sgd(chunked), batch, NTX, micro, loss_scale=2.0)
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
     _assert_same(_grads(chunked), _grads(ref))
     # the running statistics were updated once per chunk: by the second pass only (were the
@@ -130,9 +143,9 @@ def test_compiled_model_takes_the_same_step():
     no-grad and the autograd one, and the running statistics put back between them."""
     eager, compiled = _model().train(), _model().train()
     batch = _batch()
-    micro_batched_step(eager, _sgd(eager), batch, 0.5, "chunked", 4)
+    micro_batched_step(eager, _sgd(eager), batch, NTX, 4)
     step_model = torch.compile(compiled, backend="aot_eager")
-    micro_batched_step(step_model, _sgd(compiled), batch, 0.5, "chunked", 4)
+    micro_batched_step(step_model, _sgd(compiled), batch, NTX, 4)
     _assert_same(_grads(compiled), _grads(eager), rtol=1e-9, atol=1e-12)
     _assert_same(_stats(compiled), _stats(eager), rtol=1e-9, atol=1e-12)
 
@@ -145,7 +158,7 @@ def test_bf16_autocast_step_equals_the_reference_under_autocast():
     batch = TwoViewBatch(b.view1.float(), b.view2.float(), b.label, b.index)
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     want = _chunkwise_reference(ref, batch, 4, 0.5, autocast=bf16)
-    loss = micro_batched_step(chunked, _sgd(chunked), batch, 0.5, "chunked", 4, autocast=bf16)
+    loss, _ = micro_batched_step(chunked, _sgd(chunked), batch, NTX, 4, autocast=bf16)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     got, want = _grads(chunked), _grads(ref)
@@ -170,7 +183,7 @@ def _worker(rank: int, port: int, queue) -> None:
         rows = slice(LOCAL * rank, LOCAL * rank + LOCAL)
         batch = TwoViewBatch(whole.view1[rows], whole.view2[rows], whole.label[rows],
                              whole.index[rows])
-        loss = micro_batched_step(ddp, _sgd(model), batch, 0.5, "chunked", MICRO,
+        loss, _ = micro_batched_step(ddp, _sgd(model), batch, NTX, MICRO,
                                   no_sync=ddp.no_sync)
         queue.put((rank, loss.item(), {k: v.numpy().copy() for k, v in _grads(model).items()},
                    {k: v.numpy().copy() for k, v in _stats(model).items()}))
@@ -201,7 +214,7 @@ def test_two_processes_equal_one_process_at_the_same_global_batch():
                           for i in range(r * LOCAL + k * MICRO, r * LOCAL + (k + 1) * MICRO)])
     batch = TwoViewBatch(whole.view1[order], whole.view2[order], whole.label[order], order)
     model = _model().train()
-    loss = micro_batched_step(model, _sgd(model), batch, 0.5, "chunked", 2 * MICRO)
+    loss, _ = micro_batched_step(model, _sgd(model), batch, NTX, 2 * MICRO)
 
     assert (results[0][1] + results[1][1]) / 2 == pytest.approx(loss.item(), rel=1e-12)
     for rank in range(2):  # DDP averaged the gradients; both processes hold the same

@@ -654,6 +654,9 @@ def test_a_micro_batched_run_resumes_bit_exactly(dataset, tmp_path, capsys):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
     start = next(r for r in records(whole) if r.get("event") == "start")
     assert start["micro_batch"] == 12
+    # every logged step carries the batch's contrastive accuracy: a share of its 64 anchors
+    accs = [r["contrastive_acc"] for r in records(whole) if "loss" in r]
+    assert len(accs) == 6 and all(0 <= a <= 1 and (64 * a) % 1 == 0 for a in accs)
     assert json.loads((whole / "summary.json").read_text())["micro_batch"] == 12
 
     run_here([*TINY, f"--data.path={dataset}", f"--train.out_dir={plain}",
