@@ -51,6 +51,7 @@ from torch import nn
 
 from pipelines.loader import BACKENDS, build_loader
 from pipelines.sources import DatasetError, Split, open_dataset, show_path
+from pipelines.spec import AugmentSpec, ViewOverrides
 from train.atomic import replace_dir, temp_name, write_atomic
 from train.checkpoint import load_pretrained, run_output
 from train.cli import above, add_checkpoint, at_least
@@ -66,6 +67,14 @@ from train.step import optimizer_step, set_lr
 MODES = ("finetune", "linear")
 OUTPUTS = ("labels.txt", "finetune.json", "model.safetensors")  # what a run writes into --out
 LR_PER_256 = 0.05  # the paper's fine-tuning LR per 256 examples (Appendix B.5)
+
+
+def finetune_spec(spec: AugmentSpec) -> AugmentSpec:
+    """The pretraining spec less everything but its crop and flip (Appendix B.5): colour
+    distortion, blur, the study's operations and any per-view override off."""
+    return dataclasses.replace(spec, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, rotate_p=0.0,
+                               sobel_p=0.0, noise_p=0.0, cutout_p=0.0, view1=ViewOverrides(),
+                               view2=ViewOverrides())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -428,8 +437,9 @@ def _plan_steps(job: Job) -> None:
         raise ConfigError(f"{len(job.labelled)} labelled images cannot give each of {world} "
                           f"processes one image: label more images or use fewer processes")
     job.batch_views = 2 * pairs * world
-    # the crop and flip of the recipe, nothing else (Appendix B.5)
-    job.spec = dataclasses.replace(job.cfg.augment, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    # the crop and flip of the recipe, nothing else (Appendix B.5): no colour, blur or study
+    # operation, and both views alike
+    job.spec = finetune_spec(job.cfg.augment)
     job.loader = build_loader(job.backend, job.train_split, job.spec, batch_size=pairs,
                               rank=job.acc.process_index, world=world, seed=job.seed,
                               device=job.acc.device, num_workers=job.cfg.data.num_workers,

@@ -315,3 +315,19 @@ def test_bad_arguments_are_one_line_errors(tiny_run, tmp_path, capsys):
     proc = finetune("--checkpoint", tmp_path / "none", check=False)
     assert proc.returncode == 2 and "no readable checkpoint" in proc.stderr
     assert proc.stderr.startswith("finetune: error: ") and "Traceback" not in proc.stderr
+
+
+def test_finetuning_views_keep_the_crop_and_flip_only():
+    """Appendix B.5: fine-tuning augments with the recipe's crop and flip alone, whatever colour,
+    blur, study operations or per-view overrides the pretraining spec holds."""
+    from pipelines.spec import AugmentSpec
+    from train.finetune import finetune_spec
+
+    spec = AugmentSpec(size=32, crop_area=(0.3, 0.9), flip_p=0.4, rotate_p=0.5, sobel_p=0.2,
+                       noise_p=0.3, cutout_p=0.1, view2={"jitter_p": 0.0, "blur_p": 1.0})
+    got = finetune_spec(spec)
+    assert (got.crop_area, got.flip_p, got.size) == ((0.3, 0.9), 0.4, 32)
+    for name in ("jitter_p", "grayscale_p", "blur_p", "rotate_p", "sobel_p", "noise_p",
+                 "cutout_p"):
+        assert getattr(got, name) == 0.0, name
+    assert got.for_view(0) == got.for_view(1) == got
