@@ -762,10 +762,14 @@ def micro_targets(group: str, micro: int, by_batch: dict[int, dict[str, dict]],
 
     def verdict(figures: dict, ok) -> tuple[bool | None, str]:
         measured = {b: v for b, v in figures.items() if v is not None}
+        met_at = [f"b{b}" for b, v in measured.items() if ok(v)]
         missed = [f"b{b}" for b, v in measured.items() if not ok(v)]
-        met = None if not measured else not missed
-        return met, ("not measured" if met is None else "met" if met
-                     else f"MISSED at {', '.join(missed)}")
+        if not measured:
+            return None, "not measured"
+        if not missed:
+            return True, "met"
+        return False, "; ".join(([f"met at {', '.join(met_at)}"] if met_at else [])
+                                + [f"MISSED at {', '.join(missed)}"])
 
     def listing(figures: dict, absent: str) -> str:
         return ", ".join(f"b{b} {v:.2f}x" if v is not None else f"b{b} - ({absent})"

@@ -224,7 +224,7 @@ def test_targets_verdicts():
     assert t["speed"] == {"target_min": 0.7, "by_batch": {"1024": 0.8, "8192": None}, "met": True}
     assert t["verdicts"] == [
         "resnet18-28 micro-batch 256: peak memory over the plain step's at batch 256: "
-        "b1024 1.20x, b8192 1.60x (target <= 1.5x): MISSED at b8192",
+        "b1024 1.20x, b8192 1.60x (target <= 1.5x): met at b1024; MISSED at b8192",
         "resnet18-28 micro-batch 256: images/s over the plain step's at equal batch: "
         "b1024 0.80x, b8192 - (no plain step) (target >= 0.70x): met"]
 
