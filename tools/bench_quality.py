@@ -6,8 +6,9 @@ training budget on the same cores.
     python -m tools.bench_quality --budget 600 --json quality.json        # and quality.png
 
 Contenders, each in a fresh process with --threads torch threads and loader workers:
-    simclr-fast/<backend>  python -m train.pretrain with --train.time_budget_s and
-                           --train.knn_every_s; its kNN curve is read from the run's log.jsonl
+    simclr-fast/<backend>  accelerate launch -m train.pretrain with --train.time_budget_s and
+                           --train.knn_every_s (train.cells.pretrain, the runner of
+                           tools.study's cells); its kNN curve is read from the run's log.jsonl
     lightly                tools.peer_lightly: lightly's transform, loss and projection head on
                            our encoder, SGD as lightly's CIFAR-10 benchmark, the same kNN curve
 Baselines on the same evaluation, computed here: raw pixels and a randomly initialised encoder.
@@ -20,6 +21,9 @@ Rows: case "t=<S>s" holds each contender's evaluation nearest that time (at most
 interval after it), "final" the last evaluation, linear top-1, images/s and the training seconds
 to reach the peer's final kNN top-1 (a row only where reached); every ratio is against lightly
 at the same case. Without lightly those ratios are NaN and the reason is in settings.skipped.
+Every contender must train its whole budget: each one's training seconds (its training clock at
+the end, evaluations excluded) are the rows of metric "train_s", the JSON's `train_seconds`, and
+`budget_check` says whether each lies within 2% of --budget (a warning names any that does not).
 """
 
 from __future__ import annotations
@@ -37,11 +41,21 @@ import torch
 from pipelines.loader import BACKENDS, BackendUnavailable, require_backend
 from pipelines.sources import DatasetError, open_dataset
 from tools import benchmark
+from train.cells import (
+    BUDGET_TOLERANCE,
+    Budget,
+    CellFailed,
+    PretrainJob,
+    budget_check,
+    budget_warning,
+    pretrain,
+    probe_top1,
+)
 from train.checkpoint import CheckpointError, load_pretrained
 from train.cli import above, at_least
 from train.config import ConfigError, build_config, load_config, load_yaml
 from train.features import extract_features, knn_accuracy, knn_bank, knn_top1
-from train.linear_eval import linear_probe, raw_pixels, subset
+from train.linear_eval import raw_pixels
 
 REPO = Path(__file__).resolve().parent.parent
 PEER = "lightly"
@@ -55,7 +69,8 @@ METRICS = [("kNN top-1", "knn_top1", "{:.2%}", "value"),
            ("kNN vs lightly", "knn_top1", "{:.2f}x", "ratio"),
            ("linear top-1", "linear_top1", "{:.2%}", "value"),
            ("img/s", "images_per_s", "{:.0f}", "value"),
-           ("s to peer final", "time_to_peer_final_s", "{:.0f}", "value")]
+           ("s to peer final", "time_to_peer_final_s", "{:.0f}", "value"),
+           ("train s", "train_s", "{:.1f}", "value")]
 
 
 class Failed(RuntimeError):
@@ -153,14 +168,8 @@ def raw_pixel_knn(cfg, train_split, eval_split) -> float:
 
 def linear_top1(cfg, features, train_split, eval_split, probe: tuple,
                 device="cpu") -> float:
-    """Linear-probe top-1 of `features(split, indices) -> (x, y)`."""
-    train_idx = subset(len(train_split), probe[0] or None, cfg.train.seed)  # 0: all
-    eval_idx = subset(len(eval_split), probe[1] or None, cfg.train.seed + 1)
-    tx, ty = features(train_split, train_idx)
-    ex, ey = features(eval_split, eval_idx)
-    return linear_probe(tx, ty, ex, ey, l2_grid=cfg.eval.l2_grid,
-                        val_fraction=cfg.eval.val_fraction, max_iter=cfg.eval.max_iter,
-                        seed=cfg.train.seed, device=device)["top1"]
+    """Linear-probe top-1 of `features(split, indices) -> (x, y)` (0 in `probe`: all images)."""
+    return probe_top1(cfg, features, train_split, eval_split, probe, device)
 
 
 def encoder_features(cfg, encoder, device):
@@ -196,21 +205,28 @@ def run_contender(name: str, cmd: list[str], env: dict, log: Path, timeout: floa
         raise Failed(f"exit code {rc}: {lines[-1].strip() if lines else 'no output'}")
 
 
-def contender_commands(s: dict, work: Path) -> dict[str, tuple[list[str], Path]]:
-    """name -> (command, run directory) of every contender to train."""
-    py, common = sys.executable, [*s["overrides"]]
-    out = {}
+def contender_jobs(s: dict, work: Path) -> dict[str, PretrainJob | tuple[list[str], Path]]:
+    """name -> the PretrainJob of each simclr-fast contender (launched as every pretraining is,
+    train.cells), and the peer's (command, output folder)."""
+    out: dict = {}
     for b in s["backends"]:
-        run_dir = work / b
-        out[f"simclr-fast/{b}"] = ([
-            py, "-m", "train.pretrain", "--config", s["config"], f"--train.out_dir={run_dir}",
-            f"--train.time_budget_s={s['budget']:g}", f"--train.knn_every_s={s['every']:g}",
-            "--train.knn_every=0", f"--data.backend={b}", "--train.checkpoint_every=0",
-            *common], run_dir)
-    out[PEER] = ([py, "-m", "tools.peer_lightly", "--config", s["config"], "--out",
+        out[f"simclr-fast/{b}"] = PretrainJob(
+            s["config"], (f"--train.knn_every_s={s['every']:g}", "--train.knn_every=0",
+                          f"--data.backend={b}", "--train.checkpoint_every=0", *s["overrides"]),
+            work / b, Budget(seconds=s["budget"]), s["device"].type, s["threads"],
+            timeout=4 * s["budget"] + 900, processes=1)  # one device, as the peer
+    out[PEER] = ([sys.executable, "-m", "tools.peer_lightly", "--config", s["config"], "--out",
                   str(work / PEER), "--budget", f"{s['budget']:g}", "--every", f"{s['every']:g}",
-                  "--threads", str(s["threads"]), *common], work / PEER)
+                  "--threads", str(s["threads"]), *s["overrides"]], work / PEER)
     return out
+
+
+def peer_train_seconds(out: Path, curve: list[dict]) -> float | None:
+    """The peer's training seconds: its summary.json's, else its last kNN point's."""
+    try:
+        return float(json.loads((out / "summary.json").read_text())["train_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return curve[-1]["seconds"] if curve else None
 
 
 def _env(s: dict) -> dict:
@@ -285,9 +301,10 @@ def evaluate_all(s: dict, runs: dict[str, Path]) -> tuple[dict, dict]:
     return flat, linear
 
 
-def result_rows(curves: dict, flat: dict, linear: dict, budget: float, every: float
-                ) -> tuple[list[dict], dict]:
-    """The JSON rows and each contender's seconds to reach the peer's final kNN top-1."""
+def result_rows(curves: dict, flat: dict, linear: dict, budget: float, every: float,
+                seconds: dict | None = None) -> tuple[list[dict], dict]:
+    """The JSON rows and each contender's seconds to reach the peer's final kNN top-1;
+    `seconds`: each contender's training seconds (rows of metric train_s)."""
     rows = []
     for t in grid(budget, every):
         values = {n: value_at(c, t, every) for n, c in curves.items()}
@@ -302,6 +319,8 @@ def result_rows(curves: dict, flat: dict, linear: dict, budget: float, every: fl
     reach = {n: None if target is None else time_to_reach(c, target) for n, c in curves.items()}
     rows += benchmark.rows("final", "time_to_peer_final_s",
                            {n: v for n, v in reach.items() if v is not None}, PEER)
+    rows += benchmark.rows("final", "train_s",
+                           {n: v for n, v in (seconds or {}).items() if v is not None}, PEER)
     return rows, reach
 
 
@@ -337,22 +356,34 @@ def main(argv: list[str] | None = None) -> int:
     from tools.peer_lightly import unavailable
 
     t0 = time.perf_counter()
-    skipped, curves, runs = s["skipped"], {}, {}
+    skipped, curves, runs, seconds = s["skipped"], {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
         work = Path(tmp)
-        for name, (cmd, run_dir) in contender_commands(s, work).items():
+        for name, job in contender_jobs(s, work).items():
             reason = unavailable() if name == PEER else None
+            log = work / f"{name.replace('/', '-')}.log"
             try:
                 if reason:
                     raise Failed(reason)
-                run_contender(name, cmd, _env(s), work / f"{name.replace('/', '-')}.log",
-                              timeout=4 * s["budget"] + 900)
+                if name == PEER:
+                    cmd, run_dir = job
+                    run_contender(name, cmd, _env(s), log, timeout=4 * s["budget"] + 900)
+                else:
+                    run_dir = job.run_dir
+                    print(f"[{name}] {' '.join(job.command()[1:])}", flush=True)
+                    try:
+                        seconds[name] = pretrain(job, log)["train_s"]
+                    except CellFailed as e:
+                        raise Failed(str(e)) from None
                 curves[name] = read_curve(run_dir / "log.jsonl")
                 if not curves[name]:
                     raise Failed(f"no kNN evaluation in {run_dir / 'log.jsonl'}")
+                if name == PEER:
+                    seconds[name] = peer_train_seconds(run_dir, curves[name])
                 runs[name] = run_dir
             except Failed as e:
                 curves.pop(name, None)
+                seconds.pop(name, None)
                 skipped[name] = str(e)
                 print(f"[{name}] skipped: {e}", file=sys.stderr, flush=True)
                 continue
@@ -364,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, DatasetError, CheckpointError) as e:
             print(f"bench_quality: error: {e}", file=sys.stderr)
             return 2
-    rows, reach = result_rows(curves, flat, linear, s["budget"], s["every"])
+    rows, reach = result_rows(curves, flat, linear, s["budget"], s["every"], seconds)
+    checks = {n: budget_check(v, s["budget"]) for n, v in seconds.items()}
     cfg = s["cfg"]
     settings = {
         "quick": args.quick, "config": s["config"], "data": cfg.data.path,
@@ -377,14 +409,21 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - t0, "cpu_count": os.cpu_count(),
         "peer_optimizer": "SGD lr 0.06 x batch/128, momentum 0.9, weight decay 5e-4, cosine "
                           "(lightly's CIFAR-10 benchmark)",
+        "budget_tolerance": BUDGET_TOLERANCE,
         "time_points": "case t=<S>s: each contender's last kNN evaluation up to half an "
                        "interval after S seconds of training (evaluation time excluded)"}
     print()
     benchmark.print_table(rows, METRICS)
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
+    for name, check in checks.items():
+        warning = budget_warning(name, check)
+        if warning:
+            print(f"bench_quality: warning: {warning}: the equal-time comparison is off by that "
+                  f"much", file=sys.stderr)
     report = benchmark.report(device, settings, rows)
-    report.update({"curves": curves, "linear_top1": linear, "time_to_peer_final_s": reach})
+    report.update({"curves": curves, "linear_top1": linear, "time_to_peer_final_s": reach,
+                   "train_seconds": seconds, "budget_check": checks})
     benchmark.write_json(args.json, report)
     if s["plot"]:
         plot_curves(s["plot"], curves, flat, f"kNN top-1 on '{cfg.data.eval_split}', "

@@ -14,8 +14,12 @@ From lightly's examples (examples/pytorch/simclr.py) and its CIFAR-10 benchmark
 (docs/source/getting_started/benchmarks/cifar10_benchmark.py): SimCLRTransform, NTXentLoss,
 SimCLRProjectionHead, a torch DataLoader of PIL images (shuffle, drop_last), and SGD with
 lr 0.06 x batch/128, momentum 0.9, weight decay 5e-4 under a cosine schedule without warmup
-(CosineAnnealingLR over the run). The cosine here spans the steps that fit the budget, planned
-as train.pretrain plans its own: steps 10..30 are timed, then train.schedule.steps_within_budget.
+(CosineAnnealingLR over the run). The cosine here spans the steps that fit the budget and the
+run trains until the budget ends (`BudgetPlan`): from step 30 on, every step re-plans the steps
+left at the pace measured since step 10, and the run stops when one more step would overshoot
+the budget by more than it would fall short. (A plan fitted once, from steps 10..30, ended a
+281 s run after 222 s where the later steps ran faster than the timed ones.) The training seconds
+and the budget go to summary.json.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -32,10 +37,52 @@ import torch
 
 from pipelines.sources import DatasetError, Split, open_dataset
 from pipelines.spec import AugmentSpec
+from train.atomic import write_atomic
 from train.config import ConfigError, load_config, save_config
-from train.schedule import epochs_to_steps, lr_schedule, steps_within_budget
+from train.schedule import epochs_to_steps
 
 TIMED_FROM, TIMED_TO = 10, 30  # the steps train.schedule.Schedule times at log_every 10
+SYNC_EVERY = 10  # on CUDA, the clock waits for the device every this many steps
+
+
+class BudgetPlan:
+    """Lightly's cosine schedule without warm-up, spread over a wall-clock budget, and when to
+    stop. Until step TIMED_TO the cosine spans `cap` steps (the learning rate stays near its
+    peak); from then on every step re-plans the total as the steps done plus the budget left at
+    the mean pace since step TIMED_FROM, so the learning rate reaches 0 where the budget ends
+    however the pace drifts, and `done` stops the run once one more step would overshoot the
+    budget by more than it would fall short (the run ends within half a step of the budget, on
+    average)."""
+
+    def __init__(self, peak: float, budget_s: float, cap: int, timed_from: int = TIMED_FROM,
+                 timed_to: int = TIMED_TO):
+        self.peak, self.budget_s, self.cap = peak, budget_s, cap
+        self.timed_from, self.timed_to = timed_from, timed_to
+        self.total = cap  # the steps the cosine spans, re-planned after every step
+        self.step_s: float | None = None  # seconds a step since timed_from
+        self._t_from: float | None = None
+
+    def lr(self, step: int) -> float:
+        """The learning rate of the step after `step` steps: train.schedule.lr_schedule(peak,
+        total, 0)[step] for the current total (0 on the plan's last step)."""
+        p = min(1.0, (step + 1) / self.total)
+        return self.peak * 0.5 * (1.0 + math.cos(math.pi * p))
+
+    def after_step(self, step: int, train_s: float) -> None:
+        """`step` steps are done after `train_s` seconds of training: time, re-plan."""
+        if step == self.timed_from:
+            self._t_from = train_s
+        if self._t_from is not None and step >= self.timed_to:
+            self.step_s = (train_s - self._t_from) / (step - self.timed_from)
+            left = math.floor(max(0.0, self.budget_s - train_s) / self.step_s + 0.5)
+            self.total = max(step + 1, min(self.cap, step + left))
+
+    def done(self, step: int, train_s: float) -> bool:
+        if step >= self.cap:
+            return True
+        if self.step_s is None:
+            return train_s >= self.budget_s
+        return train_s + self.step_s / 2 >= self.budget_s
 
 
 def unavailable() -> str | None:
@@ -134,8 +181,7 @@ def train(cfg, out: Path, budget: float, every: float, threads: int) -> dict:
         PILViews(train_split, SimCLRTransform(**transform_kwargs(cfg.augment))), batch_size=bs,
         shuffle=True, drop_last=True, num_workers=threads, persistent_workers=threads > 0)
     steps_per_epoch = len(loader)
-    total = epochs_to_steps(cfg.optim.epochs, steps_per_epoch)  # the trainer's cap
-    lrs = lr_schedule(peak, total, 0).tolist()
+    plan = BudgetPlan(peak, budget, epochs_to_steps(cfg.optim.epochs, steps_per_epoch))
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
         else (lambda: torch.autocast("cpu", enabled=False))
 
@@ -143,7 +189,7 @@ def train(cfg, out: Path, budget: float, every: float, threads: int) -> dict:
     save_config(cfg, out / "config.yaml")  # the encoder's settings, for the linear probe
     log = open(out / "log.jsonl", "a")
     step = images = 0
-    train_s, next_eval, t_timed = 0.0, every, None
+    train_s, next_eval = 0.0, every
 
     def evaluate() -> None:
         top1 = knn_top1(cfg, encoder, train_split, eval_split, device)
@@ -154,12 +200,11 @@ def train(cfg, out: Path, budget: float, every: float, threads: int) -> dict:
         print(f"peer: {train_s:.1f} s, step {step}: kNN top-1 {100 * top1:.2f}%", flush=True)
 
     model.train()
-    planned = False
-    while step < total and not (planned and train_s > 1.2 * budget):
+    while not plan.done(step, train_s):
         t0 = time.perf_counter()  # the clock runs from the epoch's first batch request
         for x0, x1 in loader:
             for g in optimizer.param_groups:
-                g["lr"] = lrs[step]
+                g["lr"] = plan.lr(step)
             x0, x1 = x0.to(device, non_blocking=True), x1.to(device, non_blocking=True)
             with autocast():
                 loss = criterion(model(x0), model(x1))
@@ -168,18 +213,12 @@ def train(cfg, out: Path, budget: float, every: float, threads: int) -> dict:
             optimizer.zero_grad()
             step += 1
             images += bs
-            if device.type == "cuda" and step in (TIMED_FROM, TIMED_TO):
-                torch.cuda.synchronize(device)  # as the trainer: only where the plan is timed
+            if device.type == "cuda" and step % SYNC_EVERY == 0:
+                torch.cuda.synchronize(device)  # the clock counts the steps' work
             now = time.perf_counter()
             train_s, t0 = train_s + now - t0, now
-            if not planned and step == TIMED_FROM:
-                t_timed = train_s
-            elif not planned and step == TIMED_TO:
-                step_s = (train_s - t_timed) / (TIMED_TO - TIMED_FROM)
-                total = steps_within_budget(budget, train_s, step, step_s, total)
-                lrs, planned = lr_schedule(peak, total, 0).tolist(), True
-            # the trainer's rules: the plan's last step, or 1.2 x the budget once planned
-            if step >= total or (planned and train_s > 1.2 * budget):
+            plan.after_step(step, train_s)
+            if plan.done(step, train_s):
                 break
             if train_s >= next_eval:
                 evaluate()
@@ -189,7 +228,10 @@ def train(cfg, out: Path, budget: float, every: float, threads: int) -> dict:
     log.close()
     torch.save({k: v.detach().cpu() for k, v in encoder.state_dict().items()},
                out / "encoder.pt")
-    return {"steps": step, "images": images, "train_s": train_s}
+    summary = {"steps": step, "images": images, "train_s": train_s, "budget_s": budget,
+               "planned_steps": plan.total, "images_per_s": images / train_s if train_s else None}
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

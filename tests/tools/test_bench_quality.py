@@ -24,8 +24,10 @@ from tools.bench_quality import (
     time_to_reach,
     value_at,
 )
-from tools.peer_lightly import transform_kwargs
+from tools.peer_lightly import TIMED_FROM, TIMED_TO, BudgetPlan, transform_kwargs
+from train.cells import budget_check, budget_warning
 from train.config import load_config
+from train.schedule import steps_within_budget
 
 LOG = [
     {"step": 10, "epoch": 0.1, "loss": 5.0, "lr": 0.1, "images_per_s": 100.0},
@@ -117,6 +119,55 @@ def test_without_the_peer_every_ratio_is_nan(log_file):
     assert rows and all(math.isnan(r["ratio"]) for r in rows)
     assert reach == {"simclr-fast/dali": None}
     assert "time_to_peer_final_s" not in {r["metric"] for r in rows}
+
+
+def _simulate(plan: BudgetPlan, seconds_of_step) -> tuple[int, float, list[float]]:
+    """The peer's loop on a simulated clock: (steps, training seconds, each step's LR)."""
+    step, t, lrs = 0, 0.0, []
+    while not plan.done(step, t):
+        lrs.append(plan.lr(step))
+        step += 1
+        t += seconds_of_step(step)
+        plan.after_step(step, t)
+    return step, t, lrs
+
+
+def test_the_peer_trains_its_whole_budget_however_the_pace_drifts():
+    budget, peak = 281.0, 0.12
+
+    def faster_later(step):  # the reported case: the timed steps slower than the rest
+        return 1.3 if step <= TIMED_TO else 1.0
+
+    # the old plan, fitted once from steps 10..30, ends after 218 s of the 281 (78%)
+    planned = steps_within_budget(budget, TIMED_TO * 1.3, TIMED_TO, 1.3, cap=10**6)
+    old_s = TIMED_TO * 1.3 + (planned - TIMED_TO) * 1.0
+    assert old_s / budget < 0.8
+    rng = np.random.default_rng(0)
+    noise = rng.uniform(0.3, 0.7, 2000)
+    for pace in (faster_later, lambda s: 0.8 if s <= 100 else 1.2, lambda s: noise[s]):
+        steps, seconds, lrs = _simulate(BudgetPlan(peak, budget, cap=10**6), pace)
+        assert abs(seconds / budget - 1) <= 0.02, seconds
+        assert lrs[0] == pytest.approx(peak, rel=1e-3)  # lightly's cosine: no warm-up
+        assert lrs[-1] <= 0.02 * peak  # the schedule decays to ~0 where the budget ends
+        assert steps > planned - 50
+    # the cap (optim.epochs) still ends a run early, with the cosine at its end there
+    steps, seconds, lrs = _simulate(BudgetPlan(peak, budget, cap=100), faster_later)
+    assert steps == 100 and seconds < budget and lrs[-1] == 0.0
+    # a budget shorter than the timing window: no re-plan, the clock alone ends it
+    steps, seconds, _ = _simulate(BudgetPlan(peak, 5.0, cap=10**6), lambda s: 1.0)
+    assert (steps, seconds) == (5, 5.0) and TIMED_FROM > 5
+
+
+def test_budget_check_and_its_warning():
+    assert budget_check(98.1, 100.0) == {"train_s": 98.1, "budget_s": 100.0,
+                                         "ratio": pytest.approx(0.981), "ok": True}
+    assert budget_check(102.0, 100.0)["ok"] is True
+    assert budget_check(97.9, 100.0)["ok"] is False and budget_check(102.1, 100)["ok"] is False
+    assert budget_check(None, 100.0)["ok"] is False
+    assert budget_check(50.0, 0.0)["ok"] is None  # no budget: nothing to check
+    assert budget_warning("lightly", budget_check(222.0, 281.0)) == (
+        "lightly: trained 222.0 s of its 281 s budget (-21.0%, beyond +-2%)")
+    assert budget_warning("x", budget_check(280.0, 281.0)) is None
 
 
 def _numpy_knn(train_x, train_y, test_x, test_y, k, t=0.07):
@@ -223,7 +274,13 @@ def test_quick_run_writes_the_contract(tmp_path, small_dataset, capsys, torch_th
     assert benchmark.contract_problems(report) == []
     assert report["settings"]["quick"] is True
     assert set(report) == {*benchmark.CONTRACT_KEYS, "curves", "linear_top1",
-                           "time_to_peer_final_s"}
+                           "time_to_peer_final_s", "train_seconds", "budget_check"}
+    # every contender's training seconds, against the budget (10 s) within 2%
+    assert set(report["train_seconds"]) == set(report["curves"])
+    for name, seconds in report["train_seconds"].items():
+        check = report["budget_check"][name]
+        assert check["train_s"] == seconds and check["budget_s"] == 10.0
+        assert check["ratio"] == pytest.approx(seconds / 10.0)
     peer = "lightly" in report["curves"]
     if peer:  # every row's baseline row is there: the harness's full contract
         check_contract({k: report[k] for k in benchmark.CONTRACT_KEYS}, "cpu")
