@@ -67,6 +67,13 @@ def _logged_step_3(out: Path) -> bool:
                                                  for r in records(out))
 
 
+def _sighup_default() -> None:
+    """In the launcher's child before exec: SIGHUP at its default. A suite run under `nohup`
+    would pass its ignored SIGHUP on, and the trainer keeps an ignored SIGHUP ignored (as
+    `nohup accelerate launch ...` asks), so these tests would fail for the wrong reason."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _kill(launcher: subprocess.Popen, workers: list) -> None:
     """Whatever of the launch is left after a test (nothing, when it passed)."""
     for w in workers:
@@ -94,7 +101,8 @@ def test_signal_to_one_process_launcher_checkpoints_and_leaves_no_worker(dataset
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
         launcher = subprocess.Popen([*one_process_launch("train.pretrain"), *args], cwd=REPO,
-                                    env=env, stdout=so, stderr=se, start_new_session=True)
+                                    env=env, stdout=so, stderr=se, start_new_session=True,
+                                    preexec_fn=_sighup_default)
     workers = []
     try:
         assert _wait(lambda: launcher.poll() is not None or _logged_step_3(out), 300), \
@@ -133,6 +141,7 @@ def test_closing_the_terminal_checkpoints_and_leaves_no_worker(dataset, tmp_path
     master, slave = pty.openpty()
 
     def controlling_terminal():  # a session of its own, the terminal its controlling one
+        _sighup_default()
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
