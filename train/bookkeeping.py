@@ -125,7 +125,7 @@ class Bookkeeper:
         if rec.finite is not None:  # device ops only: no read back
             first = (self._bad_step == 0) & ~rec.finite
             self._bad_step = torch.where(first, float(rec.step), self._bad_step)
-        if not run.schedule.planned and rec.step == run.schedule.timed_from:
+        if rec.step == run.schedule.timed_from:  # the pace of the fit and every re-fit
             _sync(run.device)
             self._timed_s = run.clock.seconds()
         if self.logged(rec.step):
@@ -191,17 +191,19 @@ class Bookkeeper:
     def _at_logged_step(self, rec: StepRecord) -> None:
         run, sched = self.run, self.run.schedule
         fit = sched.fit_due(rec.step)
+        refit = sched.refit_due(rec.step)
         _sync(run.device)  # the loss is read below anyway; the clock then counts the step whole
         now = time.perf_counter()
         clock_s = run.clock.seconds(now)
-        step_s = (clock_s - self._timed_s) / (sched.timed_to - sched.timed_from) if fit else 0.0
+        step_s = ((clock_s - self._timed_s) / (rec.step - sched.timed_from) if fit or refit
+                  else 0.0)
         agreed = agree(rec.loss, self.stop.signal is not None, clock_s, step_s, world=run.world,
                        rank=run.acc.process_index, bad_step=self._bad_so_far(rec.step),
                        accuracy=rec.accuracy)
         self.stop.now = self.stop.now or agreed.stop
         self._stop_if_diverged(agreed.diverged_at, rec.step, agreed.loss)
-        if fit:
-            self._fit_budget(rec.step, agreed)
+        if fit or (refit and agreed.step_s > 0):
+            self._fit_budget(rec.step, agreed, refit=not fit)
         record = {"step": rec.step, "epoch": rec.step / run.steps_per_epoch, "loss": agreed.loss,
                   "lr": rec.lr, **self.meter.interval(now)}
         if agreed.accuracy is not None:  # the logged step's own batch, not a running mean
@@ -214,12 +216,16 @@ class Bookkeeper:
                              img_s=f"{record['images_per_s']:.0f}")
         self.knn.at_logged_step(agreed.clock_s)
 
-    def _fit_budget(self, step: int, agreed: Agreed) -> None:
+    def _fit_budget(self, step: int, agreed: Agreed, refit: bool = False) -> None:
         run, sched = self.run, self.run.schedule
-        sched.fit(agreed.clock_s, step, agreed.step_s)
+        if refit:
+            if not sched.refit(agreed.clock_s, step, agreed.step_s):
+                return
+        else:
+            sched.fit(agreed.clock_s, step, agreed.step_s)
         self.bar.total = sched.last_step
         self.bar.refresh()
-        run.log({"event": "time_budget", "step": step, "budget_s": sched.budget_s,
+        run.log({"event": "time_budget", "refit": refit, "step": step, "budget_s": sched.budget_s,
                  "elapsed_s": agreed.clock_s, "step_s": agreed.step_s,
                  "planned_steps": sched.total_steps,
                  "planned_epochs": sched.total_steps / run.steps_per_epoch})

@@ -123,6 +123,13 @@ def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
     return int(math.floor(epochs * steps_per_epoch + 0.5))
 
 
+# The share of a time budget a fitted schedule plans to fill: the rest is room for the final
+# checkpoint and what the pace measured missed. Re-fits (`Schedule.refit`) keep the end within
+# REFIT_TOLERANCE of the budget, so a run trains its budget to within 2%.
+BUDGET_MARGIN = 0.99
+REFIT_TOLERANCE = 0.01
+
+
 def steps_within_budget(budget_s: float, elapsed_s: float, step: int, step_s: float, cap: int,
                         margin: float = 0.97) -> int:
     """Schedule length that ends a run near a wall-clock budget (``train.time_budget_s``).
@@ -202,7 +209,30 @@ class Schedule:
     def fit(self, elapsed_s: float, step: int, step_s: float) -> None:
         """Fit the length to the budget after `elapsed_s` seconds and `step` steps, at `step_s`
         seconds a step (the slowest process's figures, so that every process plans alike)."""
-        self.fix(steps_within_budget(self.budget_s, elapsed_s, step, step_s, self.cap_steps))
+        self.fix(steps_within_budget(self.budget_s, elapsed_s, step, step_s, self.cap_steps,
+                                     BUDGET_MARGIN))
+
+    def refit_due(self, step: int) -> bool:
+        """Whether a logged `step` re-fits the length: a budgeted run past its first fit (or a
+        resumed one past its timed steps) that has steps left."""
+        return (self.budget_s > 0 and self.planned and 0 <= self.timed_to < step
+                and step < self.last_step)
+
+    def refit(self, elapsed_s: float, step: int, step_s: float) -> bool:
+        """Re-fit the length at a later logged step at the pace measured since the timed steps
+        began (`step_s`), when the plan would otherwise end more than REFIT_TOLERANCE of the
+        budget away from it: a pace that changed (another job on the machine, slower epochs)
+        still ends the run on time, and a run already past the budget ends at `step`. The
+        warmup + cosine is stretched or shrunk to the new length (the learning rate moves by a
+        small step where it happens). Returns whether the length changed."""
+        total = steps_within_budget(self.budget_s, elapsed_s, step, step_s, self.cap_steps,
+                                    BUDGET_MARGIN)
+        if total == self.total_steps or (
+                abs(total - self.total_steps) * step_s <= REFIT_TOLERANCE * self.budget_s
+                and total > step):
+            return False
+        self.fix(total)
+        return True
 
     def overrun(self, step: int, elapsed_s: float) -> str | None:
         """Why the run stops when the fitted plan was too optimistic, else None."""

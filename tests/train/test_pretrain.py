@@ -227,10 +227,11 @@ def test_every_shipped_recipe_runs_two_steps(recipe, dataset, tmp_path, capsys):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("budget", [0.1, 4.0])
 def test_time_budget_fits_the_schedule_to_the_time_left(budget, dataset, tmp_path, capsys):
-    """train.time_budget_s times steps 10..30, then fixes the schedule's length P: a budget already
+    """train.time_budget_s times steps 10..30, then fits the schedule's length P: a budget already
     spent ends the run right there (P = 30); otherwise P is what the time left allows, at most
-    optim.epochs (5 x 8 = 40 steps). Steps up to 30 follow the optim.epochs schedule, later ones
-    the planned one, whose cosine reaches zero on step P; the plan is logged."""
+    optim.epochs (5 x 8 = 40 steps), re-fitted at later logged steps when the pace changes. Steps
+    up to 30 follow the optim.epochs schedule, those after the last (re-)fit the final plan,
+    whose cosine reaches zero on step P; every plan is logged."""
     from train.schedule import lr_schedule, scaled_lr
 
     run_here([*TINY, f"--data.path={dataset}", "--optim.epochs=5",
@@ -242,15 +243,17 @@ def test_time_budget_fits_the_schedule_to_the_time_left(budget, dataset, tmp_pat
         assert p == 30
     assert summary["time_budget_s"] == budget and summary["stopped_by"] is None
     plan = [r for r in records(tmp_path) if r.get("event") == "time_budget"]
-    assert (len(plan) == 1 and plan[0]["step"] == 30 and plan[0]["planned_steps"] == p
-            and plan[0]["step_s"] > 0)
+    assert plan[0]["step"] == 30 and not plan[0]["refit"] and plan[0]["step_s"] > 0
+    assert all(r["refit"] and r["step"] > 30 for r in plan[1:])
+    assert plan[-1]["planned_steps"] == p
     peak = scaled_lr(1.0, 32)  # the demo recipe's base LR at batch 32; warmup 0.5 epoch = 4 steps
     before, after = lr_schedule(peak, 40, 4).tolist(), lr_schedule(peak, p, 4).tolist()
     lrs = {r["step"]: r["lr"] for r in records(tmp_path) if "lr" in r}
     assert sorted(lrs) == list(range(1, p + 1))
     for step, lr in lrs.items():
-        want = before[step - 1] if step <= 30 else after[step - 1]
-        assert lr == pytest.approx(want, rel=1e-12, abs=1e-15), step
+        if step <= 30 or step > plan[-1]["step"]:
+            want = before[step - 1] if step <= 30 else after[step - 1]
+            assert lr == pytest.approx(want, rel=1e-12, abs=1e-15), step
     if p > 30:
         assert lrs[p] == 0.0
 

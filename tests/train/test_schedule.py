@@ -144,14 +144,14 @@ def test_schedule_fit_to_budget_and_overrun():
 
     s = Schedule(1.0, 5, 100, max_steps=0, budget_s=60.0)
     assert not s.planned and s.planned_steps is None and s.last_step == 100
-    s.fit(elapsed_s=20.0, step=30, step_s=0.5)  # 30 + floor((0.97 * 60 - 20) / 0.5) = 106 > cap
+    s.fit(elapsed_s=20.0, step=30, step_s=0.5)  # 30 + floor((0.99 * 60 - 20) / 0.5) = 108 > cap
     assert s.planned and s.total_steps == s.planned_steps == s.last_step == 100
     assert not s.fit_due(s.timed_to)
-    s.fit(elapsed_s=20.0, step=30, step_s=1.0)  # 30 + floor(38.2) = 68
-    assert s.total_steps == 68 and s.lrs == lr_schedule(1.0, 68, 5).tolist()
+    s.fit(elapsed_s=20.0, step=30, step_s=1.0)  # 30 + floor(39.4) = 69
+    assert s.total_steps == 69 and s.lrs == lr_schedule(1.0, 69, 5).tolist()
     assert s.overrun(50, 72.0) is None  # 1.2 x 60 = 72 is still within
     assert s.overrun(50, 72.1) == "time budget: 72 s > 1.2 x train.time_budget_s"
-    assert s.overrun(68, 100.0) is None  # the last step: nothing left to cut
+    assert s.overrun(69, 100.0) is None  # the last step: nothing left to cut
 
     capped = Schedule(1.0, 5, 100, max_steps=40)  # no budget: the epochs' schedule, cut
     assert capped.planned and capped.planned_steps is None
@@ -189,9 +189,9 @@ def test_replan_fits_what_is_left_to_the_new_budget_at_the_pace_so_far():
     s = Schedule(1.0, 5, 100, budget_s=60.0)
     s.fix(50)  # the plan the checkpoint recorded, 40 steps done in 40 s
     s.budget_s = 100.0  # the resumed run's budget
-    s.replan(elapsed_s=40.0, step=40)  # 40 + floor((0.97 * 100 - 40) / 1.0) = 97
-    assert s.planned and s.total_steps == s.last_step == 97
-    assert s.lrs == lr_schedule(1.0, 97, 5).tolist()
+    s.replan(elapsed_s=40.0, step=40)  # 40 + floor((0.99 * 100 - 40) / 1.0) = 99
+    assert s.planned and s.total_steps == s.last_step == 99
+    assert s.lrs == lr_schedule(1.0, 99, 5).tolist()
     s.budget_s = 30.0  # less than already spent: the run ends where it is
     s.replan(elapsed_s=40.0, step=40)
     assert s.total_steps == 40
@@ -201,3 +201,24 @@ def test_replan_fits_what_is_left_to_the_new_budget_at_the_pace_so_far():
     fresh = Schedule(1.0, 5, 100, budget_s=60.0)
     fresh.replan(elapsed_s=0.0, step=0)
     assert not fresh.planned  # nothing trained: the first steps are timed as usual
+
+
+def test_refits_keep_the_end_within_the_budget_as_the_pace_changes():
+    """After the first fit, a logged step re-fits the length at the pace since the timed steps
+    began: a pace within 1% of the budget of the plan keeps it; a slower or faster one moves the
+    end back to 99% of the budget (closed form); a run past its budget ends at the step."""
+    from train.schedule import Schedule
+
+    s = Schedule(1.0, 5, 1000, budget_s=100.0)
+    s.time_steps(0, 10)  # timed 10..30
+    assert not s.refit_due(40)  # nothing to re-fit before the first fit
+    s.fit(elapsed_s=20.0, step=30, step_s=0.5)  # 30 + floor((99 - 20) / 0.5) = 188
+    assert s.total_steps == 188 and not s.refit_due(30) and s.refit_due(40)
+    assert not s.refit(elapsed_s=25.0, step=40, step_s=0.502)  # 40 + 147 = 187: 0.5 s off, kept
+    assert s.total_steps == 188
+    assert s.refit(elapsed_s=30.0, step=40, step_s=0.75)  # slower: 40 + floor(69 / 0.75) = 132
+    assert s.total_steps == s.last_step == 132 and s.lrs == lr_schedule(1.0, 132, 5).tolist()
+    assert s.refit(elapsed_s=40.0, step=60, step_s=0.4)  # faster: 60 + floor(59 / 0.4) = 207
+    assert s.total_steps == 207
+    assert s.refit(elapsed_s=100.5, step=150, step_s=1.0)  # past the budget: ends here
+    assert s.total_steps == s.last_step == 150 and not s.refit_due(150)
