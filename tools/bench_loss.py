@@ -132,17 +132,6 @@ class _CudaPeak:
         return float(torch.cuda.max_memory_allocated() - self.base)
 
 
-def _mem_available() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024.0
-    except OSError:
-        pass
-    return math.inf
-
-
 # ---------------------------------------------------------------- implementations
 
 def _peer() -> tuple[Callable | None, str]:
@@ -350,8 +339,9 @@ def run(args, argv: list[str], device: torch.device) -> dict:
                     done[name] = (f"stopped before 2N={m}: extrapolated step time > "
                                   f"{args.max_seconds:g} s")
                     continue
+                available = benchmark.available_memory_bytes() or math.inf
                 if (device.type == "cpu" and prev["peak_bytes"] is not None
-                        and prev["peak_bytes"] * grow > 0.8 * _mem_available()):
+                        and prev["peak_bytes"] * grow > 0.8 * available):
                     done[name] = f"stopped before 2N={m}: extrapolated memory > 80% of MemAvailable"
                     continue
             try:

@@ -506,25 +506,6 @@ def _cell_in_fresh_process(cell: Cell) -> tuple[dict | None, str | None]:
     raise RuntimeError(f"the cell {cell} failed in its process:\n{payload}")
 
 
-def available_memory_bytes() -> float | None:
-    """Memory available to a new process (psutil, else /proc/meminfo's MemAvailable); None when
-    neither says."""
-    try:
-        import psutil
-
-        return float(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024.0
-    except OSError:
-        pass
-    return None
-
-
 def plain_fit(measured: list[tuple[int, float]], batch: int,
               available_mb: float | None) -> str | None:
     """Why the plain step at `batch` is not tried on the CPU, or None: its peak estimated from the
@@ -660,7 +641,7 @@ def _micro_cells(cell: Cell, s: dict, device: torch.device, case: str, flops: fl
             continue
         reason = None
         if impl == BASELINE and not cuda:
-            available = available_memory_bytes()
+            available = benchmark.available_memory_bytes()
             reason = plain_fit(plain_measured, cell.batch_size,
                                None if available is None else available / 2**20)
         if reason is None:

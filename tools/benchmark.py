@@ -201,6 +201,25 @@ def by_key(report: dict, *metrics: str) -> dict[tuple[str, str, str], dict]:
     return rows
 
 
+def available_memory_bytes() -> float | None:
+    """Memory available to a new process (psutil, else /proc/meminfo's MemAvailable); None when
+    neither says."""
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 

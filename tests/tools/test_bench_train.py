@@ -169,7 +169,7 @@ def test_fit_estimate_from_the_largest_plain_cell():
 
 def test_fit_estimate_skips_the_plain_cell_and_its_real_loaders(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_train, "_cell_in_fresh_process", _in_this_process)
-    monkeypatch.setattr(bench_train, "available_memory_bytes", lambda: 200 * 2**20)
+    monkeypatch.setattr(bench_train.benchmark, "available_memory_bytes", lambda: 200 * 2**20)
     path = tmp_path / "out.json"
     assert main(TINY + ["--sizes", "16", "--batch-size", "4,8", "--micro-batch", "2",
                         "--steps", "1", "--warmup", "0", "--backends", "synthetic,torchvision",
