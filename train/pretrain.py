@@ -15,6 +15,7 @@ a second Ctrl-C aborts at once (status 130), keeping the last checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -155,15 +156,23 @@ def _batches(run: Run, stop) -> Iterator[tuple[Any, float]]:
     it = iter(run.loader)
     while True:
         t0 = time.perf_counter()
+        first = run.first_batch_s is None
         try:
-            batch = next(it, None)
+            # The first batch of an invocation builds the loader's pipeline, starts its workers
+            # and, on a new machine, compiles its kernels (tens of seconds): start-up, kept off
+            # the training clock as evaluations are, so a time budget buys training
+            with run.clock.paused() if first else contextlib.nullcontext():
+                batch = next(it, None)
         except Exception:
             if stop.now:  # Ctrl-C in a terminal reaches the loader's workers too
                 return
             raise
         if batch is None:
             return
-        yield batch, time.perf_counter() - t0
+        wait_s = time.perf_counter() - t0
+        if first:
+            run.first_batch_s, wait_s = wait_s, 0.0
+        yield batch, wait_s
 
 
 def set_up(cfg: Config, resume: str | None, overwrite: bool) -> Run:
@@ -385,7 +394,7 @@ def _summary(run: Run, book: Bookkeeper, totals: dict, final: Path) -> dict:
             "tflops": totals["tflops"], "mfu": totals["mfu"], "checkpoint": str(final),
             "interrupted": stop.now and stop.reason is None, "signal": stop.signal,
             "stopped_by": stop.reason, "time_budget_s": sched.budget_s or None,
-            "planned_steps": sched.planned_steps}
+            "planned_steps": sched.planned_steps, "first_batch_s": run.first_batch_s}
 
 
 def _print_summary(s: dict) -> None:

@@ -41,6 +41,7 @@ class Run:
     overwrite: bool
     step: int = 0
     clock: TrainClock = field(default_factory=TrainClock)  # carried over by a resume
+    first_batch_s: float | None = None  # this invocation's wait for its first batch (start-up)
     knn_history: list = field(default_factory=list)  # [step, kNN top-1] of every evaluation
     resume_changes: list = field(default_factory=list)  # settings a resume changed, 'key A -> B'
     log: RunLog | None = None

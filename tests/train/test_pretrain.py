@@ -258,12 +258,57 @@ def test_time_budget_fits_the_schedule_to_the_time_left(budget, dataset, tmp_pat
         assert lrs[p] == 0.0
 
 
+@TRAINS
+@pytest.mark.timeout(600)
+def test_the_first_batch_is_start_up_off_the_training_clock(dataset, tmp_path, capsys,
+                                                              monkeypatch):
+    """A loader whose first batch takes 2 s longer (a pipeline that builds and compiles its
+    kernels then): the run's training clock leaves those 2 s out, as it leaves evaluations out,
+    and they are not data wait; the summary records the first batch's seconds."""
+    import time
+
+    import train.pretrain as pretrain
+    from train.checkpoint import read_trainer_state
+
+    real = pretrain.build_loader
+
+    class SlowStart:
+        def __init__(self, loader):
+            self.loader, self.started = loader, False
+
+        def __getattr__(self, name):
+            return getattr(self.loader, name)
+
+        def __len__(self):
+            return len(self.loader)
+
+        def __iter__(self):
+            for batch in self.loader:
+                if not self.started:
+                    time.sleep(2.0)
+                    self.started = True
+                yield batch
+
+    monkeypatch.setattr(pretrain, "build_loader", lambda *a, **k: SlowStart(real(*a, **k)))
+    run_here([*TINY, f"--data.path={dataset}", "--train.max_steps=3",
+              f"--train.out_dir={tmp_path}"], capsys, check=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    train_s = read_trainer_state(resolve_checkpoint(tmp_path))["train_seconds"]
+    assert summary["first_batch_s"] >= 2.0
+    assert train_s <= summary["wall_s"] - 2.0, (train_s, summary)
+    assert summary["data_wait_frac"] * train_s < 1.0  # the 2 s are not data wait either
+
+
 def test_steps_within_budget_closed_form():
     from train.schedule import steps_within_budget
 
     # 100 s budget, 20 s spent at step 30, 0.5 s per step: 0.97 * 100 - 20 = 77 s -> 154 more steps
     assert steps_within_budget(100.0, 20.0, 30, 0.5, cap=10_000) == 184
     assert steps_within_budget(100.0, 20.0, 30, 0.5, cap=100) == 100  # the configured epochs cap it
+    # 77 s at 0.9 s a step is 85.6 steps: the nearest whole number, 86, not 85 (a study cell of
+    # 45 s at 0.85 s a step would otherwise end up to 2% short)
+    assert steps_within_budget(100.0, 20.0, 30, 0.9, cap=10_000) == 30 + 86
+    assert steps_within_budget(100.0, 20.0, 30, 77 / 85.4, cap=10_000) == 30 + 85
     # spent already: stop where it is
     assert steps_within_budget(10.0, 20.0, 30, 0.5, cap=100) == 30
     assert steps_within_budget(100.0, 0.0, 0, 1.0, cap=1000, margin=1.0) == 100
