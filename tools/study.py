@@ -180,7 +180,8 @@ def table_lines(result: dict) -> list[str]:
               f"paper: {result['paper']}"]
     lines += [f"ours:  {line}" for line in result["ours"]]
     verdict = {True: "ours agrees with the paper", False: "ours DIFFERS from the paper",
-               None: "no comparison yet"}[result["agrees"]]
+               None: "no conclusion yet (too few cells, or every difference is within the "
+                     "probe's noise)"}[result["agrees"]]
     lines.append(f"=> {verdict}")
     return lines
 

@@ -202,45 +202,69 @@ def _find(rows: list[dict], **settings) -> dict | None:
                 None)
 
 
+def noise(*rows: dict | None) -> float:
+    """Two standard errors of the difference of the rows' linear top-1 (the probe's sampling
+    noise: each accuracy a binomial share of its `linear_n` evaluation images); 0 when a row does
+    not say how many images it scored. Seed-to-seed noise of the pretraining comes on top."""
+    var = 0.0
+    for r in rows:
+        p, n = score(r), (r or {}).get("linear_n")
+        if p is None or not n:
+            return 0.0
+        var += p * (1 - p) / n
+    return 2 * math.sqrt(var)
+
+
+def _beyond(diff: float, margin: float, text: str) -> tuple[str, bool | None]:
+    """A claim that holds when `diff` > 0, undecided when |diff| is within `margin`."""
+    if abs(diff) <= margin:
+        return f"{text}: within the probe's noise ({_pts(margin).replace('+', '+-')})", None
+    return text, diff > 0
+
+
 def _verdict(claims: list[tuple[str, bool | None]]) -> tuple[list[str], bool | None]:
     lines, known = [], [ok for _, ok in claims if ok is not None]
     for text, ok in claims:
-        lines.append(f"{'agrees' if ok else 'differs' if ok is not None else 'unknown'}: {text}")
+        lines.append(f"{'agrees' if ok else 'differs' if ok is not None else 'unclear'}: {text}")
     return lines, (all(known) if known else None)
 
 
 def augment_pairs_ours(rows: list[dict]) -> tuple[list[str], bool | None]:
-    single = {r["settings"]["ops"][0]: score(r) for r in rows if len(r["settings"]["ops"]) == 1}
-    pairs = {tuple(r["settings"]["ops"]): score(r) for r in rows
-             if len(r["settings"]["ops"]) == 2}
-    single = {k: v for k, v in single.items() if v is not None}
-    pairs = {k: v for k, v in pairs.items() if v is not None}
+    done = [r for r in rows if score(r) is not None]
+    single = {r["settings"]["ops"][0]: r for r in done if len(r["settings"]["ops"]) == 1}
+    pairs = {tuple(r["settings"]["ops"]): r for r in done if len(r["settings"]["ops"]) == 2}
     if not single or not pairs:
         return _verdict([("too few cells to compare", None)])
-    bs, bp = max(single, key=single.get), max(pairs, key=pairs.get)
-    cc = pairs.get(("crop", "colour"))
-    rank = sorted(pairs.values(), reverse=True).index(cc) + 1 if cc is not None else None
-    claims = [(f"best single operation {bs} {_pct(single[bs])}, best pair {' + '.join(bp)} "
-               f"{_pct(pairs[bp])} ({_pts(pairs[bp] - single[bs])})", pairs[bp] > single[bs])]
-    if cc is None:
+    bs = max(single, key=lambda k: score(single[k]))
+    bp = max(pairs, key=lambda k: score(pairs[k]))
+    s, p = score(single[bs]), score(pairs[bp])
+    claims = [_beyond(p - s, noise(single[bs], pairs[bp]),
+                      f"best single operation {bs} {_pct(s)}, best pair {' + '.join(bp)} "
+                      f"{_pct(p)} ({_pts(p - s)})")]
+    cc_row = pairs.get(("crop", "colour"))
+    if cc_row is None:
         claims.append(("crop + colour has not run", None))
+    elif bp == ("crop", "colour"):
+        claims.append((f"crop + colour {_pct(p)} is the best of {len(pairs)} pairs", True))
     else:
-        claims.append((f"crop + colour {_pct(cc)} is pair {rank} of {len(pairs)}"
-                       + ("" if bp == ("crop", "colour") else
-                          f"; {' + '.join(bp)} beats it by {_pts(pairs[bp] - cc)}"),
-                       bp == ("crop", "colour")))
+        cc = score(cc_row)
+        rank = sorted((score(r) for r in pairs.values()), reverse=True).index(cc) + 1
+        claims.append(_beyond(cc - p, noise(cc_row, pairs[bp]),
+                              f"crop + colour {_pct(cc)} is pair {rank} of {len(pairs)}; "
+                              f"{' + '.join(bp)} beats it by {_pts(p - cc)}"))
     return _verdict(claims)
 
 
 def colour_strength_ours(rows: list[dict]) -> tuple[list[str], bool | None]:
-    plain = [(r["settings"]["strength"], score(r)) for r in rows if not r["settings"]["blur"]]
-    plain = sorted((s, v) for s, v in plain if v is not None)
+    plain = sorted(((r["settings"]["strength"], score(r), r) for r in rows
+                    if not r["settings"]["blur"] and score(r) is not None), key=lambda c: c[0])
     blur = score(_find(rows, strength=1.0, blur=True))
     if len(plain) < 2:
         return _verdict([("too few cells to compare", None)])
-    seq = ", ".join(f"{s:g}: {_pct(v)}" for s, v in plain)
-    (lo, vlo), (hi, vhi) = plain[0], plain[-1]
-    claims = [(f"strength {seq}; {hi:g} vs {lo:g}: {_pts(vhi - vlo)}", vhi > vlo)]
+    seq = ", ".join(f"{s:g}: {_pct(v)}" for s, v, _ in plain)
+    (lo, vlo, rlo), (hi, vhi, rhi) = plain[0], plain[-1]
+    claims = [_beyond(vhi - vlo, noise(rlo, rhi),
+                      f"strength {seq}; {hi:g} vs {lo:g}: {_pts(vhi - vlo)}")]
     if blur is not None:
         claims.append((f"strength 1 with blur {_pct(blur)} ({_pts(blur - vhi)} over without)",
                        None))
@@ -254,44 +278,51 @@ def head_ours(rows: list[dict]) -> tuple[list[str], bool | None]:
     nl = h.get("non-linear")
     for other, paper in (("linear", "+3%"), ("none", ">10%")):
         if nl is not None and h.get(other) is not None:
-            claims.append((f"non-linear {_pct(nl)} vs {other} {_pct(h[other])}: "
-                           f"{_pts(nl - h[other])} (paper {paper})", nl > h[other]))
+            claims.append(_beyond(nl - h[other], noise(get["non-linear"], get[other]),
+                                  f"non-linear {_pct(nl)} vs {other} {_pct(h[other])}: "
+                                  f"{_pts(nl - h[other])} (paper {paper})"))
     for kind in ("linear", "non-linear"):
         g = get.get(kind, {}).get("linear_top1_g")
         if h.get(kind) is not None and g is not None:
-            claims.append((f"{kind} head: h {_pct(h[kind])} vs g(h) {_pct(g)}: "
-                           f"{_pts(h[kind] - g)}", h[kind] > g))
+            as_g = {**get[kind], "linear_top1": g}  # g(h) scored on the same images
+            claims.append(_beyond(h[kind] - g, noise(get[kind], as_g),
+                                  f"{kind} head: h {_pct(h[kind])} vs g(h) {_pct(g)}: "
+                                  f"{_pts(h[kind] - g)}"))
     return _verdict(claims or [("too few cells to compare", None)])
 
 
 def loss_ours(rows: list[dict]) -> tuple[list[str], bool | None]:
-    got = {(r["settings"]["loss"], r["settings"]["semi_hard"]): score(r) for r in rows}
-    got = {k: v for k, v in got.items() if v is not None}
+    got = {(r["settings"]["loss"], r["settings"]["semi_hard"]): r for r in rows
+           if score(r) is not None}
     ntx = got.get(("nt_xent", False))
     if ntx is None or len(got) < 2:
         return _verdict([("too few cells to compare", None)])
     claims = []
-    for (name, sh), v in got.items():
+    for (name, sh), r in got.items():
         if name != "nt_xent":
-            claims.append((f"NT-Xent {_pct(ntx)} vs {name}{' (semi-hard)' if sh else ''} "
-                           f"{_pct(v)}: {_pts(ntx - v)}", ntx > v))
+            claims.append(_beyond(score(ntx) - score(r), noise(ntx, r),
+                                  f"NT-Xent {_pct(score(ntx))} vs {name}"
+                                  f"{' (semi-hard)' if sh else ''} {_pct(score(r))}: "
+                                  f"{_pts(score(ntx) - score(r))}"))
     return _verdict(claims)
 
 
 def temperature_ours(rows: list[dict]) -> tuple[list[str], bool | None]:
     claims = []
-    cos = sorted((r["settings"]["temperature"], score(r), r.get("contrastive_acc"))
-                 for r in rows if r["settings"]["similarity"] == "cosine" and score(r) is not None)
-    dot = [score(r) for r in rows if r["settings"]["similarity"] == "dot"
-           and score(r) is not None]
+    cos = sorted(((r["settings"]["temperature"], score(r), r.get("contrastive_acc"), r)
+                  for r in rows if r["settings"]["similarity"] == "cosine"
+                  and score(r) is not None), key=lambda c: c[0])
+    dot = [r for r in rows if r["settings"]["similarity"] == "dot" and score(r) is not None]
     if cos:
-        best_t, best_v, _ = max(cos, key=lambda c: c[1])
+        best_t, best_v, _, best_r = max(cos, key=lambda c: c[1])
         claims.append((f"with l2 normalisation the best tau is {best_t:g} ({_pct(best_v)}; "
                        f"paper: 0.1-0.5)", 0.1 <= best_t <= 0.5))
         if dot:
-            claims.append((f"with normalisation {_pct(best_v)} vs without {_pct(max(dot))}: "
-                           f"{_pts(best_v - max(dot))}", best_v > max(dot)))
-        accs = [(t, a) for t, _, a in cos if a is not None]
+            best_dot = max(dot, key=score)
+            claims.append(_beyond(best_v - score(best_dot), noise(best_r, best_dot),
+                                  f"with normalisation {_pct(best_v)} vs without "
+                                  f"{_pct(score(best_dot))}: {_pts(best_v - score(best_dot))}"))
+        accs = [(t, a) for t, _, a, _ in cos if a is not None]
         if len(accs) >= 2:
             rising = all(a1 >= a2 for (_, a1), (_, a2) in zip(accs, accs[1:]))
             claims.append(("contrastive accuracy as tau falls: "
@@ -447,10 +478,13 @@ class Context:
 
 def run_cell(cell: Cell, cell_dir: Path, ctx: Context) -> dict:
     """Pretrain the cell (resuming an interrupted one), probe its final checkpoint: its figures."""
+    from pipelines.sources import open_dataset
     from train.config import load_config
 
     overrides = (*ctx.overrides, *cell.overrides)
-    batch = load_config(ctx.config, list(overrides)).data.batch_size
+    cfg = load_config(ctx.config, list(overrides))
+    batch = cfg.data.batch_size
+    n_eval = len(open_dataset(cfg.data.path).split(cfg.data.eval_split))
     job = PretrainJob(ctx.config, overrides, cell_dir / "run", ctx.budget, ctx.device_type,
                       ctx.threads, ctx.timeout)
     t0 = time.perf_counter()
@@ -461,6 +495,7 @@ def run_cell(cell: Cell, cell_dir: Path, ctx: Context) -> dict:
     t2 = time.perf_counter()
     row = cell_row(summary, ctx.budget, batch)
     row["linear_top1"] = probe.get("h")
+    row["linear_n"] = min(n_eval, ctx.probe[1]) if ctx.probe[1] else n_eval  # images scored
     if "g" in probe:
         row["linear_top1_g"] = probe["g"]
     row.update(pretrain_wall_s=t1 - t0, probe_wall_s=t2 - t1, wall_s=t2 - t0,

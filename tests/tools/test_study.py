@@ -311,7 +311,7 @@ def test_findings_say_where_ours_differs():
     rows = [_row({"ops": ["crop"]}, 0.5), _row({"ops": ["colour"]}, 0.4),
             _row({"ops": ["crop", "colour"]}, 0.7), _row({"ops": ["crop", "noise"]}, 0.6)]
     lines, agrees = augment_pairs_ours(rows)
-    assert agrees is True and "crop + colour 70.0% is pair 1 of 2" in lines[1]
+    assert agrees is True and "crop + colour 70.0% is the best of 2 pairs" in lines[1]
     rows[3]["linear_top1"] = 0.75
     lines, agrees = augment_pairs_ours(rows)
     assert agrees is False
@@ -334,6 +334,41 @@ def test_findings_say_where_ours_differs():
     lines, agrees = temperature_ours(rows)
     assert agrees is False and lines[0].startswith("differs: with l2 normalisation the best tau "
                                                    "is 0.05")
+
+
+def test_differences_within_the_probes_noise_decide_nothing():
+    """Two standard errors of two binomial shares scored on n images each: at n = 2000 and
+    accuracies near 0.78 that is 2 * sqrt(2 * 0.78 * 0.22 / 2000) = 2.6 points, so a pair 1 point
+    ahead of crop + colour neither agrees nor differs, while 4 points ahead it differs."""
+    import math
+
+    from train.studies import loss_ours, noise
+
+    n = 2000
+    rows = [_row({"ops": ["crop"]}, 0.74, linear_n=n), _row({"ops": ["colour"]}, 0.75, linear_n=n),
+            _row({"ops": ["crop", "colour"]}, 0.78, linear_n=n),
+            _row({"ops": ["crop", "noise"]}, 0.79, linear_n=n)]
+    margin = 2 * math.sqrt(0.78 * 0.22 / n + 0.79 * 0.21 / n)
+    assert noise(rows[2], rows[3]) == pytest.approx(margin)
+    lines, agrees = augment_pairs_ours(rows)
+    assert agrees is True and lines[0].startswith("agrees: best single operation colour 75.0%")
+    assert lines[1].startswith("unclear: crop + colour 78.0% is pair 2 of 2")
+    assert f"within the probe's noise (+-{100 * margin:.1f} points)" in lines[1]
+    rows[3]["linear_top1"] = 0.82
+    lines, agrees = augment_pairs_ours(rows)
+    assert agrees is False and lines[1].startswith("differs: ")
+    rows[0]["linear_top1"] = rows[1]["linear_top1"] = 0.81  # best pair 1 point over best single
+    lines, agrees = augment_pairs_ours(rows)
+    assert lines[0].startswith("unclear: ") and agrees is False
+    # without linear_n (rows of an older study) every difference counts, as before
+    assert noise(_row({}, 0.5), rows[0]) == 0.0
+
+    ntx = _row({"loss": "nt_xent", "semi_hard": False}, 0.78, linear_n=n)
+    rows = [ntx, _row({"loss": "nt_logistic", "semi_hard": False}, 0.77, linear_n=n)]
+    lines, agrees = loss_ours(rows)
+    assert agrees is None and lines[0].startswith("unclear: NT-Xent 78.0% vs nt_logistic 77.0%")
+    rows[1]["linear_top1"] = 0.70
+    assert loss_ours(rows)[1] is True
 
 
 # ---------------------------------------------------------------- a real study
