@@ -40,6 +40,7 @@ from train.studies import (
     plan_of,
     run_cell,
     run_study,
+    untrained_row,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,6 +179,7 @@ def table_lines(result: dict) -> list[str]:
               + (f"; missing {result['missing']}" if result["missing"] else "")
               + (f"; failed {result['failed']}" if result["failed"] else ""),
               f"paper: {result['paper']}"]
+    lines += [result[k] for k in ("over_untrained", "pace_warning") if result.get(k)]
     lines += [f"ours:  {line}" for line in result["ours"]]
     verdict = {True: "ours agrees with the paper", False: "ours DIFFERS from the paper",
                None: "no conclusion yet (too few cells, or every difference is within the "
@@ -286,8 +288,10 @@ def report(out: Path, say=print) -> dict:
 
 # ---------------------------------------------------------------- the command
 
-def main(argv: list[str] | None = None, runner=None) -> int:
-    """`runner(cell, cell_dir, ctx)` runs one cell (tests pass their own; default run_cell)."""
+def main(argv: list[str] | None = None, runner=None, baseline=None) -> int:
+    """`runner(cell, cell_dir, ctx)` runs one cell (tests pass their own; default run_cell);
+    `baseline(ctx)` evaluates the untrained network (default untrained_row, none with a
+    runner given)."""
     args = build_parser().parse_args(argv)
     try:
         if args.name == "report":
@@ -317,8 +321,10 @@ def main(argv: list[str] | None = None, runner=None) -> int:
         run = runner or run_cell
         print(f"study {args.name}: {len(cells)} cells, {plan['budget']['describe']} each, on "
               f"{device} ({threads} threads), into {args.out}", flush=True)
+        base = baseline or (None if runner else untrained_row)
         run_study(args.out, plan, lambda cell, cell_dir: run(cell, cell_dir, ctx),
-                  only=args.cell, say=lambda s: print(s, flush=True))
+                  only=args.cell, say=lambda s: print(s, flush=True),
+                  baseline=(lambda: base(ctx)) if base else None)
         if args.cell is not None:
             print(f"cell {args.cell} done; merge the finished cells with: python -m tools.study "
                   f"report {args.out}")

@@ -37,11 +37,13 @@ from train.cells import (
     PretrainJob,
     budget_warning,
     cell_row,
+    network_features,
     pretrain,
     probe_run,
+    probe_top1,
 )
 
-PLAN, STUDY_JSON, ROW = "plan.json", "study.json", "row.json"
+PLAN, STUDY_JSON, ROW, BASELINE = "plan.json", "study.json", "row.json", "baseline.json"
 # the paper's seven operations of Fig. 5, in its order
 OPS = ("crop", "cutout", "colour", "sobel", "noise", "blur", "rotate")
 OP_LABELS = {"crop": "Crop", "cutout": "Cutout", "colour": "Colour", "sobel": "Sobel",
@@ -503,6 +505,38 @@ def run_cell(cell: Cell, cell_dir: Path, ctx: Context) -> dict:
     return row
 
 
+def untrained_row(ctx: Context) -> dict:
+    """The reference every cell is read against: the recipe's network as the cells start it (the
+    recipe's seed, no training), through the cells' own evaluation: the kNN monitor's top-1
+    (the same bank, the whole evaluation split) and the linear probe of h on `ctx.probe`."""
+    import torch
+
+    from model.simclr import build_simclr
+    from pipelines.sources import open_dataset
+    from train.config import load_config
+    from train.features import knn_top1
+
+    t0 = time.perf_counter()
+    cfg = load_config(ctx.config, list(ctx.overrides))
+    ds = open_dataset(cfg.data.path)
+    train_split, eval_split = ds.split(cfg.data.train_split), ds.split(cfg.data.eval_split)
+    device = "cuda" if ctx.device_type == "cuda" else "cpu"
+    torch.manual_seed(cfg.train.seed)
+    net = build_simclr(cfg.model).features("h").to(device)
+    return {"knn_top1": knn_top1(cfg, net, train_split, eval_split, device),
+            "linear_top1": probe_top1(cfg, network_features(cfg, net, device), train_split,
+                                      eval_split, ctx.probe, device),
+            "linear_n": min(len(eval_split), ctx.probe[1]) if ctx.probe[1] else len(eval_split),
+            "wall_s": time.perf_counter() - t0}
+
+
+def read_baseline(out: Path) -> dict | None:
+    try:
+        return json.loads((out / BASELINE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def plan_of(study: Study, cells: list[Cell], settings: dict) -> dict:
     return {"study": study.name, **settings, "cells": [c.plan() for c in cells]}
 
@@ -544,11 +578,20 @@ def read_row(out: Path, cell: Cell) -> dict | None:
 
 
 def run_study(out: Path, plan: dict, runner: Callable[[Cell, Path], dict],
-              only: int | None = None, say: Callable[[str], None] = print) -> list[dict]:
+              only: int | None = None, say: Callable[[str], None] = print,
+              baseline: Callable[[], dict] | None = None) -> list[dict]:
     """Run the plan's unfinished cells (or cell `only`), one after another; each row is written
     atomically when its cell ends (a failed cell's too, with its error: delete its row.json to
-    try it again). Returns the rows written by this call."""
+    try it again). First, when `baseline` is given and baseline.json is missing, the untrained
+    reference (`untrained_row`), by a whole study or by cell 0 of an array job. Returns the rows
+    written by this call."""
     write_plan(out, plan)
+    if baseline is not None and only in (None, 0) and read_baseline(out) is None:
+        say("study: the untrained network (the cells' initialisation), evaluated as a cell is")
+        row = baseline()
+        write_atomic(out / BASELINE, json.dumps(row, indent=1) + "\n")
+        say(f"study: untrained: kNN {_pct(row.get('knn_top1'))}, linear "
+            f"{_pct(row.get('linear_top1'))}")
     cells = cells_of(plan)
     if only is not None:
         if not 0 <= only < len(cells):
@@ -594,19 +637,58 @@ def merge(out: Path) -> dict:
     rows = [r for r in (read_row(out, c) for c in cells) if r is not None]
     lines, agrees = study.ours(rows)
     settings = {k: v for k, v in plan.items() if k not in ("study", "cells")}
+    base = read_baseline(out)
     return {"study": study.name, "title": study.title, "reference": study.reference,
             "paper": study.paper, "ours": lines, "agrees": agrees, "settings": settings,
+            "untrained": base, "over_untrained": over_untrained(rows, base),
+            "pace_warning": pace_spread(rows, plan.get("budget") or {}),
             "cells": len(cells), "done": sum(r["status"] == "done" for r in rows),
             "missing": [c.index for c in cells if read_row(out, c) is None],
             "failed": [r["cell"] for r in rows if r["status"] != "done"],
             "figure": study.figure(rows), "rows": rows}
 
 
+def over_untrained(rows: list[dict], base: dict | None) -> str | None:
+    """What pretraining bought: the best and the worst cell's linear top-1 against the untrained
+    network's, with the probe's noise (None without the baseline or a finished cell)."""
+    done = [r for r in rows if score(r) is not None and r.get("linear_top1") is not None]
+    if not base or base.get("linear_top1") is None or not done:
+        return None
+    best, worst = max(done, key=score), min(done, key=score)
+    b = base["linear_top1"]
+    return (f"untrained network: kNN {_pct(base.get('knn_top1'))}, linear {_pct(b)}; the cells "
+            f"span {_pts(score(worst) - b)} ({worst['name']}) to {_pts(score(best) - b)} "
+            f"({best['name']}) over it (probe noise +-"
+            f"{100 * noise(best, {**base, 'status': 'done'}):.1f} points)")
+
+
+PACE_SPREAD = 1.2  # cells' images/s further apart than this make equal time unequal work
+
+
+def pace_spread(rows: list[dict], budget: dict) -> str | None:
+    """A warning when a time-budgeted study's cells trained at paces more than PACE_SPREAD apart
+    (a machine shared with other jobs, or cells that differ in cost): equal seconds were then
+    unequal numbers of images (None otherwise)."""
+    paces = [(r["images_per_s"], r["name"]) for r in rows
+             if r.get("status") == "done" and r.get("images_per_s")]
+    if not budget.get("seconds") or len(paces) < 2:
+        return None
+    (lo, slow), (hi, fast) = min(paces), max(paces)
+    if hi <= PACE_SPREAD * lo:
+        return None
+    return (f"warning: the cells trained at {lo:.0f} ({slow}) to {hi:.0f} ({fast}) images/s, so "
+            f"their equal seconds were up to {hi / lo:.2f}x unequal work: compare equal work "
+            f"with --max-steps N or --epochs E")
+
+
 def without_timing(study_json: dict) -> dict:
     """study.json less what two equal runs differ in (their seconds, their host)."""
     rows = [{k: v for k, v in r.items() if k not in (*TIMING, "host")}
             for r in study_json["rows"]]
-    return {**study_json, "rows": rows}
+    untrained = study_json.get("untrained")
+    if untrained:
+        untrained = {k: v for k, v in untrained.items() if k not in TIMING}
+    return {**study_json, "rows": rows, "untrained": untrained}
 
 
 def number(x) -> float:

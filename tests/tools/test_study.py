@@ -211,6 +211,64 @@ def test_cell_runs_plus_report_equal_the_sequential_study(data, tmp_path, capsys
     assert "has cells 0...6" in capsys.readouterr().err
 
 
+def test_a_time_budgeted_study_warns_when_its_cells_paces_differ():
+    """Equal seconds at 200 and 290 images/s are 1.45x unequal work: said when the paces are more
+    than 1.2x apart on a time budget, never on a step or epoch budget."""
+    from train.studies import pace_spread
+
+    rows = [_row({}, 0.7, name=n, images_per_s=v) for n, v in (("a", 200.0), ("b", 290.0))]
+    line = pace_spread(rows, {"seconds": 45.0})
+    assert line.startswith("warning: the cells trained at 200 (a) to 290 (b) images/s")
+    assert "up to 1.45x unequal work" in line
+    assert pace_spread(rows, {"seconds": 0.0, "max_steps": 50}) is None
+    rows[1]["images_per_s"] = 239.0  # 1.195x: within the allowance
+    assert pace_spread(rows, {"seconds": 45.0}) is None
+
+
+def test_the_untrained_network_is_evaluated_once_as_the_cells_are(data, tmp_path, capsys):
+    """baseline.json: the recipe's seeded initialisation, no training, through the cells' kNN and
+    probe. Cell 0 of an array job (or the whole study) writes it, other cells and reruns do not;
+    the report states it and where the cells lie against it, with the probe's noise."""
+    import torch
+
+    from model.simclr import build_simclr
+    from pipelines.sources import open_dataset
+    from train.features import extract_features, knn_accuracy
+    from train.studies import untrained_row
+
+    out = tmp_path / "s"
+    calls = []
+
+    def counted(ctx):
+        calls.append(ctx)
+        return untrained_row(ctx)
+
+    for i in (1, 0, 0):
+        assert cli.main(args("loss", out, data, "--cell", str(i)), runner=fake_runner(),
+                        baseline=counted) == 0
+    assert len(calls) == 1  # cell 0 once; cell 1 and the rerun of cell 0 leave it
+    base = json.loads((out / "baseline.json").read_text())
+    # the oracle: the same seeded network built here, its features, a brute-force weighted kNN
+    cfg = load_config(RECIPE, [*calls[0].overrides])
+    torch.manual_seed(cfg.train.seed)
+    net = build_simclr(cfg.model).features("h")
+    ds = open_dataset(data)
+    bank = np.random.default_rng(cfg.train.seed).choice(
+        len(ds.split("train")), min(cfg.train.knn_train_samples, len(ds.split("train"))),
+        replace=False)
+    th, ty = extract_features(net, ds.split("train"), cfg.augment, indices=bank)
+    eh, ey = extract_features(net, ds.split("test"), cfg.augment)
+    assert base["knn_top1"] == knn_accuracy(th, ty, eh, ey, k=cfg.train.knn_k)
+    assert base["linear_n"] == len(ds.split("test")) and 0.1 < base["linear_top1"] < 1
+    assert cli.main(["report", str(out)]) == 0
+    got = study_json(out)
+    assert got["untrained"] == base
+    assert got["over_untrained"].startswith(
+        f"untrained network: kNN {100 * base['knn_top1']:.1f}%, linear "
+        f"{100 * base['linear_top1']:.1f}%; the cells span ")
+    assert got["over_untrained"] in (out / "study.md").read_text()
+
+
 def test_a_study_resumed_with_other_settings_is_refused(data, tmp_path, capsys):
     out = tmp_path / "s"
     assert cli.main(args("head", out, data, "--cell", "0"), runner=fake_runner()) == 0
