@@ -212,13 +212,13 @@ def test_refits_keep_the_end_within_the_budget_as_the_pace_changes():
     s = Schedule(1.0, 5, 1000, budget_s=100.0)
     s.time_steps(0, 10)  # timed 10..30
     assert not s.refit_due(40)  # nothing to re-fit before the first fit
-    s.fit(elapsed_s=20.0, step=30, step_s=0.5)  # 30 + floor((99 - 20) / 0.5) = 188
+    s.fit(elapsed_s=20.0, step=30, step_s=0.5)  # 30 + round((99 - 20) / 0.5) = 188
     assert s.total_steps == 188 and not s.refit_due(30) and s.refit_due(40)
-    assert not s.refit(elapsed_s=25.0, step=40, step_s=0.502)  # 40 + 147 = 187: 0.5 s off, kept
+    assert not s.refit(elapsed_s=25.0, step=40, step_s=0.502)  # 187: 0.5 s off, kept
     assert s.total_steps == 188
-    assert s.refit(elapsed_s=30.0, step=40, step_s=0.75)  # slower: 40 + floor(69 / 0.75) = 132
+    assert s.refit(elapsed_s=30.0, step=40, step_s=0.75)  # slower: 40 + round(69 / 0.75) = 132
     assert s.total_steps == s.last_step == 132 and s.lrs == lr_schedule(1.0, 132, 5).tolist()
-    assert s.refit(elapsed_s=40.0, step=60, step_s=0.4)  # faster: 60 + floor(59 / 0.4) = 207
-    assert s.total_steps == 207
+    assert s.refit(elapsed_s=40.0, step=60, step_s=0.4)  # faster: 60 + round(147.5) = 208
+    assert s.total_steps == 208
     assert s.refit(elapsed_s=100.5, step=150, step_s=1.0)  # past the budget: ends here
     assert s.total_steps == s.last_step == 150 and not s.refit_due(150)
