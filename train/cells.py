@@ -297,18 +297,24 @@ def network_features(cfg, net, device):
     return lambda split, idx: extract_features(net, split, cfg.augment, indices=idx, **kw)
 
 
+def probe_eval_count(eval_split, probe: tuple[int, int]) -> int:
+    """How many evaluation images `probe_top1` scores (`probe`[1], 0 = the whole split)."""
+    return min(len(eval_split), probe[1]) if probe[1] else len(eval_split)
+
+
 def probe_run(run_dir: Path, probe: tuple[int, int], device="cpu",
-              features: tuple[str, ...] = ("h",)) -> dict[str, float]:
-    """{"h": top-1, "g": top-1, ...}: the linear probe of the run's final checkpoint on each of
-    `features` (h the encoder's output, g the head's)."""
+              features: tuple[str, ...] = ("h",)) -> tuple[dict[str, float], int]:
+    """({"h": top-1, "g": top-1, ...}, the evaluation images scored): the linear probe of the
+    run's final checkpoint on each of `features` (h the encoder's output, g the head's)."""
     from pipelines.sources import open_dataset
     from train.checkpoint import load_pretrained
 
     _, cfg, model = load_pretrained(run_dir)
     ds = open_dataset(cfg.data.path)
     train_split, eval_split = ds.split(cfg.data.train_split), ds.split(cfg.data.eval_split)
-    return {f: probe_top1(cfg, network_features(cfg, model.features(f), device), train_split,
-                          eval_split, probe, device) for f in features}
+    return ({f: probe_top1(cfg, network_features(cfg, model.features(f), device), train_split,
+                           eval_split, probe, device) for f in features},
+            probe_eval_count(eval_split, probe))
 
 
 def cell_row(summary: dict, budget: Budget, batch_size: int) -> dict:

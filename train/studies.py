@@ -39,6 +39,7 @@ from train.cells import (
     cell_row,
     network_features,
     pretrain,
+    probe_eval_count,
     probe_run,
     probe_top1,
 )
@@ -51,7 +52,6 @@ OP_LABELS = {"crop": "Crop", "cutout": "Cutout", "colour": "Colour", "sobel": "S
 # the ops a recipe's base view must not apply in the augment-pairs study (the identity branch)
 _OFF = ("flip_p", "jitter_p", "grayscale_p", "blur_p", "rotate_p", "sobel_p", "noise_p",
         "cutout_p")
-TIMING = ("wall_s", "pretrain_wall_s", "probe_wall_s")  # what differs between two equal runs
 
 
 class StudyError(ValueError):
@@ -480,24 +480,21 @@ class Context:
 
 def run_cell(cell: Cell, cell_dir: Path, ctx: Context) -> dict:
     """Pretrain the cell (resuming an interrupted one), probe its final checkpoint: its figures."""
-    from pipelines.sources import open_dataset
     from train.config import load_config
 
     overrides = (*ctx.overrides, *cell.overrides)
-    cfg = load_config(ctx.config, list(overrides))
-    batch = cfg.data.batch_size
-    n_eval = len(open_dataset(cfg.data.path).split(cfg.data.eval_split))
+    batch = load_config(ctx.config, list(overrides)).data.batch_size
     job = PretrainJob(ctx.config, overrides, cell_dir / "run", ctx.budget, ctx.device_type,
                       ctx.threads, ctx.timeout)
     t0 = time.perf_counter()
     summary = pretrain(job, cell_dir / "pretrain.log")
     t1 = time.perf_counter()
-    probe = probe_run(cell_dir / "run", ctx.probe, "cuda" if ctx.device_type == "cuda" else "cpu",
-                      ctx.features)
+    probe, n_eval = probe_run(cell_dir / "run", ctx.probe,
+                              "cuda" if ctx.device_type == "cuda" else "cpu", ctx.features)
     t2 = time.perf_counter()
     row = cell_row(summary, ctx.budget, batch)
     row["linear_top1"] = probe.get("h")
-    row["linear_n"] = min(n_eval, ctx.probe[1]) if ctx.probe[1] else n_eval  # images scored
+    row["linear_n"] = n_eval  # the evaluation images the probe scored
     if "g" in probe:
         row["linear_top1_g"] = probe["g"]
     row.update(pretrain_wall_s=t1 - t0, probe_wall_s=t2 - t1, wall_s=t2 - t0,
@@ -523,10 +520,11 @@ def untrained_row(ctx: Context) -> dict:
     device = "cuda" if ctx.device_type == "cuda" else "cpu"
     torch.manual_seed(cfg.train.seed)
     net = build_simclr(cfg.model).features("h").to(device)
-    return {"knn_top1": knn_top1(cfg, net, train_split, eval_split, device),
+    return {"name": "untrained", "status": "done",  # a row as a cell's, for score and noise
+            "knn_top1": knn_top1(cfg, net, train_split, eval_split, device),
             "linear_top1": probe_top1(cfg, network_features(cfg, net, device), train_split,
                                       eval_split, ctx.probe, device),
-            "linear_n": min(len(eval_split), ctx.probe[1]) if ctx.probe[1] else len(eval_split),
+            "linear_n": probe_eval_count(eval_split, ctx.probe),
             "wall_s": time.perf_counter() - t0}
 
 
@@ -658,8 +656,7 @@ def over_untrained(rows: list[dict], base: dict | None) -> str | None:
     b = base["linear_top1"]
     return (f"untrained network: kNN {_pct(base.get('knn_top1'))}, linear {_pct(b)}; the cells "
             f"span {_pts(score(worst) - b)} ({worst['name']}) to {_pts(score(best) - b)} "
-            f"({best['name']}) over it (probe noise +-"
-            f"{100 * noise(best, {**base, 'status': 'done'}):.1f} points)")
+            f"({best['name']}) over it (probe noise +-{100 * noise(best, base):.1f} points)")
 
 
 PACE_SPREAD = 1.2  # cells' images/s further apart than this make equal time unequal work
@@ -679,16 +676,6 @@ def pace_spread(rows: list[dict], budget: dict) -> str | None:
     return (f"warning: the cells trained at {lo:.0f} ({slow}) to {hi:.0f} ({fast}) images/s, so "
             f"their equal seconds were up to {hi / lo:.2f}x unequal work: compare equal work "
             f"with --max-steps N or --epochs E")
-
-
-def without_timing(study_json: dict) -> dict:
-    """study.json less what two equal runs differ in (their seconds, their host)."""
-    rows = [{k: v for k, v in r.items() if k not in (*TIMING, "host")}
-            for r in study_json["rows"]]
-    untrained = study_json.get("untrained")
-    if untrained:
-        untrained = {k: v for k, v in untrained.items() if k not in TIMING}
-    return {**study_json, "rows": rows, "untrained": untrained}
 
 
 def number(x) -> float:
