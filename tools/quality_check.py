@@ -142,7 +142,9 @@ def after_pretraining(args, run_dir: Path, data_dir: Path, out: Path) -> dict:
     ft = [sys.executable, "-m", "train.finetune", "--checkpoint", str(run_dir), "--labels", "0.01",
           "--out", str(ft_dir)]
     if args.quick:
-        ft += ["--epochs", "1", "--min-steps", "0", "--batch-size", "64", "--no-scratch"]
+        # three epochs of the 600 labelled images: after one (18 steps) the head of a 33-step toy
+        # encoder can still sit at chance (loss ln 10), which is not the path under test
+        ft += ["--epochs", "3", "--min-steps", "0", "--batch-size", "64", "--no-scratch"]
     embed = [sys.executable, "-m", "tools.embed", "--checkpoint", str(run_dir), str(data_dir),
              "--split", "test", "--out", str(prefix), "--device", args.device,
              "--query", "test/0", "--k", "5"]
