@@ -283,7 +283,7 @@ def probe_top1(cfg, features, train_split, eval_split, probe: tuple[int, int],
     ex, ey = features(eval_split, eval_idx)
     return linear_probe(tx, ty, ex, ey, l2_grid=cfg.eval.l2_grid,
                         val_fraction=cfg.eval.val_fraction, max_iter=cfg.eval.max_iter,
-                        seed=cfg.train.seed, device=device)["top1"]
+                        seed=cfg.train.seed, search=cfg.eval.l2_search, device=device)["top1"]
 
 
 def network_features(cfg, net, device):

@@ -135,6 +135,9 @@ class EvalConfig:
     # on standardised features the best is often near 1e-6; a warning says when it lies on an edge)
     l2_grid: tuple[float, ...] = (
         1e5, 1e4, 1e3, 1e2, 1e1, 1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
+    # coarse: the path over every other grid value, then the two grid neighbours of its best
+    # (9 fits of the 14 by default); full: every grid value (train/linear_eval.py)
+    l2_search: str = "coarse"
 
 
 @dataclass
@@ -159,6 +162,7 @@ CHOICES = {
     "optim.lr_scaling": SCALING_RULES,
     "optim.name": ("lars", "sgd"),
     "train.mixed_precision": ("auto", "fp32", "bf16"),
+    "eval.l2_search": ("coarse", "full"),
 }
 
 

@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from tests.fashion_mnist import REPO
-from train.linear_eval import fit_logistic, linear_probe, main, topk_accuracy
+from train.linear_eval import (
+    fit_logistic,
+    linear_probe,
+    main,
+    run_probes,
+    search_fits,
+    topk_accuracy,
+)
 
 
 def test_logistic_fit_is_a_stationary_point_of_its_objective():
@@ -68,9 +75,56 @@ def test_probe_flags_a_best_penalty_on_the_grids_edge():
     assert (too_strong["val_top1_by_l2"]["8.0"] < too_strong["val_top1_by_l2"]["2.0"]
             < too_strong["val_top1_by_l2"]["0.5"])
     wide = linear_probe(x[:n], y[:n], x[n:], y[n:], l2_grid=(1e3, 1e1, 1e-1, 1e-3, 1e-5),
-                        val_fraction=0.2, max_iter=100)
+                        val_fraction=0.2, max_iter=100, search="full")
     assert not wide["l2_at_edge"] and wide["top1"] >= too_strong["top1"] - 0.005
     assert list(wide["val_top1_by_l2"]) == ["1e-05", "0.001", "0.1", "10.0", "1000.0"]
+
+
+def _overfitting_problem(seed: int, n: int = 300, d: int = 60):
+    """Few noisy samples in many dimensions: the validation accuracy peaks at an interior
+    penalty, falling on both sides of it."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, 3, generator=g)
+    x = torch.randn(2 * n, d, generator=g)
+    y = (x @ w + 4.0 * torch.randn(2 * n, 3, generator=g)).argmax(1)
+    return x[:n], y[:n], x[n:], y[n:]
+
+
+def test_the_coarse_search_fits_every_other_penalty_then_the_best_ones_neighbours():
+    """Oracle: the full path over the same grid. The coarse search fits the even-indexed values
+    (strongest first) and the two grid neighbours of the best of those, picks the best of what it
+    fitted, and agrees with the full path where the validation curve has one peak."""
+    grid = tuple(10.0 ** k for k in range(4, -5, -1))  # 9 values, 1e4 .. 1e-4
+    data = _overfitting_problem(5)
+    calls = []
+    kw = dict(l2_grid=grid, val_fraction=0.3, max_iter=200)
+    full = linear_probe(*data, search="full", **kw)
+    coarse = linear_probe(*data, search="coarse", progress=calls.append, **kw)
+    curve = [full["val_top1_by_l2"][str(v)] for v in grid]
+    peak = curve.index(max(curve))
+    assert 0 < peak < len(grid) - 1, curve  # an interior optimum: the problem is as intended
+    even = {str(v) for v in grid[::2]}
+    c = grid.index(max(grid[::2], key=lambda v: (coarse["val_top1_by_l2"][str(v)], v)))
+    assert set(coarse["val_top1_by_l2"]) == even | {str(grid[j]) for j in (c - 1, c + 1)}
+    assert coarse["val_top1_by_l2"][str(coarse["l2"])] == max(coarse["val_top1_by_l2"].values())
+    assert coarse["l2"] == full["l2"] and coarse["top1"] == pytest.approx(full["top1"], abs=0.01)
+    assert sum(calls) == search_fits(len(grid), "coarse") == 5 + 2 + 1  # the bar's total
+    assert len(full["val_top1_by_l2"]) == len(grid) and not coarse["l2_at_edge"]
+
+
+def test_probes_side_by_side_give_what_each_gives_alone():
+    """run_probes on the CPU runs the probes in threads, one core each: every result must be the
+    probe's own, run alone."""
+    jobs = {f"p{s}": _overfitting_problem(s, n=200 + 100 * s, d=20 + 10 * s) for s in range(3)}
+    kw = dict(l2_grid=(1e2, 1e0, 1e-2, 1e-4), val_fraction=0.2, max_iter=100, search="coarse")
+    threads = torch.get_num_threads()
+    together = run_probes(jobs, **kw)
+    assert torch.get_num_threads() == threads  # the caller's setting is restored
+    for name, job in jobs.items():
+        alone = linear_probe(*job, **kw)
+        assert together[name]["l2"] == alone["l2"]
+        assert together[name]["top1"] == pytest.approx(alone["top1"], abs=1e-9)
+        assert together[name]["val_top1_by_l2"] == pytest.approx(alone["val_top1_by_l2"])
 
 
 def test_topk_accuracy_counts_by_hand():
@@ -96,7 +150,9 @@ def test_linear_eval_command_on_a_pretrained_checkpoint(tiny_run, tmp_path, caps
     assert r["raw_pixels"]["feature_dim"] == 28 * 28
     for m in (r["encoder"], r["random_init"], r["raw_pixels"]):
         assert 0.1 < m["top1"] <= m["top5"] <= 1.0  # ten balanced-ish classes: far above chance
-        assert set(m["val_top1_by_l2"]) == {str(10.0 ** k) for k in range(-8, 6)}
+        # the coarse search: every other of the 14 values, the best one's two neighbours
+        assert {str(10.0 ** k) for k in range(5, -9, -2)} <= set(m["val_top1_by_l2"])
+        assert len(m["val_top1_by_l2"]) <= 9 and m["l2_search"] == "coarse"
         assert isinstance(m["l2_at_edge"], bool)
     assert r["encoder"] != r["random_init"]  # trained weights, not the random initialisation
     for row in ("SimCLR encoder", "random-init encoder (baseline)", "raw pixels (baseline)"):
