@@ -9,8 +9,9 @@ plain one.
         --head-out 64 --batch-size 256,1024,4096,8192 --micro-batch 256 --backends synthetic \\
         --steps 2 --warmup 1    # the demo's encoder: memory and speed of micro-batching
 
-Every step is train/pretrain.py's step: both views in one forward of encoder + head (bf16 autocast
-and channels_last on CUDA, channels_last on CPU as in the default config), NT-Xent with the
+Every step is train/pretrain.py's step: both views in one forward of encoder + head (channels_last;
+bf16 autocast where pretraining's train.mixed_precision auto picks it: on a GPU and on a CPU with
+native bf16, train/precision.py; --precision chooses), NT-Xent with the
 implementation `resolve_impl("auto")` picks, backward, LARS with SimCLR's parameter groups and
 the learning rate set from the warmup schedule. The encoder is `SimCLR(arch, width, small_stem=
 size <= 64, stem_pool, head_out)`: `--stem-pool` adds the max-pool after the small stem (the
@@ -23,6 +24,9 @@ Implementations (the data source of the same step):
                    (train/step.py: micro_batched_step, the whole batch's loss and update with
                    the activations of M images, both views, at a time), against the plain step
                    (synthetic) at the same batch; not where M >= the batch (that is the plain step)
+    synthetic-bf16 the same views at the other precision of --precision (on a CPU by default: bf16
+    synthetic-fp32 beside fp32, or fp32 beside bf16 on a CPU with native bf16), a model of its
+                   own from the same initialisation: its ratio is the precision's speed-up
     torchvision    the real loaders of pipelines.loader.build_loader on a temporary dataset: random
     dali           uint8 arrays for sizes up to 64 (e.g. 32); above (e.g. 224), real JPEGs from
     ffcv           --images, $SIMCLR_IMAGENET_SAMPLE or ../shared/data/imagenet-sample beside the
@@ -100,11 +104,15 @@ from pipelines.spec import AugmentSpec, TwoViewBatch
 from tools import benchmark
 from train.cli import above, at_least
 from train.lars import LARS, lars_param_groups
+from train.precision import accelerate_precision, cpu_native_bf16
+from train.precision import autocast as autocast_for
 from train.schedule import lr_schedule, scaled_lr
 from train.step import Criterion, training_step
 
 BASELINE = "synthetic"
 MICRO = "synthetic-micro"  # the synthetic views through the micro-batched step
+# the synthetic views at the other precision: Accelerate's mixed_precision of each
+OTHER_PRECISION = {"synthetic-bf16": "bf16", "synthetic-fp32": "no"}
 IMPLS = (BASELINE, *BACKENDS)
 # metric name -> (table header, format); the order of the JSON rows and the table columns
 METRICS = {
@@ -180,6 +188,13 @@ def build_parser():
                         "../shared/data/imagenet-sample beside the repository)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (compilation "
                    "falls in the warm-up steps: raise --warmup)")
+    p.add_argument("--precision", default="auto", metavar="P[,P...]",
+                   help="fp32 and/or bf16 (autocast), comma-separated: the first is that of "
+                        f"'{BASELINE}' and the real loaders, each other one adds a synthetic row "
+                        "(synthetic-bf16, synthetic-fp32) beside it (default auto: what "
+                        "pretraining's train.mixed_precision auto picks, i.e. bf16 on a GPU and on "
+                        "a CPU with native bf16, else fp32; on a CPU the other precision beside "
+                        "it); with --micro-batch only the first")
     return p
 
 
@@ -278,6 +293,7 @@ class Cell:
     warmup: int
     micro_batch: int = 0  # images per forward chunk; 0: the plain step
     compile: bool = False
+    precision: str = "no"  # Accelerate's mixed_precision: "bf16" (autocast) or "no" (float32)
     device: str = "cpu"
     threads: int = 1  # torch threads (a fresh process takes them from here)
 
@@ -307,15 +323,13 @@ def _trainer(cell: Cell, device: torch.device) -> Trainer:
     model = cell.model().to(device).to(memory_format=torch.channels_last)
     optimizer = LARS(lars_param_groups(model, 1e-6), lr=0.0, momentum=0.9, eta=0.001)
     model.train()
-    cuda = device.type == "cuda"
     return Trainer(
         model=torch.compile(model) if cell.compile else model, optimizer=optimizer,
         loss_impl=resolve_impl("auto", device, cell.head_out, torch.float32),
         temperature=0.5 if cell.small_stem else 0.1,
         lrs=lr_schedule(scaled_lr(0.3, cell.batch_size), cell.warmup + cell.steps,
                         cell.warmup).tolist(),
-        autocast=((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda
-                  else contextlib.nullcontext))
+        autocast=autocast_for(cell.precision, device))
 
 
 def _time_run(source, t: Trainer, cell: Cell, device: torch.device) -> dict:
@@ -551,7 +565,11 @@ def _settings(args, device: torch.device) -> dict:
     if unknown:
         raise ValueError(f"unknown backend(s) {', '.join(unknown)}: choose among "
                          f"{', '.join(IMPLS)}")
-    impls = [BASELINE] + [b for b in IMPLS if b in backends and b != BASELINE]
+    precisions = _precisions(args.precision, cuda)
+    if args.micro_batch:  # memory is compared at one precision: the first
+        precisions = precisions[:1]
+    impls = ([BASELINE] + [f"synthetic-{'fp32' if p == 'no' else p}" for p in precisions[1:]]
+             + [b for b in IMPLS if b in backends and b != BASELINE])
     steps = args.steps if args.steps is not None else q.get("steps", 50 if cuda else 10)
     warmup = args.warmup if args.warmup is not None else q.get("warmup", 10 if cuda else 2)
     workers = args.workers if args.workers is not None else min(16, os.cpu_count() or 1)
@@ -572,8 +590,25 @@ def _settings(args, device: torch.device) -> dict:
             "workers": workers, "batch_sizes": batches, "width": args.width,
             "stem_pool": args.stem_pool, "head_out": args.head_out,
             "micro_batch": args.micro_batch, "compile": args.compile,
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "precisions": precisions,
             "images": args.images or benchmark.default_images()}
+
+
+def _precisions(text: str, cuda: bool) -> list[str]:
+    """--precision as Accelerate's mixed_precision values ("no", "bf16"), the baseline's first."""
+    if text.strip() == "auto":
+        first = accelerate_precision("auto", cuda)
+        return [first] if cuda else [first, "bf16" if first == "no" else "no"]
+    names = _csv(text)
+    bad = [n for n in names if n not in ("fp32", "bf16")]
+    if bad or not names or len(set(names)) != len(names):
+        raise ValueError(f"--precision takes fp32 and/or bf16, comma-separated, or auto; got "
+                         f"{text!r}")
+    return [accelerate_precision(n, cuda) for n in names]
+
+
+def _precision_name(mixed_precision: str) -> str:
+    return "fp32" if mixed_precision == "no" else mixed_precision
 
 
 def _default_batch_size(size: int, cuda: bool) -> int:
@@ -593,16 +628,20 @@ def _one_model(cell: Cell, impls: list[str], s: dict, device: torch.device, case
     threads = torch.get_num_threads()
     values: dict[str, dict] = {}
     for impl in impls:
-        if impl != BASELINE and skip:
+        if impl != BASELINE and impl not in OTHER_PRECISION and skip:
             skipped[f"{case}/{impl}"] = skip
             continue
         try:
-            if impl == BASELINE:
+            if impl == BASELINE or impl in OTHER_PRECISION:
                 source = SyntheticTwoViews(cell.batch_size, cell.size, cell.warmup + cell.steps,
                                            device)
             else:
                 source = _real_loader(impl, split, spec, cell.batch_size, device, s["workers"])
-            run = _time_run(source, trainer, cell, device)
+            if impl in OTHER_PRECISION:  # a model of its own, from the same initialisation
+                other = dataclasses.replace(cell, precision=OTHER_PRECISION[impl])
+                run = _time_run(source, _trainer(other, device), other, device)
+            else:
+                run = _time_run(source, trainer, cell, device)
         except Exception as e:  # a backend that cannot run here is reported and skipped
             skipped[f"{case}/{impl}"] = f"{type(e).__name__}: {e}"
             print(f"[{case}] {impl} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -672,11 +711,12 @@ def run_group(arch: str, size: int, s: dict, device: torch.device, tmp: Path, sk
     cuda = device.type == "cuda"
     batches = s["batch_sizes"] or [_default_batch_size(size, cuda)]
     several, micro = len(batches) > 1, s["micro_batch"]
-    reals = [i for i in s["impls"] if i != BASELINE]
+    reals = [i for i in s["impls"] if i != BASELINE and i not in OTHER_PRECISION]
     base = Cell(arch, size, s["width"], s["stem_pool"], s["head_out"], batches[0], s["steps"],
-                s["warmup"], compile=s["compile"], device=device.type, threads=s["threads"])
+                s["warmup"], compile=s["compile"], device=device.type, threads=s["threads"],
+                precision=s["precisions"][0])
     flops = training_flops_per_image(base.model(), size)
-    peak = peak_flops(device, torch.bfloat16 if cuda else torch.float32)
+    peak = peak_flops(device, torch.bfloat16 if base.precision == "bf16" else torch.float32)
     loss_impl = resolve_impl("auto", device, s["head_out"], torch.float32)
     values: dict[str, dict[str, dict]] = {}
     plain_measured: list[tuple[int, float]] = []
@@ -848,7 +888,13 @@ def main(argv: list[str] | None = None) -> int:
         "batch_sizes": s["batch_sizes"] or "default: CPU 32 at size <= 64, 8 above; CUDA 512/256",
         "micro_batch": s["micro_batch"],
         "steps": s["steps"], "warmup": s["warmup"], "workers": s["workers"], "quick": args.quick,
-        "compile": args.compile, "precision": "bf16 autocast" if cuda else "fp32",
+        "compile": args.compile,
+        "precision": {"baseline": _precision_name(s["precisions"][0]),
+                      "others": {f"synthetic-{_precision_name(p)}": _precision_name(p)
+                                 for p in s["precisions"][1:]},
+                      "cpu_native_bf16": None if cuda else cpu_native_bf16(),
+                      "note": "bf16 = autocast (convolutions and products in bf16; parameters, "
+                              "LARS, BatchNorm statistics and the loss in float32)"},
         "channels_last": True, "optimizer": "LARS (momentum 0.9, eta 0.001, weight decay 1e-6)",
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),

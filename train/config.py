@@ -26,6 +26,7 @@ from model.simclr import head_problem
 from pipelines.loader import BACKENDS
 from pipelines.spec import AugmentSpec
 from train.atomic import write_atomic
+from train.precision import PRECISIONS
 from train.schedule import SCALING_RULES
 
 
@@ -104,7 +105,8 @@ class OptimConfig:
 class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/simclr"
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    # auto: bf16 autocast on a GPU and on a CPU with native bf16 (train/precision.py), else fp32
+    mixed_precision: str = "auto"  # auto | fp32 | bf16
     sync_bn: bool = True  # global BatchNorm across processes
     checkpoint_every: int = 500  # steps; also at the end and on SIGTERM or SIGINT (0 = only then)
     keep_checkpoints: int = 2  # 0 = keep all
@@ -161,7 +163,7 @@ CHOICES = {
     "loss.similarity": SIMILARITIES,
     "optim.lr_scaling": SCALING_RULES,
     "optim.name": ("lars", "sgd"),
-    "train.mixed_precision": ("auto", "fp32", "bf16"),
+    "train.mixed_precision": PRECISIONS,
     "eval.l2_search": ("coarse", "full"),
 }
 
@@ -368,12 +370,6 @@ def _merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def accelerate_precision(setting: str, cuda: bool) -> str:
-    """Accelerate's mixed_precision for train.mixed_precision: auto is bf16 on a GPU and fp32 on
-    the CPU; fp32 is Accelerate's "no"."""
-    return {"auto": "bf16" if cuda else "no", "fp32": "no"}.get(setting, setting)
 
 
 def load_yaml(path: str | Path) -> dict:

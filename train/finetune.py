@@ -56,10 +56,11 @@ from train.atomic import replace_dir, temp_name, write_atomic
 from train.checkpoint import load_pretrained, run_output
 from train.cli import above, add_checkpoint, at_least
 from train.commands import print_report, run_command
-from train.config import ConfigError, accelerate_precision, config_to_dict
+from train.config import ConfigError, config_to_dict
 from train.features import eval_views, forward_eval
 from train.linear_eval import topk_accuracy
 from train.lock import lock_beside, released_on_return
+from train.precision import accelerate_precision
 from train.run_dir import lock_on_main
 from train.schedule import lr_schedule
 from train.step import optimizer_step, set_lr

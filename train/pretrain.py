@@ -43,13 +43,13 @@ from train.commands import run_command
 from train.config import (
     Config,
     ConfigError,
-    accelerate_precision,
     config_to_dict,
     load_config,
     resume_differences,
     save_config,
 )
 from train.lock import released_on_return
+from train.precision import accelerate_precision
 from train.run import Run, RunLog
 from train.run_dir import (
     check_out_dir,

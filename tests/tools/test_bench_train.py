@@ -16,6 +16,10 @@ import pytest
 from tests.tools.test_benchmarks import check_contract, check_headline
 from tools import bench_train
 from tools.bench_train import MICRO, build_parser, main, micro_targets, plain_fit
+from train.precision import cpu_native_bf16
+
+# --precision auto on a CPU: the precision pretraining picks, the other one beside it
+OTHER = "synthetic-fp32" if cpu_native_bf16() else "synthetic-bf16"
 
 TINY = ["--device", "cpu", "--archs", "resnet18", "--width", "0.25", "--batch-size", "4",
         "--steps", "2", "--warmup", "1", "--workers", "1"]
@@ -55,8 +59,11 @@ def test_schema(report):
                 and isinstance(r["metric"], str))
         assert isinstance(r["value"], float) and isinstance(r["ratio"], float)
         assert r["baseline"] == "synthetic"
-    assert {r["impl"] for r in report["results"]} == {"synthetic", "torchvision"}
+    assert {r["impl"] for r in report["results"]} == {"synthetic", OTHER, "torchvision"}
     assert {r["case"] for r in report["results"]} == {"resnet18-32"}
+    p = report["settings"]["precision"]
+    assert p["baseline"] == ("bf16" if cpu_native_bf16() else "fp32")
+    assert p["others"] == {OTHER: OTHER.removeprefix("synthetic-")}
     metrics = {r["metric"] for r in report["results"]}
     assert "mfu" not in metrics  # no known peak on a CPU
     assert "peak_mem_mb" not in metrics and "micro" not in report["settings"]  # no --micro-batch
@@ -88,7 +95,15 @@ def test_throughput_and_split(report):
     case = report["settings"]["cases"]["resnet18-32"]
     assert case["batch_size"] == 4 and case["training_flops_per_image"] > 0
     assert all(math.isfinite(v) for v in case["final_loss"].values())
-    assert case["micro_batch"] == {"synthetic": 0, "torchvision": 0}
+    assert case["micro_batch"] == {"synthetic": 0, OTHER: 0, "torchvision": 0}
+
+
+def test_the_other_precision_takes_the_same_steps(report):
+    """The bf16 and fp32 rows train the same initialisation on the same views at the same
+    learning rates: their losses after the steps agree to bf16's precision."""
+    losses = report["settings"]["cases"]["resnet18-32"]["final_loss"]
+    assert losses[OTHER] == pytest.approx(losses["synthetic"], rel=0.03)
+    assert losses[OTHER] != losses["synthetic"]  # computed at another precision, not copied
 
 
 def test_missing_jpegs_skip_with_reason(tmp_path):
@@ -98,7 +113,7 @@ def test_missing_jpegs_skip_with_reason(tmp_path):
                    "--json", str(path)]
     assert main(args) == 0
     report = json.loads(path.read_text())
-    assert {r["impl"] for r in report["results"]} == {"synthetic"}
+    assert {r["impl"] for r in report["results"]} == {"synthetic", OTHER}  # needs no JPEGs
     assert "no JPEGs" in report["settings"]["skipped"]["resnet18-72/torchvision"]
 
 
@@ -115,6 +130,9 @@ def _error_line(capsys, argv: list[str]) -> str:
 def test_cli_errors_and_help(capsys):
     assert main(["--device", "cpu", "--backends", "synthetic,nope"]) == 2
     assert "unknown backend" in capsys.readouterr().err
+    for bad in ("fp16", "fp32,fp32", ""):
+        assert main(["--device", "cpu", "--precision", bad]) == 2
+        assert "--precision takes fp32 and/or bf16" in capsys.readouterr().err
     prefix = "python -m tools.bench_train: error: argument"
     assert _error_line(capsys, ["--micro-batch", "-1"]) == (
         f"{prefix} --micro-batch: must be >= 0, got -1")
