@@ -12,7 +12,9 @@ import torch
 
 def main_here(main, args) -> int:
     """`main(args)` in this process, without a process start (about 2.5 s of imports); the signal
-    handlers it installs and the torch thread count it sets are put back afterwards."""
+    handlers it installs and the torch thread count it sets are put back afterwards, and
+    Accelerate's per-process state is forgotten, so the next run may choose another precision (as
+    a new process would: the state refuses a second mixed_precision)."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     threads = torch.get_num_threads()
     try:
@@ -21,6 +23,9 @@ def main_here(main, args) -> int:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         torch.set_num_threads(threads)
+        state = sys.modules.get("accelerate.state")
+        if state is not None:
+            state.AcceleratorState._reset_state()
 
 
 def free_port() -> int:
