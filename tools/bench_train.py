@@ -30,7 +30,8 @@ Implementations (the data source of the same step):
     torchvision    the real loaders of pipelines.loader.build_loader on a temporary dataset: random
     dali           uint8 arrays for sizes up to 64 (e.g. 32); above (e.g. 224), real JPEGs from
     ffcv           --images, $SIMCLR_IMAGENET_SAMPLE or ../shared/data/imagenet-sample beside the
-                   repository (without any, the case's real loaders are skipped with the reason).
+                   repository (without any, the case's real loaders are skipped with the reason);
+                   with --images given, its JPEGs at every size (small images for 28/32 px).
                    FFCV reads a .beton written first (not timed). The real loaders always take the
                    plain step (their ratios are to the plain synthetic row).
 
@@ -184,8 +185,11 @@ def build_parser():
                    help="loader workers / threads for every backend (default: CPU cores, at most "
                         "16)")
     p.add_argument("--images", type=Path, default=None,
-                   help="folder of JPEGs for size 224 (default: $SIMCLR_IMAGENET_SAMPLE or "
-                        "../shared/data/imagenet-sample beside the repository)")
+                   help="folder of JPEGs for the sizes above 64 (default: "
+                        "$SIMCLR_IMAGENET_SAMPLE or ../shared/data/imagenet-sample beside the "
+                        "repository); given explicitly, also for the sizes up to 64 instead of "
+                        "random arrays (a folder of small images: the loaders' decode and crop "
+                        "at the 28/32 px recipes' sizes)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (compilation "
                    "falls in the warm-up steps: raise --warmup)")
     p.add_argument("--precision", default="auto", metavar="P[,P...]",
@@ -246,15 +250,17 @@ class SyntheticTwoViews:
             yield self.pool[i % 2]
 
 
-def _dataset(size: int, n: int, root: Path, images: Path
+def _dataset(size: int, n: int, root: Path, images: Path, small_jpegs: bool = False
              ) -> tuple[Split | None, AugmentSpec, str | None]:
-    """(split of n samples, augmentation spec, reason when the case cannot run)."""
+    """(split of n samples, augmentation spec, reason when the case cannot run): random arrays up
+    to 64 px unless `small_jpegs`, else the JPEGs of `images`."""
     root.mkdir(parents=True, exist_ok=True)
-    if size <= 64:
+    small = AugmentSpec(size=size, jitter_strength=0.5, blur_p=0.0)  # the 32x32 recipes' spec
+    if size <= 64 and not small_jpegs:
         rng = np.random.default_rng(0)
         split = Split("train", rng.integers(0, 10, n).astype(np.int64),
                       images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), root=root)
-        return split, AugmentSpec(size=size, jitter_strength=0.5, blur_p=0.0), None
+        return split, small, None
     files = sorted(str(p) for p in images.glob("*")
                    if p.suffix.lower() in (".jpeg", ".jpg")) if images.is_dir() else []
     if not files:
@@ -262,7 +268,7 @@ def _dataset(size: int, n: int, root: Path, images: Path
                                               f"(set --images or SIMCLR_IMAGENET_SAMPLE)")
     files = [files[i % len(files)] for i in range(n)]  # a small sample is repeated to fill the run
     split = Split("train", np.zeros(n, dtype=np.int64), files=files, root=root)
-    return split, AugmentSpec(size=size), None
+    return split, small if size <= 64 else AugmentSpec(size=size), None
 
 
 def _real_loader(impl: str, split: Split, spec: AugmentSpec, batch_size: int,
@@ -591,7 +597,8 @@ def _settings(args, device: torch.device) -> dict:
             "stem_pool": args.stem_pool, "head_out": args.head_out,
             "micro_batch": args.micro_batch, "compile": args.compile,
             "threads": torch.get_num_threads(), "precisions": precisions,
-            "images": args.images or benchmark.default_images()}
+            "images": args.images or benchmark.default_images(),
+            "small_jpegs": args.images is not None}
 
 
 def _precisions(text: str, cuda: bool) -> list[str]:
@@ -723,12 +730,15 @@ def run_group(arch: str, size: int, s: dict, device: torch.device, tmp: Path, sk
     for bs in batches:
         case = f"{arch}-{size}-b{bs}" if several else f"{arch}-{size}"
         cell = dataclasses.replace(base, batch_size=bs)
-        data = (_dataset(size, (cell.warmup + cell.steps) * bs, tmp / case, s["images"]) if reals
+        data = (_dataset(size, (cell.warmup + cell.steps) * bs, tmp / case, s["images"],
+                         small_jpegs=s["small_jpegs"]) if reals
                 else (None, None, None))
         info = case_info[case] = {
             "batch_size": bs, "width": s["width"], "small_stem": cell.small_stem,
             "stem_pool": s["stem_pool"], "head_out": s["head_out"],
             "augment": dataclasses.asdict(data[1]) if data[1] else None, "loss_impl": loss_impl,
+            "data": (None if data[0] is None else "random uint8 arrays" if data[0].files is None
+                     else f"JPEGs from {s['images']}"),
             "temperature": 0.5 if cell.small_stem else 0.1, "training_flops_per_image": flops,
             "peak_flops": peak, "micro_batch": {}, "final_loss": {}, "load_average": {}}
         print(f"[{case}] batch {bs}, {flops / 1e9:.2f} GFLOP per image (2 views, fwd+bwd), "

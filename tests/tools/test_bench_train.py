@@ -117,6 +117,30 @@ def test_missing_jpegs_skip_with_reason(tmp_path):
     assert "no JPEGs" in report["settings"]["skipped"]["resnet18-72/torchvision"]
 
 
+def test_given_images_feed_the_small_sizes_too(tmp_path):
+    """--images given explicitly: the 28 px case's loaders decode those JPEGs, not arrays."""
+    from PIL import Image
+
+    folder = tmp_path / "jpegs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (28, 28), (40 * i, 90, 200)).save(folder / f"{i}.jpg")
+    path = tmp_path / "out.json"
+    assert main(TINY + ["--sizes", "28", "--steps", "1", "--warmup", "0", "--precision", "fp32",
+                        "--backends", "synthetic,torchvision", "--images", str(folder),
+                        "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert {r["impl"] for r in report["results"]} == {"synthetic", "torchvision"}
+    case = report["settings"]["cases"]["resnet18-28"]
+    assert case["data"] == f"JPEGs from {folder}" and case["augment"]["size"] == 28
+    assert report["settings"]["cases"]["resnet18-28"]["final_loss"]["torchvision"] > 0
+    arrays = tmp_path / "arrays.json"  # without --images: random arrays at this size
+    assert main(TINY + ["--sizes", "28", "--steps", "1", "--warmup", "0", "--precision", "fp32",
+                        "--backends", "synthetic,torchvision", "--json", str(arrays)]) == 0
+    case = json.loads(arrays.read_text())["settings"]["cases"]["resnet18-28"]
+    assert case["data"] == "random uint8 arrays"
+
+
 def _error_line(capsys, argv: list[str]) -> str:
     """The one error line of a command line argparse refuses (after its usage)."""
     with pytest.raises(SystemExit) as e:
