@@ -574,7 +574,7 @@ def _settings(args, device: torch.device) -> dict:
     precisions = _precisions(args.precision, cuda)
     if args.micro_batch:  # memory is compared at one precision: the first
         precisions = precisions[:1]
-    impls = ([BASELINE] + [f"synthetic-{'fp32' if p == 'no' else p}" for p in precisions[1:]]
+    impls = ([BASELINE] + [f"synthetic-{_precision_name(p)}" for p in precisions[1:]]
              + [b for b in IMPLS if b in backends and b != BASELINE])
     steps = args.steps if args.steps is not None else q.get("steps", 50 if cuda else 10)
     warmup = args.warmup if args.warmup is not None else q.get("warmup", 10 if cuda else 2)

@@ -106,9 +106,14 @@ def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> dict:
     return {f"top{k}": (top[:, :k] == y[:, None]).any(1).float().mean().item() for k in ks}
 
 
+def _coarse(grid_len: int, search: str) -> bool:
+    """Whether the coarse search runs (on three values or fewer it is the full one)."""
+    return search != "full" and grid_len > 3
+
+
 def search_fits(grid_len: int, search: str) -> int:
     """How many fits `linear_probe` makes at most: the L2 search's and the refit."""
-    if search == "full" or grid_len <= 3:
+    if not _coarse(grid_len, search):
         return grid_len + 1
     return (grid_len + 1) // 2 + 2 + 1  # every other value, two neighbours, the refit
 
@@ -147,7 +152,7 @@ def linear_probe(train_x, train_y, test_x, test_y, *, l2_grid, val_fraction, max
     def best() -> float:  # ties: the stronger penalty
         return max(sorted(scores, reverse=True), key=scores.get)
 
-    coarse = search != "full" and len(grid) > 3
+    coarse = _coarse(len(grid), search)
     for i in range(0, len(grid), 2 if coarse else 1):
         fit_one(i)
     if coarse:
