@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipelines.sources import DatasetError, open_dataset
 from train.atomic import unwritable, write_atomic
@@ -79,24 +78,45 @@ def subset(n: int, limit: int | None, seed: int) -> np.ndarray:
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, max_iter: int,
-                 init: torch.nn.Linear | None = None) -> torch.nn.Linear:
+                 init: torch.nn.Linear | None = None,
+                 xt: torch.Tensor | None = None) -> torch.nn.Linear:
     """Multinomial logistic regression with an L2 penalty on the weights, full-batch L-BFGS,
-    starting from zero or from `init`'s weights (a warm start along an L2 path)."""
-    clf = torch.nn.Linear(x.shape[1], classes, device=x.device)
-    with torch.no_grad():
-        clf.weight.copy_(init.weight if init is not None else torch.zeros_like(clf.weight))
-        clf.bias.copy_(init.bias if init is not None else torch.zeros_like(clf.bias))
-    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+    starting from zero or from `init`'s weights (a warm start along an L2 path).
+
+    The loss, mean cross-entropy + l2/2 |W|^2, and its gradient are computed in closed form
+    (softmax - one-hot), with no autograd graph: the logits as W x^T + b from `xt`, x^T
+    stored contiguous (x.T.contiguous() when not given: pass it to share it across fits), and
+    the gradient as (softmax - one-hot) x: on the CPU the logits' product so laid out takes half
+    the time of x W^T, and an evaluation of loss and gradient about 0.8 of F.cross_entropy's
+    with autograd (README, "Linear evaluation")."""
+    n, dim = x.shape
+    xt = x.T.contiguous() if xt is None else xt
+    w = torch.nn.Parameter(init.weight.detach().clone() if init is not None
+                           else x.new_zeros(classes, dim))
+    b = torch.nn.Parameter(init.bias.detach().clone() if init is not None
+                           else x.new_zeros(classes))
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
                             tolerance_grad=1e-6, tolerance_change=1e-9,
                             line_search_fn="strong_wolfe")
+    rows = y.view(1, n)
+    minus_one = x.new_full((1, n), -1.0)
 
+    @torch.no_grad()
     def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(clf(x), y) + 0.5 * l2 * clf.weight.pow(2).sum()
-        loss.backward()
+        z = torch.addmm(b[:, None], w, xt)  # logits [classes, n]
+        lse = z.logsumexp(0, keepdim=True)
+        # per-image differences first: a difference of two sums would cancel in float32
+        loss = (lse - z.gather(0, rows)).mean() + 0.5 * l2 * w.pow(2).sum()
+        p = z.sub_(lse).exp_().scatter_add_(0, rows, minus_one).div_(n)  # softmax - one-hot
+        w.grad = torch.addmm(w, p, x, beta=l2)
+        b.grad = p.sum(1)
         return loss
 
     opt.step(closure)
+    clf = torch.nn.Linear(dim, classes, device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        clf.weight.copy_(w)
+        clf.bias.copy_(b)
     return clf
 
 
@@ -136,13 +156,14 @@ def linear_probe(train_x, train_y, test_x, test_y, *, l2_grid, val_fraction, max
     n_val = max(1, int(val_fraction * len(train_x)))
     val, fit = perm[:n_val], perm[n_val:]
     fit_x, fit_y, val_x, val_y = train_x[fit], train_y[fit], train_x[val], train_y[val]
+    fit_xt = fit_x.T.contiguous()  # shared by the search's fits
     grid = sorted(set(l2_grid), reverse=True)  # strongest first
     scores, fits = {}, {}
 
     def fit_one(i: int) -> None:
         stronger = [fits[g] for g in grid[:i] if g in fits]
         clf = fit_logistic(fit_x, fit_y, classes, grid[i], max_iter,
-                           init=stronger[-1] if stronger else None)
+                           init=stronger[-1] if stronger else None, xt=fit_xt)
         fits[grid[i]] = clf
         with torch.no_grad():
             scores[grid[i]] = topk_accuracy(clf(val_x), val_y)["top1"]

@@ -35,6 +35,44 @@ def test_logistic_fit_is_a_stationary_point_of_its_objective():
     assert max(gr.abs().max().item() for gr in grads) < 1e-4
 
 
+def test_closed_form_fit_takes_the_steps_of_autograd_lbfgs():
+    """The loss and gradient are written out by hand: L-BFGS on them must take the same iterates
+    as L-BFGS on F.cross_entropy with autograd (the reference), from zero and from a warm start,
+    with the fit's transpose given or not. Three iterations, before rounding can drift apart."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(700, 9, generator=g, dtype=torch.float64)
+    y = (x @ torch.randn(9, 4, generator=g, dtype=torch.float64)
+         + torch.randn(700, 4, generator=g, dtype=torch.float64)).argmax(1)
+
+    def reference(l2, init):
+        w = torch.nn.Parameter(init.weight.detach().clone())
+        b = torch.nn.Parameter(init.bias.detach().clone())
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=3, history_size=20,
+                                tolerance_grad=1e-6, tolerance_change=1e-9,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(x @ w.T + b, y) + 0.5 * l2 * w.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return w.detach(), b.detach()
+
+    zero = torch.nn.Linear(9, 4, dtype=torch.float64)
+    torch.nn.init.zeros_(zero.weight)
+    torch.nn.init.zeros_(zero.bias)
+    start = fit_logistic(x, y, 4, l2=1.0, max_iter=2)
+    assert start.weight.abs().max() > 0.01  # a start away from zero
+    for l2, init, xt in ((1e-2, zero, None), (1e-3, start, x.T.contiguous())):
+        fit = fit_logistic(x, y, 4, l2=l2, max_iter=3, init=None if init is zero else init, xt=xt)
+        w, b = reference(l2, init)
+        assert not torch.equal(fit.weight, init.weight)
+        torch.testing.assert_close(fit.weight, w, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(fit.bias, b, rtol=1e-9, atol=1e-12)
+
+
 def test_probe_reaches_the_bayes_accuracy_of_two_gaussians():
     """Two unit-variance Gaussians 2*delta apart: the best possible accuracy is Phi(delta)."""
     g = torch.Generator().manual_seed(1)
