@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipelines.eval_view import eval_resize, eval_transform, load_image
 from pipelines.sources import Split, one_line_worker_errors
 from pipelines.spec import AugmentSpec
+from train import precision as precisions
 
 
 class _EvalViews(Dataset):
@@ -49,14 +50,28 @@ def eval_views(split: Split, spec: AugmentSpec, indices: np.ndarray, batch_size:
                                                  batch_size=batch_size, num_workers=num_workers))
 
 
+def eval_bf16(precision: str, device) -> bool:
+    """Whether evaluation forwards on `device` run under bf16 autocast: precision "auto" as
+    training's (a GPU, or a CPU with native bf16: `cpu_native_bf16`), "bf16" always, "fp32"
+    never."""
+    if precision not in precisions.PRECISIONS:
+        raise ValueError(f"precision must be one of {precisions.PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return torch.device(device).type == "cuda" or (
+            torch.device(device).type == "cpu" and precisions.cpu_native_bf16())
+    return precision == "bf16"
+
+
 @torch.no_grad()
-def forward_eval(net: torch.nn.Module, x: torch.Tensor, device) -> torch.Tensor:
-    """`net` on a normalised batch as every evaluation runs it: on `device`, channels_last, bf16
-    autocast on CUDA only; the output float32 on the CPU."""
+def forward_eval(net: torch.nn.Module, x: torch.Tensor, device,
+                 precision: str = "auto") -> torch.Tensor:
+    """`net` on a normalised batch as every evaluation runs it: on `device`, channels_last, under
+    bf16 autocast where `eval_bf16` says so (a GPU or a native-bf16 CPU by default); the output
+    float32 on the CPU."""
     device = torch.device(device)
     x = x.to(device).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                        enabled=device.type == "cuda"):
+                        enabled=eval_bf16(precision, device)):
         out = net(x)
     return out.float().cpu()
 
@@ -64,15 +79,17 @@ def forward_eval(net: torch.nn.Module, x: torch.Tensor, device) -> torch.Tensor:
 @torch.no_grad()
 def extract_features(net: torch.nn.Module, split: Split, spec: AugmentSpec, *, indices=None,
                      batch_size: int = 512, device="cpu", num_workers: int = 2,
-                     normalize: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     normalize: bool = False, progress=None,
+                     precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Features of the frozen network `net` (eval mode) and labels, on CPU, float32: h = f(x)
-    when `net` is the encoder, g(h) when it is `SimCLR.features("g")`."""
+    when `net` is the encoder, g(h) when it is `SimCLR.features("g")`; `precision` as in
+    `eval_bf16`."""
     indices = np.arange(len(split)) if indices is None else np.asarray(indices)
     was_training = net.training
     net.eval()
     feats = []
     for x in eval_views(split, spec, indices, batch_size, num_workers):
-        feats.append(forward_eval(net, x, device))
+        feats.append(forward_eval(net, x, device, precision))
         if progress is not None:
             progress(len(x))
     net.train(was_training)

@@ -37,7 +37,8 @@ from train.checkpoint import load_pretrained, run_dir_of, run_output
 from train.cli import add_checkpoint, at_least
 from train.commands import print_report, run_command
 from train.config import ConfigError
-from train.features import eval_views, extract_features
+from train.features import eval_bf16, eval_views, extract_features
+from train.precision import PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where features are extracted and classifiers fitted (default: cuda when "
                    "available)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="of the feature extraction: auto (the default) is bf16 autocast on a GPU "
+                   "and on a CPU with native bf16 (AVX512-BF16, AMX, Arm BF16), as training's "
+                   "auto, else float32; fp32 or bf16 force one. The classifiers always fit in "
+                   "float32")
     return p
 
 
@@ -315,7 +321,8 @@ def evaluate(args) -> dict:
               "eval_split": test_split.name, "features": args.features,
               "head": model.head_kind, "head_layers": cfg.model.head_layers,
               "train_count": len(train_idx),
-              "eval_count": len(test_idx), "device": str(args.device)}
+              "eval_count": len(test_idx), "device": str(args.device),
+              "precision": "bf16" if eval_bf16(args.precision, args.device) else "fp32"}
     from tqdm import tqdm
 
     jobs = {name: (train_h, train_y, test_h, test_y)
@@ -358,7 +365,7 @@ def _features(args, cfg, model, train: tuple, test: tuple) -> dict:
     if not args.no_baseline:
         encoders["random_init"] = random_net
     kw = dict(batch_size=cfg.eval.batch_size, device=args.device,
-              num_workers=cfg.data.num_workers)
+              num_workers=cfg.data.num_workers, precision=args.precision)
     feats = {}
     with tqdm(total=len(encoders) * (len(train[1]) + len(test[1])), desc="features",
               unit="img") as bar:
@@ -386,7 +393,7 @@ def _print_table(r: dict, out: Path | None) -> None:
     what = ("g(h) = h (no projection head)" if g and headless
             else "g(h), the projection head's output" if g else "h, the encoder's output")
     t = Table(title=f"Linear evaluation of {what} on '{r['eval_split']}' "
-              f"({r['eval_count']} images)")
+              f"({r['eval_count']} images, {r['precision']} features)")
     for col in ("features", "dim", "top-1", "top-5", "L2"):
         t.add_column(col, justify="right")
     net = "encoder + head" if g and not headless else "encoder"

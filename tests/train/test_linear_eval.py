@@ -165,6 +165,58 @@ def test_probes_side_by_side_give_what_each_gives_alone():
         assert together[name]["val_top1_by_l2"] == pytest.approx(alone["val_top1_by_l2"])
 
 
+def native_bf16_by_cpuinfo() -> bool:
+    """The oracle for `cpu_native_bf16` on x86 and Arm: /proc/cpuinfo's own flags."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    flags = set(text.split())
+    return bool({"avx512_bf16", "amx_tile", "bf16"} & flags)
+
+
+def test_evaluation_features_follow_training_precision_rule(monkeypatch):
+    """auto: bf16 on a GPU and on a native-bf16 CPU, float32 on other CPUs; fp32 and bf16 force
+    one; anything else is refused."""
+    from train import precision
+    from train.features import eval_bf16
+
+    for native in (False, True):
+        monkeypatch.setattr(precision, "cpu_native_bf16", lambda native=native: native)
+        assert eval_bf16("auto", "cpu") is native
+        assert eval_bf16("auto", "cuda") is True
+        assert eval_bf16("fp32", "cpu") is False and eval_bf16("fp32", "cuda") is False
+        assert eval_bf16("bf16", "cpu") is True
+    with pytest.raises(ValueError, match="precision must be one of"):
+        eval_bf16("fp16", "cpu")
+
+
+def test_bf16_features_are_the_float32_ones_rounded():
+    """bf16 autocast features of a small CNN: not the float32 ones bit for bit (autocast took
+    effect), but within bf16's rounding of them (8 mantissa bits over a few layers)."""
+    import numpy as np
+
+    from pipelines.sources import Split
+    from pipelines.spec import AugmentSpec
+    from train.features import extract_features
+
+    g = torch.Generator().manual_seed(7)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 16, 3), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten())
+    for p in net.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.2
+    images = np.random.default_rng(0).integers(0, 256, (40, 12, 12, 3), dtype=np.uint8)
+    split = Split(name="x", images=images, labels=np.arange(40) % 4)
+    spec = AugmentSpec(size=12)
+    f32, y = extract_features(net, split, spec, precision="fp32", batch_size=16)
+    bf, y2 = extract_features(net, split, spec, precision="bf16", batch_size=16)
+    assert torch.equal(y, y2) and f32.dtype == bf.dtype == torch.float32
+    assert not torch.equal(f32, bf)
+    rel = (bf - f32).norm() / f32.norm()
+    assert rel < 0.02, rel.item()
+
+
 def test_topk_accuracy_counts_by_hand():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5]])
     y = torch.tensor([1, 2, 0])
@@ -195,6 +247,9 @@ def test_linear_eval_command_on_a_pretrained_checkpoint(tiny_run, tmp_path, caps
     assert r["encoder"] != r["random_init"]  # trained weights, not the random initialisation
     for row in ("SimCLR encoder", "random-init encoder (baseline)", "raw pixels (baseline)"):
         assert row in proc.stdout
+    # auto: bf16 features only where this CPU has native bf16 (/proc/cpuinfo is the oracle)
+    assert r["precision"] == ("bf16" if native_bf16_by_cpuinfo() else "fp32")
+    assert f"{r['precision']} features" in proc.stdout
 
     # --train-samples / --eval-samples: a seeded subset, the same on every run (main() here)
     sub = [tmp_path / "s1.json", tmp_path / "s2.json"]
@@ -205,6 +260,19 @@ def test_linear_eval_command_on_a_pretrained_checkpoint(tiny_run, tmp_path, caps
     assert (a["train_count"], a["eval_count"]) == (200, 100)
     assert "raw_pixels" not in a and "random_init" not in a
     assert a["encoder"] == b["encoder"]
+    # --precision bf16 forces bf16 features (emulated on CPUs without it): the same subset's
+    # accuracy within 3 of its 100 images of fp32's
+    bf = tmp_path / "bf16.json"
+    assert main(["--checkpoint", str(run), "--json", str(bf), "--train-samples", "200",
+                 "--eval-samples", "100", "--no-baseline", "--precision", "bf16"]) == 0
+    c = json.loads(bf.read_text())
+    assert c["precision"] == "bf16"
+    fp = main(["--checkpoint", str(run), "--json", str(tmp_path / "fp.json"), "--train-samples",
+               "200", "--eval-samples", "100", "--no-baseline", "--precision", "fp32"])
+    assert fp == 0
+    f32 = json.loads((tmp_path / "fp.json").read_text())
+    assert f32["precision"] == "fp32"
+    assert abs(c["encoder"]["top1"] - f32["encoder"]["top1"]) <= 0.03
 
 
 def test_linear_eval_rejects_a_missing_checkpoint(tmp_path):
