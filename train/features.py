@@ -108,8 +108,9 @@ def knn_bank(cfg, n_train: int) -> np.ndarray:
 def knn_top1(cfg, encoder: torch.nn.Module, train_split: Split, eval_split: Split,
              device) -> float:
     """The kNN monitor's evaluation of `encoder`: train.knn_k neighbours over the seeded bank,
-    on the whole evaluation split."""
-    kw = dict(batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.data.num_workers)
+    on the whole evaluation split, its features at the run's precision (train.mixed_precision)."""
+    kw = dict(batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.data.num_workers,
+              precision=cfg.train.mixed_precision)
     th, ty = extract_features(encoder, train_split, cfg.augment,
                               indices=knn_bank(cfg, len(train_split)), **kw)
     eh, ey = extract_features(encoder, eval_split, cfg.augment, **kw)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -191,14 +192,11 @@ def test_evaluation_features_follow_training_precision_rule(monkeypatch):
         eval_bf16("fp16", "cpu")
 
 
-def test_bf16_features_are_the_float32_ones_rounded():
-    """bf16 autocast features of a small CNN: not the float32 ones bit for bit (autocast took
-    effect), but within bf16's rounding of them (8 mantissa bits over a few layers)."""
+def _small_cnn_and_split():
+    """A small random CNN and 40 random 12 px RGB images of 4 classes."""
     import numpy as np
 
     from pipelines.sources import Split
-    from pipelines.spec import AugmentSpec
-    from train.features import extract_features
 
     g = torch.Generator().manual_seed(7)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
@@ -207,7 +205,16 @@ def test_bf16_features_are_the_float32_ones_rounded():
     for p in net.parameters():
         p.data = torch.randn(p.shape, generator=g) * 0.2
     images = np.random.default_rng(0).integers(0, 256, (40, 12, 12, 3), dtype=np.uint8)
-    split = Split(name="x", images=images, labels=np.arange(40) % 4)
+    return net, Split(name="x", images=images, labels=np.arange(40) % 4)
+
+
+def test_bf16_features_are_the_float32_ones_rounded():
+    """bf16 autocast features of a small CNN: not the float32 ones bit for bit (autocast took
+    effect), but within bf16's rounding of them (8 mantissa bits over a few layers)."""
+    from pipelines.spec import AugmentSpec
+    from train.features import extract_features
+
+    net, split = _small_cnn_and_split()
     spec = AugmentSpec(size=12)
     f32, y = extract_features(net, split, spec, precision="fp32", batch_size=16)
     bf, y2 = extract_features(net, split, spec, precision="bf16", batch_size=16)
@@ -215,6 +222,35 @@ def test_bf16_features_are_the_float32_ones_rounded():
     assert not torch.equal(f32, bf)
     rel = (bf - f32).norm() / f32.norm()
     assert rel < 0.02, rel.item()
+
+
+def test_knn_monitor_extracts_at_the_runs_precision(monkeypatch):
+    """train.mixed_precision bf16 gives the kNN monitor bf16 features, fp32 float32 ones: both
+    extractions are asked for that precision, and the accuracy equals the weighted kNN of
+    features extracted at it."""
+    import train.features as features
+    from train.config import build_config
+    from train.features import extract_features, knn_accuracy, knn_top1
+
+    asked = []
+
+    def spy(*args, **kw):
+        asked.append(kw["precision"])
+        return extract_features(*args, **kw)
+
+    monkeypatch.setattr(features, "extract_features", spy)
+    net, split = _small_cnn_and_split()
+    for precision in ("fp32", "bf16"):
+        asked.clear()
+        cfg = build_config({"augment": {"size": 12, "crop_area": [0.5, 1.0]},
+                            "train": {"mixed_precision": precision, "knn_k": 5,
+                                      "knn_train_samples": 30}})
+        got = knn_top1(cfg, net, split, split, "cpu")
+        bank = np.random.default_rng(cfg.train.seed).choice(40, 30, replace=False)
+        th, ty = extract_features(net, split, cfg.augment, indices=bank, precision=precision)
+        eh, ey = extract_features(net, split, cfg.augment, precision=precision)
+        assert got == knn_accuracy(th, ty, eh, ey, k=5)
+        assert asked == [precision] * 2
 
 
 def test_topk_accuracy_counts_by_hand():
