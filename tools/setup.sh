@@ -30,41 +30,71 @@ pip_install() {
 }
 
 is_root() { [ "$(id -u)" = 0 ]; }
-apt_ready=0
-apt_install() {
-  if [ $apt_ready = 0 ]; then apt-get update -qq; apt_ready=1; fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
+has_fmnist() { for f in $FMNIST_FILES; do [ -f "$1/$f" ] || return 1; done; }
+if [ -n "$DATA_DIR" ] && ! has_fmnist "$DATA_DIR"; then
+  echo "[setup] --data/SIMCLR_DATA '$DATA_DIR' lacks the Fashion-MNIST files ($FMNIST_FILES)" >&2; exit 1
+fi
 
-# 1. Debian libraries FFCV compiles against.
+# 1. Debian packages: the libraries FFCV compiles against and, when no data was given or found,
+#    dataset-fashion-mnist. apt runs in the background while pip installs everything but FFCV,
+#    which builds once both are done: on a bare machine set-up takes pip's time, not apt's + pip's.
+need_libs=0
 if ! pkg-config --exists opencv4 2>/dev/null || [ ! -e /usr/include/turbojpeg.h ]; then
-  if is_root; then
-    echo "[setup] installing libopencv-dev libturbojpeg0-dev (FFCV build dependencies)"
-    apt_install libopencv-dev libturbojpeg0-dev pkg-config
-  else
+  need_libs=1
+  if ! is_root; then
     echo "[setup] FFCV needs libopencv-dev and libturbojpeg0-dev: run 'sudo apt-get install libopencv-dev libturbojpeg0-dev' and re-run" >&2
     exit 1
   fi
 fi
+need_fmnist=0
+if [ -z "$DATA_DIR" ] && ! has_fmnist "$DEB_FMNIST" && is_root; then need_fmnist=1; fi
+APT_LOG=$(mktemp)
+apt_pid=
+if [ $need_libs = 1 ] || [ $need_fmnist = 1 ]; then
+  [ $need_libs = 1 ] && echo "[setup] installing libopencv-dev libturbojpeg0-dev (FFCV build dependencies) in the background"
+  (
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    if [ $need_libs = 1 ]; then
+      apt-get install -y -qq --no-install-recommends libopencv-dev libturbojpeg0-dev pkg-config
+    fi
+    # optional: without it the data comes from a torchvision download (step 3)
+    if [ $need_fmnist = 1 ]; then
+      apt-get install -y -qq --no-install-recommends dataset-fashion-mnist || true
+    fi
+  ) >"$APT_LOG" 2>&1 &
+  apt_pid=$!
+fi
+apt_done() {
+  [ -n "$apt_pid" ] || return 0
+  if ! wait "$apt_pid"; then
+    cat "$APT_LOG" >&2
+    echo "[setup] apt-get failed (above): install libopencv-dev and libturbojpeg0-dev by hand and re-run" >&2
+    exit 1
+  fi
+  apt_pid=
+}
 
 # 2. Virtual environment with the pinned packages.
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want_stamp" ]; then
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
-  echo "[setup] installing pinned packages into .venv (first run takes several minutes)"
+  echo "[setup] installing pinned packages into .venv (first run takes a few minutes)"
   pip_install --upgrade pip setuptools wheel
   # numpy and pkgconfig first: ffcv's setup.py imports them at build time.
   pip_install "$(grep "^numpy==" requirements.txt)" pkgconfig
+  # everything but FFCV while apt may still be running, then the whole list (FFCV builds)
+  pip_install -r <(grep -v "^ffcv==" requirements.txt)
+  apt_done
   pip_install --no-build-isolation -r requirements.txt
   echo "$want_stamp" > "$STAMP"
 fi
+apt_done
+rm -f "$APT_LOG"
 
 # 3. Fashion-MNIST.
-has_fmnist() { for f in $FMNIST_FILES; do [ -f "$1/$f" ] || return 1; done; }
 if [ -n "$DATA_DIR" ]; then
-  has_fmnist "$DATA_DIR" || { echo "[setup] --data/SIMCLR_DATA '$DATA_DIR' lacks the Fashion-MNIST files ($FMNIST_FILES)" >&2; exit 1; }
+  :
 elif has_fmnist "$DEB_FMNIST"; then
-  DATA_DIR=$DEB_FMNIST
-elif is_root && apt_install dataset-fashion-mnist && has_fmnist "$DEB_FMNIST"; then
   DATA_DIR=$DEB_FMNIST
 else
   DATA_DIR=data/raw/fashion-mnist
