@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from tests.fashion_mnist import REPO
 from train.linear_eval import (
+    _warn_at_edge,
+    edge_rising,
     fit_logistic,
     linear_probe,
     main,
@@ -117,6 +119,39 @@ def test_probe_flags_a_best_penalty_on_the_grids_edge():
                         val_fraction=0.2, max_iter=100, search="full")
     assert not wide["l2_at_edge"] and wide["top1"] >= too_strong["top1"] - 0.005
     assert list(wide["val_top1_by_l2"]) == ["1e-05", "0.001", "0.1", "10.0", "1000.0"]
+    assert not wide["l2_edge_rising"]
+    # the too-strong grid still rises at its end beyond the noise of 400 validation images
+    val = too_strong["val_top1_by_l2"]
+    margin = 2 * math.sqrt((val["0.5"] * (1 - val["0.5"]) + val["2.0"] * (1 - val["2.0"])) / 400)
+    assert val["0.5"] - val["2.0"] > margin and too_strong["l2_edge_rising"]
+
+
+def test_edge_rising_counts_only_a_rise_beyond_the_validation_noise():
+    """Two standard errors of a difference of two accuracies over n images: at n = 6000 and
+    accuracies near 0.87 the margin is 2 * sqrt(2 * 0.87 * 0.13 / 6000) = 0.0123."""
+    flat = {1e-8: 0.870, 1e-7: 0.865, 1e-6: 0.861, 1e-4: 0.84}  # the demo's weak end
+    assert not edge_rising(flat, 6000)
+    assert edge_rising({1e-8: 0.885, 1e-7: 0.865, 1e-6: 0.861}, 6000)  # 0.020 > 0.0123
+    assert edge_rising({1e3: 0.90, 1e1: 0.70, 1e-1: 0.60}, 400)  # the strong end rises
+    assert not edge_rising({1e-2: 0.86, 1e-3: 0.90, 1e-4: 0.70}, 400)  # an interior best
+    assert not edge_rising({1e-3: 0.9}, 400)  # one penalty: no slope to read
+
+
+def test_a_flat_weak_end_raises_no_warning(capsys):
+    """Well-separated classes: every weak penalty classifies the validation images alike, so the
+    tie goes to the strongest, an end of the grid: at its edge, not rising, and no warning; a
+    rising edge is warned about."""
+    g = torch.Generator().manual_seed(5)
+    n = 1000
+    y = torch.randint(0, 3, (2 * n,), generator=g)
+    x = torch.randn(2 * n, 4, generator=g) + 6.0 * F.one_hot(y, 4).float()
+    r = linear_probe(x[:n], y[:n], x[n:], y[n:], l2_grid=(1e-6, 1e-7, 1e-8), val_fraction=0.2,
+                     max_iter=100, search="full")
+    assert r["l2_at_edge"] and not r["l2_edge_rising"]
+    _warn_at_edge({"encoder": r}, (1e-6, 1e-7, 1e-8))
+    assert "warning" not in capsys.readouterr().err
+    _warn_at_edge({"encoder": {**r, "l2_edge_rising": True}}, (1e-6, 1e-7, 1e-8))
+    assert "still rises there beyond its noise: widen the grid" in capsys.readouterr().err
 
 
 def _overfitting_problem(seed: int, n: int = 300, d: int = 60):
@@ -280,6 +315,7 @@ def test_linear_eval_command_on_a_pretrained_checkpoint(tiny_run, tmp_path, caps
         assert {str(10.0 ** k) for k in range(5, -9, -2)} <= set(m["val_top1_by_l2"])
         assert len(m["val_top1_by_l2"]) <= 9 and m["l2_search"] == "coarse"
         assert isinstance(m["l2_at_edge"], bool)
+        assert m["l2_edge_rising"] <= m["l2_at_edge"]  # rising only at an edge
     assert r["encoder"] != r["random_init"]  # trained weights, not the random initialisation
     for row in ("SimCLR encoder", "random-init encoder (baseline)", "raw pixels (baseline)"):
         assert row in proc.stdout
