@@ -91,9 +91,9 @@ fi
 apt_done
 rm -f "$APT_LOG"
 
-# 3. Fashion-MNIST.
+# 3. Fashion-MNIST: --data (checked above), Debian's, else a download.
 if [ -n "$DATA_DIR" ]; then
-  :
+  true
 elif has_fmnist "$DEB_FMNIST"; then
   DATA_DIR=$DEB_FMNIST
 else

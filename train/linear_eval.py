@@ -144,6 +144,12 @@ def search_fits(grid_len: int, search: str) -> int:
     return (grid_len + 1) // 2 + 2 + 1  # every other value, two neighbours, the refit
 
 
+def accuracy_margin(*scored: tuple[float, int]) -> float:
+    """Two standard errors of the difference of accuracies, each `(accuracy, images)` a binomial
+    share of its images: the probe's sampling noise on a comparison."""
+    return 2 * math.sqrt(sum(p * (1 - p) / n for p, n in scored))
+
+
 def edge_rising(scores: dict, n_val: int) -> bool:
     """Whether the best of the penalties fitted, `scores` ({l2: validation top-1}), is an end of
     them and beats the nearest fitted penalty by more than two standard errors of the difference
@@ -158,8 +164,7 @@ def edge_rising(scores: dict, n_val: int) -> bool:
         return False
     near = order[1] if best == order[0] else order[-2]
     p, q = scores[best], scores[near]
-    margin = 2 * math.sqrt((p * (1 - p) + q * (1 - q)) / n_val)
-    return p - q > margin
+    return p - q > accuracy_margin((p, n_val), (q, n_val))
 
 
 def linear_probe(train_x, train_y, test_x, test_y, *, l2_grid, val_fraction, max_iter, seed=0,

@@ -43,6 +43,7 @@ from train.cells import (
     probe_run,
     probe_top1,
 )
+from train.linear_eval import accuracy_margin
 
 PLAN, STUDY_JSON, ROW, BASELINE = "plan.json", "study.json", "row.json", "baseline.json"
 # the paper's seven operations of Fig. 5, in its order
@@ -208,13 +209,10 @@ def noise(*rows: dict | None) -> float:
     """Two standard errors of the difference of the rows' linear top-1 (the probe's sampling
     noise: each accuracy a binomial share of its `linear_n` evaluation images); 0 when a row does
     not say how many images it scored. Seed-to-seed noise of the pretraining comes on top."""
-    var = 0.0
-    for r in rows:
-        p, n = score(r), (r or {}).get("linear_n")
-        if p is None or not n:
-            return 0.0
-        var += p * (1 - p) / n
-    return 2 * math.sqrt(var)
+    scored = [(score(r), (r or {}).get("linear_n")) for r in rows]
+    if any(p is None or not n for p, n in scored):
+        return 0.0
+    return accuracy_margin(*scored)
 
 
 def _beyond(diff: float, margin: float, text: str) -> tuple[str, bool | None]:
